@@ -1,0 +1,552 @@
+//! Configuration: serde structs with their defaults, figment layering (built-in defaults →
+//! TOML file → `MSKDNS_` environment) and `validate()`, whose errors name the offending key.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::dns::wire::name_to_wire;
+use crate::names;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}{error}")]
+    Parse {
+        origin: String,
+        error: Box<figment::Error>,
+    },
+    #[error("{origin}`{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            origin: String::new(),
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+
+    fn in_file(self, path: &Path) -> Self {
+        let origin = format!("{}: ", path.display());
+        match self {
+            ConfigError::Parse { error, .. } => ConfigError::Parse { origin, error },
+            ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
+                origin,
+                key,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub dns: DnsConfig,
+    pub cache: CacheConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub clusters: Vec<ClusterConfig>,
+    pub zones: Vec<ZoneConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dns: DnsConfig::default(),
+            cache: CacheConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            clusters: Vec::new(),
+            zones: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// UDP and TCP are served on each address; port 0 picks a free port (printed at start).
+    pub listen: Vec<SocketAddr>,
+    /// Empty means the nameservers of /etc/resolv.conf.
+    pub upstreams: Vec<Upstream>,
+    /// Client networks served; everyone else gets REFUSED.
+    pub allow: Vec<IpNet>,
+    /// How long one upstream attempt may take before the next upstream is tried.
+    pub upstream_timeout_ms: u64,
+    /// What a name of an MSK cluster that is not configured gets: forwarded, or NXDOMAIN.
+    pub unknown_clusters: UnknownClusters,
+    /// Largest UDP response we send to an EDNS client.
+    pub max_udp_payload: u16,
+    pub max_tcp_connections: usize,
+    pub tcp_idle_timeout_ms: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            listen: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 5353)],
+            upstreams: Vec::new(),
+            allow: default_allow(),
+            upstream_timeout_ms: 1000,
+            unknown_clusters: UnknownClusters::Forward,
+            max_udp_payload: crate::dns::wire::DEFAULT_EDNS_PAYLOAD,
+            max_tcp_connections: 1024,
+            tcp_idle_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Loopback, the RFC 1918 ranges, CGNAT space (RFC 6598) and IPv6 ULA and link-local.
+fn default_allow() -> Vec<IpNet> {
+    [
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("built-in network"))
+    .collect()
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownClusters {
+    Forward,
+    Nxdomain,
+}
+
+/// An upstream resolver: `ip` or `ip:port` (`[v6]:port`), port 53 by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream(pub SocketAddr);
+
+impl FromStr for Upstream {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(Upstream(sa));
+        }
+        s.parse::<IpAddr>()
+            .map(|ip| Upstream(SocketAddr::new(ip, 53)))
+            .map_err(|_| format!("`{s}` is neither an IP address nor ip:port"))
+    }
+}
+
+impl Serialize for Upstream {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Entries kept at most (least recently and frequently used go first).
+    pub max_entries: u64,
+    /// TTL clamps applied to forwarded answers, in seconds.
+    pub min_ttl: u32,
+    pub max_ttl: u32,
+    /// Cap on how long NXDOMAIN/NODATA is cached (RFC 2308 takes the SOA's minimum, then this).
+    pub max_negative_ttl: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 100_000,
+            min_ttl: 0,
+            max_ttl: 86_400,
+            max_negative_ttl: 3_600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// HTTP: /metrics, /healthz, /readyz.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9153),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `mskdns=debug`; RUST_LOG wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The cluster's bootstrap name; its first label carries the cluster id.
+    pub bootstrap: String,
+    /// Fixed addresses answered for the bootstrap name and every broker of the cluster.
+    pub addresses: Vec<IpAddr>,
+    #[serde(default = "default_cluster_ttl")]
+    pub ttl: u32,
+}
+
+fn default_cluster_ttl() -> u32 {
+    60
+}
+
+/// A zone file whose records are answered authoritatively.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneConfig {
+    /// RFC 1035 master file; relative paths are taken from the config file's folder.
+    pub file: PathBuf,
+    /// The origin when the file has no `$ORIGIN`.
+    #[serde(default)]
+    pub origin: Option<String>,
+}
+
+impl Config {
+    /// Built-in defaults, then the TOML file (if any), then `MSKDNS_` variables
+    /// (`MSKDNS_DNS__LISTEN='["127.0.0.1:0"]'`: `__` separates nesting).
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, Env::prefixed("MSKDNS_").split("__"))
+    }
+
+    fn load_with_env(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            fig = fig.merge(Toml::string(&text));
+        }
+        let origin = path
+            .map(|p| format!("{}: ", p.display()))
+            .unwrap_or_default();
+        let mut config: Config = fig
+            .merge(env)
+            .extract()
+            .map_err(|error| ConfigError::Parse {
+                origin,
+                error: Box::new(error),
+            })?;
+        if let Some(dir) = path.and_then(Path::parent) {
+            for zone in &mut config.zones {
+                if zone.file.is_relative() {
+                    zone.file = dir.join(&zone.file);
+                }
+            }
+        }
+        config.validate().map_err(|e| match path {
+            Some(p) => e.in_file(p),
+            None => e,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.dns;
+        if d.listen.is_empty() {
+            return Err(ConfigError::invalid(
+                "dns.listen",
+                "at least one address is needed",
+            ));
+        }
+        if !(512..=4096).contains(&d.max_udp_payload) {
+            return Err(ConfigError::invalid(
+                "dns.max_udp_payload",
+                "must be between 512 and 4096",
+            ));
+        }
+        if d.upstream_timeout_ms == 0 || d.upstream_timeout_ms > 30_000 {
+            return Err(ConfigError::invalid(
+                "dns.upstream_timeout_ms",
+                "must be between 1 and 30000",
+            ));
+        }
+        if d.max_tcp_connections == 0 {
+            return Err(ConfigError::invalid(
+                "dns.max_tcp_connections",
+                "must be at least 1",
+            ));
+        }
+        for (i, u) in d.upstreams.iter().enumerate() {
+            if d.listen.contains(&u.0) {
+                return Err(ConfigError::invalid(
+                    format!("dns.upstreams[{i}]"),
+                    "is one of dns.listen: that would loop",
+                ));
+            }
+        }
+        let c = &self.cache;
+        if c.max_entries == 0 {
+            return Err(ConfigError::invalid(
+                "cache.max_entries",
+                "must be at least 1",
+            ));
+        }
+        if c.min_ttl > c.max_ttl {
+            return Err(ConfigError::invalid(
+                "cache.min_ttl",
+                "is larger than cache.max_ttl",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("`{}` is not a log filter", self.log.level),
+            ));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (i, cl) in self.clusters.iter().enumerate() {
+            let key = format!("clusters[{i}].bootstrap");
+            let wire = name_to_wire(cl.bootstrap.trim_end_matches('.')).ok_or_else(|| {
+                ConfigError::invalid(&key, format!("`{}` is not a DNS name", cl.bootstrap))
+            })?;
+            let m = names::match_serverless(&wire).ok_or_else(|| {
+                ConfigError::invalid(&key, format!(
+                    "`{}` is not an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com)",
+                    cl.bootstrap
+                ))
+            })?;
+            if let Some(j) = seen.insert(wire[m.key].to_vec(), i) {
+                return Err(ConfigError::invalid(
+                    &key,
+                    format!("names the same cluster as clusters[{j}]"),
+                ));
+            }
+            if cl.addresses.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("clusters[{i}].addresses"),
+                    "at least one address is needed",
+                ));
+            }
+            if cl.ttl > 604_800 {
+                return Err(ConfigError::invalid(
+                    format!("clusters[{i}].ttl"),
+                    "must be at most 604800 (one week)",
+                ));
+            }
+        }
+        for (i, z) in self.zones.iter().enumerate() {
+            if let Some(o) = &z.origin {
+                name_to_wire(o).ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("zones[{i}].origin"),
+                        format!("`{o}` is not a DNS name"),
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The upstreams to use: the configured ones, else /etc/resolv.conf's, minus our own listeners.
+    pub fn effective_upstreams(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        if !self.dns.upstreams.is_empty() {
+            return Ok(self.dns.upstreams.iter().map(|u| u.0).collect());
+        }
+        let path = Path::new("/etc/resolv.conf");
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let found: Vec<_> = resolv_conf_nameservers(&text)
+            .into_iter()
+            .filter(|a| !self.dns.listen.contains(a))
+            .collect();
+        if found.is_empty() {
+            return Err(ConfigError::invalid(
+                "dns.upstreams",
+                "is empty and /etc/resolv.conf names no usable nameserver",
+            ));
+        }
+        Ok(found)
+    }
+}
+
+/// `nameserver` lines of a resolv.conf, as port-53 socket addresses.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            let ip = words.next()?;
+            ip.split('%').next()?.parse::<IpAddr>().ok()
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "mskdns-cfg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, toml).unwrap();
+        let r = Config::load_with_env(Some(&path), Env::prefixed("MSKDNS_TEST_NEVER_SET_"));
+        std::fs::remove_dir_all(&dir).ok();
+        r
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.dns.listen, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert!(
+            c.dns
+                .allow
+                .iter()
+                .any(|n| n.contains(&"10.1.2.3".parse::<IpAddr>().unwrap()))
+        );
+        assert!(
+            !c.dns
+                .allow
+                .iter()
+                .any(|n| n.contains(&"8.8.8.8".parse::<IpAddr>().unwrap()))
+        );
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = load_str(
+            r#"
+            [dns]
+            listen = ["127.0.0.1:5353"]
+            upstreams = ["10.0.0.2:53", "10.0.0.3"]
+            allow = ["10.0.0.0/8"]
+            [admin]
+            listen = "127.0.0.1:9153"
+            [[clusters]]
+            bootstrap = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
+            addresses = ["10.1.0.10", "10.1.1.10"]
+            ttl = 60
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.dns.upstreams[1].0, "10.0.0.3:53".parse().unwrap());
+        assert_eq!(c.clusters[0].addresses.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[dns]\nlisten = [\"nonsense\"]", "dns.listen"),
+            ("[dns]\nupstreams = [\"x.y\"]", "dns.upstreams"),
+            ("[dns]\nallow = [\"10.0.0.0/99\"]", "dns.allow"),
+            ("[dns]\nbogus = 1", "bogus"),
+            (
+                "[[clusters]]\nbootstrap = \"example.com\"\naddresses = [\"10.0.0.1\"]",
+                "clusters[0].bootstrap",
+            ),
+            (
+                "[[clusters]]\nbootstrap = \"boot-a.c1.kafka-serverless.us-east-1.amazonaws.com\"\naddresses = []",
+                "clusters[0].addresses",
+            ),
+            (
+                "[[clusters]]\nbootstrap = \"boot-a.c1.kafka-serverless.us-east-1.amazonaws.com\"\naddresses = [\"10.0.0.300\"]",
+                "clusters",
+            ),
+            ("[cache]\nmin_ttl = 10\nmax_ttl = 5", "cache.min_ttl"),
+            (
+                "[[clusters]]\nbootstrap = \"boot-a.c1.kafka-serverless.us-east-1.amazonaws.com\"\naddresses = [\"10.0.0.1\"]\n[[clusters]]\nbootstrap = \"B7-A.c1.kafka-serverless.us-east-1.amazonaws.com\"\naddresses = [\"10.0.0.2\"]",
+                "clusters[1].bootstrap",
+            ),
+        ];
+        for (toml, key) in cases {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(
+                err.contains(key),
+                "`{toml}` gave `{err}`, which does not name {key}"
+            );
+            assert!(err.contains("c.toml"), "{err} does not name the file");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[dns]\nlisten = [\"127.0.0.1:1\"]\n")?;
+            jail.set_env("MSKDNS_DNS__LISTEN", "[\"127.0.0.1:2\"]");
+            jail.set_env("MSKDNS_CACHE__MAX_ENTRIES", "7");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.dns.listen, vec!["127.0.0.1:2".parse().unwrap()]);
+            assert_eq!(c.cache.max_entries, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let t = "# c\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch x\nnameserver bogus\n";
+        assert_eq!(
+            resolv_conf_nameservers(t),
+            vec![
+                "10.0.0.2:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}

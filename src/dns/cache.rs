@@ -1,0 +1,402 @@
+//! The answer cache for forwarded names: upstream responses kept as wire bytes, served by
+//! patching the id, the question's case and the TTLs (which count down), RFC 2308 negative
+//! caching, TTL clamps, a bound on entries, and one upstream query per key in flight.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+
+use super::wire::{self, Query};
+use crate::config::CacheConfig;
+
+/// Cache key: lowercase wire name, type, class, and the DO and CD bits (they change the answer).
+pub type Key = Box<[u8]>;
+
+/// Writes the key for a query into `buf` (no allocation) and returns it.
+pub fn key_into<'b>(
+    buf: &'b mut [u8; wire::MAX_NAME_LEN + 5],
+    lc: &[u8],
+    q: &Query<'_>,
+) -> &'b [u8] {
+    let n = lc.len();
+    buf[..n].copy_from_slice(lc);
+    buf[n..n + 2].copy_from_slice(&q.qtype.to_be_bytes());
+    buf[n + 2..n + 4].copy_from_slice(&q.qclass.to_be_bytes());
+    buf[n + 4] = q.dnssec_ok() as u8 | (q.checking_disabled() as u8) << 1;
+    &buf[..n + 5]
+}
+
+/// A forwarded answer ready to be served many times.
+#[derive(Debug)]
+pub struct Answer {
+    /// Header, question and records as upstream sent them, minus its OPT record.
+    bytes: Box<[u8]>,
+    /// Where each record's TTL sits, with the TTL stored there after clamping.
+    ttls: Box<[(u16, u32)]>,
+    /// How long the whole answer may be served.
+    pub ttl: u32,
+    stored: Instant,
+    pub rcode: u8,
+}
+
+/// Why an upstream response cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadResponse {
+    #[error("malformed")]
+    Malformed,
+    #[error("does not answer our question")]
+    Mismatch,
+    #[error("extended rcode")]
+    ExtendedRcode,
+}
+
+impl BadResponse {
+    pub fn kind(self) -> &'static str {
+        match self {
+            BadResponse::Malformed => "malformed",
+            BadResponse::Mismatch => "mismatch",
+            BadResponse::ExtendedRcode => "extended_rcode",
+        }
+    }
+}
+
+impl Answer {
+    /// Checks that `resp` answers `query` (same id and question) and prepares it for caching.
+    pub fn from_upstream(
+        resp: &[u8],
+        query: &[u8],
+        limits: &CacheConfig,
+        now: Instant,
+    ) -> Result<Self, BadResponse> {
+        use BadResponse::*;
+        if resp.len() < wire::HEADER_LEN || !wire::is_response(wire::be16(resp, 2)) {
+            return Err(Malformed);
+        }
+        let qlen = query_question_len(query);
+        if resp[..2] != query[..2]
+            || wire::be16(resp, 4) != 1
+            || resp.len() < wire::HEADER_LEN + qlen
+            || !resp[wire::HEADER_LEN..wire::HEADER_LEN + qlen]
+                .eq_ignore_ascii_case(&query[wire::HEADER_LEN..wire::HEADER_LEN + qlen])
+        {
+            return Err(Mismatch);
+        }
+        let rcode = resp[3] & 0xf;
+        let counts = [
+            wire::be16(resp, 6),
+            wire::be16(resp, 8),
+            wire::be16(resp, 10),
+        ];
+        let mut pos = wire::HEADER_LEN + qlen;
+        let mut ttls = Vec::new();
+        let mut opt_at = None;
+        let mut min_ttl = u32::MAX;
+        let mut soa_neg = None;
+        let negative = rcode == wire::RCODE_NXDOMAIN || counts[0] == 0;
+        for section in 0..3 {
+            for _ in 0..counts[section] {
+                let rr = wire::skip_rr(resp, pos).ok_or(Malformed)?;
+                if rr.rtype == wire::TYPE_OPT {
+                    if opt_at.is_some() || section != 2 {
+                        return Err(Malformed);
+                    }
+                    if rr.ttl >> 24 != 0 {
+                        return Err(ExtendedRcode);
+                    }
+                    opt_at = Some((pos, rr.end));
+                } else {
+                    let ttl = rr.ttl.clamp(limits.min_ttl, limits.max_ttl);
+                    if section == 1
+                        && rr.rtype == wire::TYPE_SOA
+                        && negative
+                        && rr.end >= rr.rdata + 4
+                    {
+                        let minimum = wire::be32(resp, rr.end - 4);
+                        soa_neg =
+                            Some((ttls.len(), rr.ttl.min(minimum).min(limits.max_negative_ttl)));
+                    }
+                    min_ttl = min_ttl.min(ttl);
+                    ttls.push(((rr.name_end + 4) as u16, ttl));
+                }
+                pos = rr.end;
+            }
+        }
+        let mut bytes = resp[..pos].to_vec();
+        // The OPT record is hop-by-hop: drop it and write our own per client. Records after it
+        // could point into it, so only a trailing OPT is accepted (every resolver puts it last).
+        if let Some((start, end)) = opt_at {
+            if end != pos {
+                return Err(Malformed);
+            }
+            bytes.truncate(start);
+            wire::put16(&mut bytes, 10, counts[2] - 1);
+        }
+        bytes[0] = 0;
+        bytes[1] = 0;
+        let ttl = if negative {
+            // RFC 2308 section 5: no SOA, no negative caching.
+            match soa_neg {
+                Some((i, neg)) => {
+                    let neg = neg.max(limits.min_ttl.min(limits.max_negative_ttl));
+                    ttls[i].1 = neg;
+                    ttls.iter_mut().for_each(|t| t.1 = t.1.min(neg));
+                    neg
+                }
+                None => 0,
+            }
+        } else if rcode == wire::RCODE_NOERROR {
+            min_ttl
+        } else {
+            0
+        };
+        for &(at, ttl) in &ttls {
+            wire::put32(&mut bytes, at as usize, ttl);
+        }
+        Ok(Answer {
+            bytes: bytes.into(),
+            ttls: ttls.into(),
+            ttl,
+            stored: now,
+            rcode,
+        })
+    }
+
+    /// Seconds left before this answer expires.
+    pub fn remaining(&self, now: Instant) -> u32 {
+        self.ttl
+            .saturating_sub(now.saturating_duration_since(self.stored).as_secs() as u32)
+    }
+
+    /// Writes this answer for `q` into `out`: its id, its question case, TTLs counted down, an
+    /// OPT if it used EDNS, and TC with the records dropped if it exceeds `limit`.
+    pub fn serve(
+        &self,
+        q: &Query<'_>,
+        out: &mut Vec<u8>,
+        now: Instant,
+        limit: usize,
+        max_payload: u16,
+    ) {
+        out.clear();
+        out.extend_from_slice(&self.bytes);
+        out[..2].copy_from_slice(&q.id.to_be_bytes());
+        let flags = wire::response_flags(q, wire::be16(&self.bytes, 2));
+        wire::put16(out, 2, flags);
+        let name = q.name();
+        out[wire::HEADER_LEN..wire::HEADER_LEN + name.len()].copy_from_slice(name);
+        let elapsed = now.saturating_duration_since(self.stored).as_secs() as u32;
+        if elapsed > 0 {
+            for &(at, ttl) in self.ttls.iter() {
+                wire::put32(out, at as usize, ttl.saturating_sub(elapsed));
+            }
+        }
+        let opt_len = if q.edns.is_some() { 11 } else { 0 };
+        if out.len() + opt_len > limit {
+            out.truncate(wire::HEADER_LEN + q.question.len());
+            wire::set_truncated(out);
+            out[6..12].fill(0);
+        }
+        if let Some(e) = q.edns {
+            wire::push_opt(out, max_payload, e.dnssec_ok, 0);
+        }
+    }
+}
+
+fn query_question_len(query: &[u8]) -> usize {
+    let name_end = wire::skip_name(query, wire::HEADER_LEN).unwrap_or(wire::HEADER_LEN);
+    name_end - wire::HEADER_LEN + 4
+}
+
+struct TtlExpiry;
+
+impl Expiry<Key, Arc<Answer>> for TtlExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Key,
+        value: &Arc<Answer>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_secs(value.ttl as u64))
+    }
+}
+
+pub type Cache = moka::future::Cache<Key, Arc<Answer>>;
+
+pub fn build(config: &CacheConfig) -> Cache {
+    moka::future::Cache::builder()
+        .max_capacity(config.max_entries)
+        .expire_after(TtlExpiry)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Edns, Message, Query as HQuery, ResponseCode};
+    use hickory_proto::rr::rdata::{A, SOA};
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+    fn query(name: &str, edns: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 77;
+        m.add_query(HQuery::query(
+            Name::from_ascii(name).unwrap(),
+            RecordType::A,
+        ));
+        if edns {
+            m.set_edns(Edns::new());
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn upstream_answer(
+        query: &[u8],
+        rcode: ResponseCode,
+        ttl: u32,
+        soa_min: Option<u32>,
+    ) -> Vec<u8> {
+        let q = Message::from_vec(query).unwrap();
+        let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+        m.metadata.response_code = rcode;
+        m.add_query(q.queries[0].clone());
+        let name = q.queries[0].name().clone();
+        if rcode == ResponseCode::NoError && soa_min.is_none() {
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                ttl,
+                RData::A(A::new(192, 0, 2, 1)),
+            ));
+            m.add_answer(Record::from_rdata(
+                name,
+                ttl + 100,
+                RData::A(A::new(192, 0, 2, 2)),
+            ));
+        }
+        if let Some(min) = soa_min {
+            let soa = SOA::new(
+                Name::from_ascii("example.").unwrap(),
+                Name::from_ascii("h.example.").unwrap(),
+                1,
+                2,
+                3,
+                4,
+                min,
+            );
+            m.add_authority(Record::from_rdata(
+                Name::from_ascii("example.").unwrap(),
+                ttl,
+                RData::SOA(soa),
+            ));
+        }
+        m.set_edns(Edns::new());
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn positive_answers_count_down_and_patch_case() {
+        let up_q = query("www.example.", true);
+        let resp = upstream_answer(&up_q, ResponseCode::NoError, 300, None);
+        let t0 = Instant::now();
+        let a = Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), t0).unwrap();
+        assert_eq!(a.ttl, 300);
+        let client = query("WwW.Example.", false);
+        let q = Query::parse(&client).unwrap();
+        let mut out = Vec::new();
+        a.serve(&q, &mut out, t0 + Duration::from_secs(7), 512, 1232);
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!(m.metadata.id, 77);
+        assert_eq!(m.queries[0].name().to_string(), "WwW.Example.");
+        assert_eq!(m.answers[0].ttl, 293);
+        assert_eq!(m.answers[1].ttl, 393);
+        assert!(m.edns.is_none(), "no OPT for a client without EDNS");
+        assert_eq!(a.remaining(t0 + Duration::from_secs(7)), 293);
+    }
+
+    #[test]
+    fn ttl_clamps_apply() {
+        let up_q = query("www.example.", true);
+        let resp = upstream_answer(&up_q, ResponseCode::NoError, 5, None);
+        let limits = CacheConfig {
+            min_ttl: 30,
+            max_ttl: 100,
+            ..CacheConfig::default()
+        };
+        let a = Answer::from_upstream(&resp, &up_q, &limits, Instant::now()).unwrap();
+        assert_eq!(a.ttl, 30);
+        let q = Query::parse(&up_q).unwrap();
+        let mut out = Vec::new();
+        a.serve(&q, &mut out, Instant::now(), 1232, 1232);
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!((m.answers[0].ttl, m.answers[1].ttl), (30, 100));
+        assert!(m.edns.is_some());
+    }
+
+    #[test]
+    fn negative_answers_use_the_soa_minimum() {
+        let up_q = query("nope.example.", true);
+        let resp = upstream_answer(&up_q, ResponseCode::NXDomain, 900, Some(60));
+        let a =
+            Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now()).unwrap();
+        assert_eq!((a.ttl, a.rcode), (60, wire::RCODE_NXDOMAIN));
+        let resp = upstream_answer(&up_q, ResponseCode::NXDomain, 900, None);
+        let a =
+            Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now()).unwrap();
+        assert_eq!(a.ttl, 0, "without an SOA nothing is cached");
+    }
+
+    #[test]
+    fn mismatched_responses_are_rejected() {
+        let up_q = query("www.example.", true);
+        let other = query("evil.example.", true);
+        let resp = upstream_answer(&other, ResponseCode::NoError, 300, None);
+        assert_eq!(
+            Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now())
+                .unwrap_err(),
+            BadResponse::Mismatch
+        );
+        assert_eq!(
+            Answer::from_upstream(&resp[..20], &up_q, &CacheConfig::default(), Instant::now())
+                .unwrap_err(),
+            BadResponse::Mismatch
+        );
+        let ok = upstream_answer(&up_q, ResponseCode::NoError, 300, None);
+        assert_eq!(
+            Answer::from_upstream(
+                &ok[..ok.len() - 3],
+                &up_q,
+                &CacheConfig::default(),
+                Instant::now()
+            )
+            .unwrap_err(),
+            BadResponse::Malformed
+        );
+    }
+
+    #[test]
+    fn keys_separate_do_and_type() {
+        let a = query("x.example.", false);
+        let b = query("x.example.", true);
+        let (qa, qb) = (Query::parse(&a).unwrap(), Query::parse(&b).unwrap());
+        let mut lc = [0; wire::MAX_NAME_LEN];
+        let n = wire::lowercase_name(qa.name(), &mut lc);
+        let (mut ka, mut kb) = ([0; wire::MAX_NAME_LEN + 5], [0; wire::MAX_NAME_LEN + 5]);
+        assert_eq!(
+            key_into(&mut ka, &lc[..n], &qa),
+            key_into(&mut kb, &lc[..n], &qb),
+            "Edns::new() has DO clear"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_from_upstream_never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let up_q = query("www.example.", true);
+            let mut resp = upstream_answer(&up_q, ResponseCode::NoError, 300, None);
+            let keep = 12 + 17;
+            resp.truncate(keep);
+            resp.extend_from_slice(&tail);
+            let _ = Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now());
+        }
+    }
+}

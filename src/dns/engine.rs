@@ -1,0 +1,271 @@
+//! One query's way through mskdns: parse, access check, our own answers (clusters, zones),
+//! the cache, and on a miss the upstreams. Transport-agnostic: bytes in, bytes out.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::cache::{self, Cache};
+use super::catalog::{Catalog, Local};
+use super::upstream::{Question, Upstreams};
+use super::wire::{self, Query, Reject, Response};
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What became of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// `out` holds the response.
+    Reply,
+    /// Send nothing.
+    Drop,
+    /// Not answerable locally: call [`Engine::resolve`] off the receive loop.
+    Miss,
+}
+
+/// Responses by outcome, registered once so the hot path only bumps an atomic.
+struct Outcomes {
+    cluster: metrics::Counter,
+    zone: metrics::Counter,
+    unknown_cluster: metrics::Counter,
+    cache_hit: metrics::Counter,
+    forwarded: metrics::Counter,
+    servfail: metrics::Counter,
+    refused: metrics::Counter,
+    formerr: metrics::Counter,
+    notimp: metrics::Counter,
+    badvers: metrics::Counter,
+    dropped: metrics::Counter,
+    cache_hits: metrics::Counter,
+    cache_misses: metrics::Counter,
+}
+
+impl Outcomes {
+    fn new() -> Self {
+        let o = |k: &'static str| metrics::counter!("mskdns_responses_total", "outcome" => k);
+        Outcomes {
+            cluster: o("cluster"),
+            zone: o("zone"),
+            unknown_cluster: o("unknown_cluster"),
+            cache_hit: o("cache_hit"),
+            forwarded: o("forwarded"),
+            servfail: o("servfail"),
+            refused: o("refused"),
+            formerr: o("formerr"),
+            notimp: o("notimp"),
+            badvers: o("badvers"),
+            dropped: o("dropped"),
+            cache_hits: metrics::counter!("mskdns_cache_hits_total"),
+            cache_misses: metrics::counter!("mskdns_cache_misses_total"),
+        }
+    }
+}
+
+pub struct Engine {
+    catalog: Catalog,
+    allow: Vec<IpNet>,
+    cache: Cache,
+    upstreams: Upstreams,
+    max_payload: u16,
+    outcomes: Outcomes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Catalog(#[from] super::catalog::CatalogError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+impl Engine {
+    pub fn from_config(config: &Config) -> Result<Arc<Self>, EngineError> {
+        let upstreams = config.effective_upstreams()?;
+        Ok(Arc::new(Engine {
+            catalog: Catalog::from_config(config)?,
+            allow: config.dns.allow.clone(),
+            cache: cache::build(&config.cache),
+            upstreams: Upstreams::new(
+                &upstreams,
+                Duration::from_millis(config.dns.upstream_timeout_ms),
+                config.cache.clone(),
+            ),
+            max_payload: config.dns.max_udp_payload,
+            outcomes: Outcomes::new(),
+        }))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn cache_entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// The longest a miss can take to resolve or fail.
+    pub fn resolve_deadline(&self) -> Duration {
+        self.upstreams.deadline()
+    }
+
+    fn limit(&self, q: &Query<'_>, transport: Transport) -> usize {
+        match transport {
+            Transport::Udp => q.udp_limit(self.max_payload),
+            Transport::Tcp => u16::MAX as usize,
+        }
+    }
+
+    fn allowed(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.allow.iter().any(|n| n.contains(&client))
+    }
+
+    /// Answers what can be answered without waiting on the network.
+    pub async fn handle(
+        &self,
+        pkt: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Handled {
+        let q = match Query::parse(pkt) {
+            Ok(q) => q,
+            Err(reject) => return self.reject(reject, client, out),
+        };
+        if !self.allowed(client) {
+            self.outcomes.refused.increment(1);
+            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(
+                &q,
+                self.limit(&q, transport),
+                self.max_payload,
+            );
+            return Handled::Reply;
+        }
+        if q.edns.is_some_and(|e| e.version > 0) {
+            self.outcomes.badvers.increment(1);
+            wire::badvers(out, &q, self.max_payload);
+            return Handled::Reply;
+        }
+        let limit = self.limit(&q, transport);
+        if matches!(q.qtype, wire::TYPE_AXFR | wire::TYPE_IXFR | wire::TYPE_OPT) {
+            self.outcomes.refused.increment(1);
+            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, self.max_payload);
+            return Handled::Reply;
+        }
+        let mut lc_buf = [0u8; wire::MAX_NAME_LEN];
+        let lc_len = wire::lowercase_name(q.name(), &mut lc_buf);
+        let lc = &lc_buf[..lc_len];
+        match self.catalog.answer(&q, lc, out, limit, self.max_payload) {
+            Local::Cluster => {
+                self.outcomes.cluster.increment(1);
+                return Handled::Reply;
+            }
+            Local::Zone => {
+                self.outcomes.zone.increment(1);
+                return Handled::Reply;
+            }
+            Local::UnknownCluster => {
+                self.outcomes.unknown_cluster.increment(1);
+                return Handled::Reply;
+            }
+            Local::NotLocal => {}
+        }
+        let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
+        let key = cache::key_into(&mut kb, lc, &q);
+        if let Some(answer) = self.cache.get(key).await {
+            let now = Instant::now();
+            if answer.remaining(now) > 0 {
+                self.outcomes.cache_hits.increment(1);
+                self.outcomes.cache_hit.increment(1);
+                answer.serve(&q, out, now, limit, self.max_payload);
+                return Handled::Reply;
+            }
+        }
+        Handled::Miss
+    }
+
+    fn reject(&self, reject: Reject, client: IpAddr, out: &mut Vec<u8>) -> Handled {
+        // Say nothing to strangers, not even FORMERR.
+        if !self.allowed(client) {
+            self.outcomes.dropped.increment(1);
+            return Handled::Drop;
+        }
+        match reject {
+            Reject::Drop => {
+                self.outcomes.dropped.increment(1);
+                Handled::Drop
+            }
+            Reject::FormErr { id, flags } => {
+                self.outcomes.formerr.increment(1);
+                wire::header_only(out, id, flags, wire::RCODE_FORMERR);
+                Handled::Reply
+            }
+            Reject::NotImp { id, flags } => {
+                self.outcomes.notimp.increment(1);
+                wire::header_only(out, id, flags, wire::RCODE_NOTIMP);
+                Handled::Reply
+            }
+        }
+    }
+
+    /// Resolves a packet that [`Engine::handle`] called a miss: one upstream query per key
+    /// however many clients ask at once; SERVFAIL if the upstreams fail.
+    pub async fn resolve(&self, pkt: &[u8], transport: Transport, out: &mut Vec<u8>) -> Handled {
+        let Ok(q) = Query::parse(pkt) else {
+            return Handled::Drop;
+        };
+        let limit = self.limit(&q, transport);
+        let mut lc_buf = [0u8; wire::MAX_NAME_LEN];
+        let lc_len = wire::lowercase_name(q.name(), &mut lc_buf);
+        let lc = &lc_buf[..lc_len];
+        let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
+        let key: cache::Key = cache::key_into(&mut kb, lc, &q).into();
+        let question = Question {
+            lc_name: lc,
+            qtype: q.qtype,
+            qclass: q.qclass,
+            dnssec_ok: q.dnssec_ok(),
+            checking_disabled: q.checking_disabled(),
+        };
+        self.outcomes.cache_misses.increment(1);
+        let result = self
+            .cache
+            .try_get_with(key, async {
+                self.upstreams.resolve(question).await.map(Arc::new)
+            })
+            .await;
+        match result {
+            Ok(answer) => {
+                self.outcomes.forwarded.increment(1);
+                answer.serve(&q, out, Instant::now(), limit, self.max_payload);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, name = %wire::wire_to_string(lc), "resolution failed");
+                self.outcomes.servfail.increment(1);
+                self.servfail(&q, limit, out);
+            }
+        }
+        Handled::Reply
+    }
+
+    /// SERVFAIL for a query we cannot resolve now (upstreams down, or too many in flight).
+    pub fn servfail_packet(&self, pkt: &[u8], transport: Transport, out: &mut Vec<u8>) -> Handled {
+        let Ok(q) = Query::parse(pkt) else {
+            return Handled::Drop;
+        };
+        self.outcomes.servfail.increment(1);
+        self.servfail(&q, self.limit(&q, transport), out);
+        Handled::Reply
+    }
+
+    fn servfail(&self, q: &Query<'_>, limit: usize, out: &mut Vec<u8>) {
+        Response::new(out, q, wire::RCODE_SERVFAIL, false).finish(q, limit, self.max_payload);
+    }
+}

@@ -1,0 +1,222 @@
+//! The DNS listeners: UDP and TCP on each configured address, answering through the [`Engine`].
+//!
+//! Local answers and cache hits are written from the receive loop itself; misses go to a
+//! task each (bounded in number) so one slow upstream never stalls the socket.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::engine::{Engine, Handled, Transport};
+
+/// Misses being resolved at once; past this a query gets SERVFAIL at once, not a queue.
+const MAX_INFLIGHT_MISSES: usize = 16_384;
+const UDP_RECV_BUFFER: usize = 8 << 20;
+
+/// A UDP socket and a TCP listener on the same address and port.
+pub struct Listener {
+    pub udp: UdpSocket,
+    pub tcp: TcpListener,
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+}
+
+/// Binds UDP and TCP on `addr`. With port 0 the kernel picks the UDP port and TCP takes the
+/// same one, retrying a few times should TCP find that port taken.
+pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = udp_socket(addr)?;
+        let bound = udp.local_addr()?.as_socket().expect("an inet socket");
+        match tcp_listener(bound) {
+            Ok(tcp) => {
+                return Ok(Listener {
+                    udp: UdpSocket::from_std(udp.into())?,
+                    tcp: TcpListener::from_std(tcp.into())?,
+                });
+            }
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free port")))
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // Bursts from many clients queue here rather than drop; the kernel caps the size.
+    let _ = s.set_recv_buffer_size(UDP_RECV_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+fn tcp_listener(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s)
+}
+
+/// Serves one UDP socket until `shutdown`; misses are tracked by `tasks`.
+pub async fn serve_udp(
+    engine: Arc<Engine>,
+    sock: UdpSocket,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let sock = Arc::new(sock);
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_MISSES));
+    let mut buf = vec![0u8; 65_535];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let (n, peer) = tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                // ICMP errors from earlier sends surface here on some systems; keep serving.
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let pkt = &buf[..n];
+        match engine
+            .handle(pkt, peer.ip(), Transport::Udp, &mut out)
+            .await
+        {
+            Handled::Reply => send(&sock, &out, peer).await,
+            Handled::Drop => {}
+            Handled::Miss => match inflight.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let (engine, sock, pkt) = (engine.clone(), sock.clone(), pkt.to_vec());
+                    tasks.spawn(async move {
+                        let mut out = Vec::with_capacity(512);
+                        if engine.resolve(&pkt, Transport::Udp, &mut out).await == Handled::Reply {
+                            send(&sock, &out, peer).await;
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    if engine.servfail_packet(pkt, Transport::Udp, &mut out) == Handled::Reply {
+                        send(&sock, &out, peer).await;
+                    }
+                }
+            },
+        }
+    }
+}
+
+async fn send(sock: &UdpSocket, out: &[u8], peer: SocketAddr) {
+    if let Err(e) = sock.send_to(out, peer).await {
+        tracing::debug!(error = %e, %peer, "udp send failed");
+    }
+}
+
+/// TCP limits: connections at once, and how long a connection may sit idle or stall mid-message.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Accepts TCP connections until `shutdown`; each serves length-prefixed queries in order.
+pub async fn serve_tcp(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    limits: TcpLimits,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let rejected = metrics::counter!("mskdns_tcp_connections_rejected_total");
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            rejected.increment(1);
+            continue;
+        };
+        let (engine, shutdown) = (engine.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            tokio::select! {
+                r = tcp_connection(&engine, stream, peer, limits.idle_timeout) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, %peer, "tcp connection ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_connection(
+    engine: &Engine,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    idle: Duration,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 65_535];
+    let mut out = Vec::with_capacity(4096);
+    let mut framed = Vec::with_capacity(4098);
+    loop {
+        let len = match tokio::time::timeout(idle, stream.read_u16()).await {
+            Ok(Ok(len)) => len as usize,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        };
+        tokio::time::timeout(idle, stream.read_exact(&mut buf[..len]))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
+        let pkt = &buf[..len];
+        let handled = match engine
+            .handle(pkt, peer.ip(), Transport::Tcp, &mut out)
+            .await
+        {
+            Handled::Miss => engine.resolve(pkt, Transport::Tcp, &mut out).await,
+            h => h,
+        };
+        if handled == Handled::Reply {
+            framed.clear();
+            framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
+            framed.extend_from_slice(&out);
+            stream.write_all(&framed).await?;
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! mskdns: a DNS daemon that answers Amazon MSK broker names per cluster and forwards the rest.
+//!
+//! - [`names`]: the grammar of MSK Serverless and provisioned names, and the cluster keys in them.
+//! - [`config`]: configuration (figment layering, validation that names the key).
+//! - [`dns`]: wire format, the catalog of our own answers, the cache, the upstreams, the listeners.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! [`Server::bind`] binds everything (port 0 allowed) so the caller can report the real ports,
+//! then [`Server::run`] serves until the cancellation token fires.
+
+pub mod admin;
+pub mod config;
+pub mod dns;
+pub mod names;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{Health, Render};
+use crate::config::Config;
+use crate::dns::Engine;
+use crate::dns::server::{self, Listener, TcpLimits};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] dns::engine::EngineError),
+    #[error("dns.listen {addr}: {source}")]
+    BindDns {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin.listen {addr}: {source}")]
+    BindAdmin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything bound and built, not yet serving.
+pub struct Server {
+    engine: Arc<Engine>,
+    listeners: Vec<Listener>,
+    admin: tokio::net::TcpListener,
+    tcp_limits: TcpLimits,
+    pub health: Arc<Health>,
+}
+
+impl Server {
+    /// Builds the engine and binds every listener. Must run inside a tokio runtime.
+    pub fn bind(config: &Config) -> Result<Self, StartError> {
+        let engine = Engine::from_config(config)?;
+        let listeners = config
+            .dns
+            .listen
+            .iter()
+            .map(|&addr| server::bind(addr).map_err(|source| StartError::BindDns { addr, source }))
+            .collect::<Result<_, _>>()?;
+        let addr = config.admin.listen;
+        let admin = std::net::TcpListener::bind(addr)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map_err(|source| StartError::BindAdmin { addr, source })?;
+        let tcp_limits = TcpLimits {
+            max_connections: config.dns.max_tcp_connections,
+            idle_timeout: Duration::from_millis(config.dns.tcp_idle_timeout_ms),
+        };
+        Ok(Server {
+            engine,
+            listeners,
+            admin,
+            tcp_limits,
+            health: Arc::default(),
+        })
+    }
+
+    /// The DNS addresses actually bound (UDP and TCP share each).
+    pub fn dns_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` fires, then waits a bounded time for misses in flight.
+    pub async fn run(self, render: Render, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        for l in self.listeners {
+            tasks.spawn(server::serve_udp(
+                self.engine.clone(),
+                l.udp,
+                shutdown.clone(),
+                tasks.clone(),
+            ));
+            tasks.spawn(server::serve_tcp(
+                self.engine.clone(),
+                l.tcp,
+                self.tcp_limits,
+                shutdown.clone(),
+                tasks.clone(),
+            ));
+        }
+        let engine = self.engine.clone();
+        let cache_entries = metrics::gauge!("mskdns_cache_entries");
+        let render: Render = Arc::new(move || {
+            cache_entries.set(engine.cache_entries() as f64);
+            render()
+        });
+        let (health, admin_shutdown) = (self.health.clone(), shutdown.clone());
+        let admin = self.admin;
+        tasks.spawn(async move {
+            if let Err(e) = admin::serve(admin, render, health, admin_shutdown.clone()).await {
+                tracing::error!(error = %e, "admin endpoint failed; shutting down");
+                admin_shutdown.cancel();
+            }
+        });
+        self.health.set_serving(true);
+        tracing::info!(clusters = self.engine.catalog().cluster_count(), "serving");
+        shutdown.cancelled().await;
+        self.health.set_serving(false);
+        tasks.close();
+        let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "tasks still running at the end of the shutdown grace period"
+            );
+        }
+    }
+}

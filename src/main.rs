@@ -1,0 +1,101 @@
+//! The mskdns binary: arguments, logging, the metrics recorder, signals; the rest is the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mskdns::config::{Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "DNS for Amazon MSK: per-cluster answers for broker names, cached forwarding for the rest"
+)]
+struct Cli {
+    /// Config file (TOML). Without one, the built-in default: 127.0.0.1:5353, upstreams from /etc/resolv.conf.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file; exits non-zero with a message naming the bad key.
+    Check { file: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Check { file }) = &cli.command {
+        let config = Config::load(Some(file))?;
+        mskdns::dns::catalog::Catalog::from_config(&config)?;
+        println!(
+            "{}: ok ({} clusters, {} zones)",
+            file.display(),
+            config.clusters.len(),
+            config.zones.len()
+        );
+        return Ok(());
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    init_logging(&config);
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ])
+        .context("metric buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = mskdns::Server::bind(&config)?;
+        // Bound addresses on stdout, one per line, then `ready`: tests and scripts read these.
+        for addr in server.dns_addrs() {
+            println!("listening dns {addr}");
+        }
+        if let Some(addr) = server.admin_addr() {
+            println!("listening admin {addr}");
+        }
+        println!("ready");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        server
+            .run(Arc::new(move || recorder.render()), shutdown)
+            .await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
