@@ -67,9 +67,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(AdminState { render, health });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
@@ -80,8 +78,5 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        (s.render)(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], (s.render)())
 }

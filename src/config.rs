@@ -17,47 +17,29 @@ use crate::names;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{origin}{error}")]
-    Parse {
-        origin: String,
-        error: Box<figment::Error>,
-    },
+    Parse { origin: String, error: Box<figment::Error> },
     #[error("{origin}`{key}`: {message}")]
-    Invalid {
-        origin: String,
-        key: String,
-        message: String,
-    },
+    Invalid { origin: String, key: String, message: String },
 }
 
 impl ConfigError {
     fn invalid(key: impl Into<String>, message: impl fmt::Display) -> Self {
-        ConfigError::Invalid {
-            origin: String::new(),
-            key: key.into(),
-            message: message.to_string(),
-        }
+        ConfigError::Invalid { origin: String::new(), key: key.into(), message: message.to_string() }
     }
 
     fn in_file(self, path: &Path) -> Self {
         let origin = format!("{}: ", path.display());
         match self {
             ConfigError::Parse { error, .. } => ConfigError::Parse { origin, error },
-            ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
-                origin,
-                key,
-                message,
-            },
+            ConfigError::Invalid { key, message, .. } => ConfigError::Invalid { origin, key, message },
             other => other,
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub dns: DnsConfig,
@@ -66,19 +48,6 @@ pub struct Config {
     pub log: LogConfig,
     pub clusters: Vec<ClusterConfig>,
     pub zones: Vec<ZoneConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            dns: DnsConfig::default(),
-            cache: CacheConfig::default(),
-            admin: AdminConfig::default(),
-            log: LogConfig::default(),
-            clusters: Vec::new(),
-            zones: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -163,9 +132,7 @@ impl Serialize for Upstream {
 
 impl<'de> Deserialize<'de> for Upstream {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -183,12 +150,7 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig {
-            max_entries: 100_000,
-            min_ttl: 0,
-            max_ttl: 86_400,
-            max_negative_ttl: 3_600,
-        }
+        CacheConfig { max_entries: 100_000, min_ttl: 0, max_ttl: 86_400, max_negative_ttl: 3_600 }
     }
 }
 
@@ -201,9 +163,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig {
-            listen: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9153),
-        }
+        AdminConfig { listen: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9153) }
     }
 }
 
@@ -217,10 +177,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+        LogConfig { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -260,29 +217,39 @@ pub struct ZoneConfig {
 impl Config {
     /// Built-in defaults, then the TOML file (if any), then `MSKDNS_` variables
     /// (`MSKDNS_DNS__LISTEN='["127.0.0.1:0"]'`: `__` separates nesting).
+    /// Variables that name no section (`MSKDNS_BIN` of the bench harness, say) are not config.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_with_env(path, Env::prefixed("MSKDNS_").split("__"))
+        const SECTIONS: [&str; 6] = ["dns", "cache", "admin", "log", "clusters", "zones"];
+        let env = Env::prefixed("MSKDNS_")
+            .filter(|k| {
+                SECTIONS
+                    .iter()
+                    .any(|s| k.as_str().split("__").next().is_some_and(|first| first.eq_ignore_ascii_case(s)))
+            })
+            .split("__");
+        Self::load_with_env(path, env)
+    }
+
+    /// Built-in defaults and a TOML text, validated; no file, no environment.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|error| ConfigError::Parse { origin: String::new(), error: Box::new(error) })?;
+        config.validate()?;
+        Ok(config)
     }
 
     fn load_with_env(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
             fig = fig.merge(Toml::string(&text));
         }
-        let origin = path
-            .map(|p| format!("{}: ", p.display()))
-            .unwrap_or_default();
-        let mut config: Config = fig
-            .merge(env)
-            .extract()
-            .map_err(|error| ConfigError::Parse {
-                origin,
-                error: Box::new(error),
-            })?;
+        let origin = path.map(|p| format!("{}: ", p.display())).unwrap_or_default();
+        let mut config: Config =
+            fig.merge(env).extract().map_err(|error| ConfigError::Parse { origin, error: Box::new(error) })?;
         if let Some(dir) = path.and_then(Path::parent) {
             for zone in &mut config.zones {
                 if zone.file.is_relative() {
@@ -301,28 +268,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.dns;
         if d.listen.is_empty() {
-            return Err(ConfigError::invalid(
-                "dns.listen",
-                "at least one address is needed",
-            ));
+            return Err(ConfigError::invalid("dns.listen", "at least one address is needed"));
         }
         if !(512..=4096).contains(&d.max_udp_payload) {
-            return Err(ConfigError::invalid(
-                "dns.max_udp_payload",
-                "must be between 512 and 4096",
-            ));
+            return Err(ConfigError::invalid("dns.max_udp_payload", "must be between 512 and 4096"));
         }
         if d.upstream_timeout_ms == 0 || d.upstream_timeout_ms > 30_000 {
-            return Err(ConfigError::invalid(
-                "dns.upstream_timeout_ms",
-                "must be between 1 and 30000",
-            ));
+            return Err(ConfigError::invalid("dns.upstream_timeout_ms", "must be between 1 and 30000"));
         }
         if d.max_tcp_connections == 0 {
-            return Err(ConfigError::invalid(
-                "dns.max_tcp_connections",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid("dns.max_tcp_connections", "must be at least 1"));
         }
         for (i, u) in d.upstreams.iter().enumerate() {
             if d.listen.contains(&u.0) {
@@ -334,61 +289,42 @@ impl Config {
         }
         let c = &self.cache;
         if c.max_entries == 0 {
-            return Err(ConfigError::invalid(
-                "cache.max_entries",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid("cache.max_entries", "must be at least 1"));
         }
         if c.min_ttl > c.max_ttl {
-            return Err(ConfigError::invalid(
-                "cache.min_ttl",
-                "is larger than cache.max_ttl",
-            ));
+            return Err(ConfigError::invalid("cache.min_ttl", "is larger than cache.max_ttl"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(ConfigError::invalid(
-                "log.level",
-                format!("`{}` is not a log filter", self.log.level),
-            ));
+            return Err(ConfigError::invalid("log.level", format!("`{}` is not a log filter", self.log.level)));
         }
         let mut seen = std::collections::HashMap::new();
         for (i, cl) in self.clusters.iter().enumerate() {
             let key = format!("clusters[{i}].bootstrap");
-            let wire = name_to_wire(cl.bootstrap.trim_end_matches('.')).ok_or_else(|| {
-                ConfigError::invalid(&key, format!("`{}` is not a DNS name", cl.bootstrap))
-            })?;
+            let wire = name_to_wire(cl.bootstrap.trim_end_matches('.'))
+                .ok_or_else(|| ConfigError::invalid(&key, format!("`{}` is not a DNS name", cl.bootstrap)))?;
             let m = names::match_serverless(&wire).ok_or_else(|| {
-                ConfigError::invalid(&key, format!(
-                    "`{}` is not an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com)",
-                    cl.bootstrap
-                ))
+                ConfigError::invalid(
+                    &key,
+                    format!(
+                        "`{}` is not an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com)",
+                        cl.bootstrap
+                    ),
+                )
             })?;
             if let Some(j) = seen.insert(wire[m.key].to_vec(), i) {
-                return Err(ConfigError::invalid(
-                    &key,
-                    format!("names the same cluster as clusters[{j}]"),
-                ));
+                return Err(ConfigError::invalid(&key, format!("names the same cluster as clusters[{j}]")));
             }
             if cl.addresses.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("clusters[{i}].addresses"),
-                    "at least one address is needed",
-                ));
+                return Err(ConfigError::invalid(format!("clusters[{i}].addresses"), "at least one address is needed"));
             }
             if cl.ttl > 604_800 {
-                return Err(ConfigError::invalid(
-                    format!("clusters[{i}].ttl"),
-                    "must be at most 604800 (one week)",
-                ));
+                return Err(ConfigError::invalid(format!("clusters[{i}].ttl"), "must be at most 604800 (one week)"));
             }
         }
         for (i, z) in self.zones.iter().enumerate() {
             if let Some(o) = &z.origin {
                 name_to_wire(o).ok_or_else(|| {
-                    ConfigError::invalid(
-                        format!("zones[{i}].origin"),
-                        format!("`{o}` is not a DNS name"),
-                    )
+                    ConfigError::invalid(format!("zones[{i}].origin"), format!("`{o}` is not a DNS name"))
                 })?;
             }
         }
@@ -401,14 +337,9 @@ impl Config {
             return Ok(self.dns.upstreams.iter().map(|u| u.0).collect());
         }
         let path = Path::new("/etc/resolv.conf");
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let found: Vec<_> = resolv_conf_nameservers(&text)
-            .into_iter()
-            .filter(|a| !self.dns.listen.contains(a))
-            .collect();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let found: Vec<_> =
+            resolv_conf_nameservers(&text).into_iter().filter(|a| !self.dns.listen.contains(a)).collect();
         if found.is_empty() {
             return Err(ConfigError::invalid(
                 "dns.upstreams",
@@ -437,11 +368,7 @@ mod tests {
     use super::*;
 
     fn load_str(toml: &str) -> Result<Config, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
-            "mskdns-cfg-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let dir = std::env::temp_dir().join(format!("mskdns-cfg-{}-{}", std::process::id(), rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
         std::fs::write(&path, toml).unwrap();
@@ -455,18 +382,8 @@ mod tests {
         let c = Config::default();
         c.validate().unwrap();
         assert_eq!(c.dns.listen, vec!["127.0.0.1:5353".parse().unwrap()]);
-        assert!(
-            c.dns
-                .allow
-                .iter()
-                .any(|n| n.contains(&"10.1.2.3".parse::<IpAddr>().unwrap()))
-        );
-        assert!(
-            !c.dns
-                .allow
-                .iter()
-                .any(|n| n.contains(&"8.8.8.8".parse::<IpAddr>().unwrap()))
-        );
+        assert!(c.dns.allow.iter().any(|n| n.contains(&"10.1.2.3".parse::<IpAddr>().unwrap())));
+        assert!(!c.dns.allow.iter().any(|n| n.contains(&"8.8.8.8".parse::<IpAddr>().unwrap())));
     }
 
     #[test]
@@ -497,10 +414,7 @@ mod tests {
             ("[dns]\nupstreams = [\"x.y\"]", "dns.upstreams"),
             ("[dns]\nallow = [\"10.0.0.0/99\"]", "dns.allow"),
             ("[dns]\nbogus = 1", "bogus"),
-            (
-                "[[clusters]]\nbootstrap = \"example.com\"\naddresses = [\"10.0.0.1\"]",
-                "clusters[0].bootstrap",
-            ),
+            ("[[clusters]]\nbootstrap = \"example.com\"\naddresses = [\"10.0.0.1\"]", "clusters[0].bootstrap"),
             (
                 "[[clusters]]\nbootstrap = \"boot-a.c1.kafka-serverless.us-east-1.amazonaws.com\"\naddresses = []",
                 "clusters[0].addresses",
@@ -517,20 +431,19 @@ mod tests {
         ];
         for (toml, key) in cases {
             let err = load_str(toml).unwrap_err().to_string();
-            assert!(
-                err.contains(key),
-                "`{toml}` gave `{err}`, which does not name {key}"
-            );
+            assert!(err.contains(key), "`{toml}` gave `{err}`, which does not name {key}");
             assert!(err.contains("c.toml"), "{err} does not name the file");
         }
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "[dns]\nlisten = [\"127.0.0.1:1\"]\n")?;
             jail.set_env("MSKDNS_DNS__LISTEN", "[\"127.0.0.1:2\"]");
             jail.set_env("MSKDNS_CACHE__MAX_ENTRIES", "7");
+            jail.set_env("MSKDNS_BIN", "/not/config");
             let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.dns.listen, vec!["127.0.0.1:2".parse().unwrap()]);
             assert_eq!(c.cache.max_entries, 7);
@@ -541,12 +454,6 @@ mod tests {
     #[test]
     fn resolv_conf() {
         let t = "# c\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch x\nnameserver bogus\n";
-        assert_eq!(
-            resolv_conf_nameservers(t),
-            vec![
-                "10.0.0.2:53".parse().unwrap(),
-                "[fe80::1]:53".parse().unwrap()
-            ]
-        );
+        assert_eq!(resolv_conf_nameservers(t), vec!["10.0.0.2:53".parse().unwrap(), "[fe80::1]:53".parse().unwrap()]);
     }
 }

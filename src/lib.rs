@@ -30,15 +30,9 @@ pub enum StartError {
     #[error(transparent)]
     Engine(#[from] dns::engine::EngineError),
     #[error("dns.listen {addr}: {source}")]
-    BindDns {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    BindDns { addr: SocketAddr, source: std::io::Error },
     #[error("admin.listen {addr}: {source}")]
-    BindAdmin {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    BindAdmin { addr: SocketAddr, source: std::io::Error },
 }
 
 /// Everything bound and built, not yet serving.
@@ -71,21 +65,12 @@ impl Server {
             max_connections: config.dns.max_tcp_connections,
             idle_timeout: Duration::from_millis(config.dns.tcp_idle_timeout_ms),
         };
-        Ok(Server {
-            engine,
-            listeners,
-            admin,
-            tcp_limits,
-            health: Arc::default(),
-        })
+        Ok(Server { engine, listeners, admin, tcp_limits, health: Arc::default() })
     }
 
     /// The DNS addresses actually bound (UDP and TCP share each).
     pub fn dns_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -100,12 +85,7 @@ impl Server {
     pub async fn run(self, render: Render, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         for l in self.listeners {
-            tasks.spawn(server::serve_udp(
-                self.engine.clone(),
-                l.udp,
-                shutdown.clone(),
-                tasks.clone(),
-            ));
+            tasks.spawn(server::serve_udp(self.engine.clone(), l.udp, shutdown.clone(), tasks.clone()));
             tasks.spawn(server::serve_tcp(
                 self.engine.clone(),
                 l.tcp,
@@ -129,16 +109,17 @@ impl Server {
             }
         });
         self.health.set_serving(true);
-        tracing::info!(clusters = self.engine.catalog().cluster_count(), "serving");
+        tracing::info!(
+            clusters = self.engine.catalog().cluster_count(),
+            upstreams = ?self.engine.upstream_addrs(),
+            "serving"
+        );
         shutdown.cancelled().await;
         self.health.set_serving(false);
         tasks.close();
         let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-            tracing::warn!(
-                ?grace,
-                "tasks still running at the end of the shutdown grace period"
-            );
+            tracing::warn!(?grace, "tasks still running at the end of the shutdown grace period");
         }
     }
 }

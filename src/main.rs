@@ -9,10 +9,7 @@ use mskdns::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "DNS for Amazon MSK: per-cluster answers for broker names, cached forwarding for the rest"
-)]
+#[command(version, about = "DNS for Amazon MSK: per-cluster answers for broker names, cached forwarding for the rest")]
 struct Cli {
     /// Config file (TOML). Without one, the built-in default: 127.0.0.1:5353, upstreams from /etc/resolv.conf.
     #[arg(long, short)]
@@ -27,31 +24,31 @@ enum Command {
     Check { file: PathBuf },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Check { file }) = &cli.command {
         let config = Config::load(Some(file))?;
         mskdns::dns::catalog::Catalog::from_config(&config)?;
-        println!(
-            "{}: ok ({} clusters, {} zones)",
-            file.display(),
-            config.clusters.len(),
-            config.zones.len()
-        );
+        println!("{}: ok ({} clusters, {} zones)", file.display(), config.clusters.len(), config.zones.len());
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
     init_logging(&config);
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ])
+        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
         .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let server = mskdns::Server::bind(&config)?;
         // Bound addresses on stdout, one per line, then `ready`: tests and scripts read these.
@@ -64,9 +61,7 @@ fn main() -> anyhow::Result<()> {
         println!("ready");
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        server
-            .run(Arc::new(move || recorder.render()), shutdown)
-            .await;
+        server.run(Arc::new(move || recorder.render()), shutdown).await;
         tracing::info!("stopped");
         Ok(())
     })
@@ -75,9 +70,7 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -86,10 +79,7 @@ fn init_logging(config: &Config) {
 
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -76,16 +76,13 @@ fn labels(wire: &[u8]) -> Labels<'_> {
 }
 
 fn is_id(s: &[u8]) -> bool {
-    !s.is_empty()
-        && s.iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !s.is_empty() && s.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 fn is_region(s: &[u8]) -> bool {
     !s.is_empty()
         && s[0].is_ascii_lowercase()
-        && s.iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && s.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
 fn digits(s: &[u8]) -> Option<BrokerNumber> {
@@ -93,18 +90,12 @@ fn digits(s: &[u8]) -> Option<BrokerNumber> {
         return None;
     }
     let value = s.iter().fold(0u64, |v, d| v * 10 + (d - b'0') as u64);
-    Some(BrokerNumber {
-        value,
-        digits: s.len() as u8,
-    })
+    Some(BrokerNumber { value, digits: s.len() as u8 })
 }
 
 /// `amazonaws.com` or `amazonaws.com.cn`, then the root: the rest of the name after the region.
 fn is_aws_tail(wire: &[u8], pos: usize) -> bool {
-    matches!(
-        wire.get(pos..),
-        Some(b"\x09amazonaws\x03com\x00") | Some(b"\x09amazonaws\x03com\x02cn\x00")
-    )
+    matches!(wire.get(pos..), Some(b"\x09amazonaws\x03com\x00") | Some(b"\x09amazonaws\x03com\x02cn\x00"))
 }
 
 /// Matches `boot-<id>` / `b<digits>-<id>` `.c<N>.kafka-serverless.<region>.amazonaws.com[.cn]`.
@@ -131,11 +122,7 @@ pub fn match_serverless(wire: &[u8]) -> Option<ServerlessMatch> {
     if !is_region(region) || !is_aws_tail(wire, it.pos) {
         return None;
     }
-    Some(ServerlessMatch {
-        role,
-        key: 1 + prefix..wire.len(),
-        apex,
-    })
+    Some(ServerlessMatch { role, key: 1 + prefix..wire.len(), apex })
 }
 
 /// Matches `b-<n>.<name>.<id>.c<N>.kafka.<region>.amazonaws.com[.cn]`.
@@ -148,11 +135,7 @@ pub fn match_provisioned(wire: &[u8]) -> Option<ProvisionedMatch> {
         return None;
     }
     let (_, id) = it.next()?;
-    if !id
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        || id.is_empty()
-    {
+    if !id.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-') || id.is_empty() {
         return None;
     }
     let (_, cell) = it.next()?;
@@ -165,11 +148,7 @@ pub fn match_provisioned(wire: &[u8]) -> Option<ProvisionedMatch> {
     if !is_region(region) || !is_aws_tail(wire, it.pos) {
         return None;
     }
-    Some(ProvisionedMatch {
-        broker,
-        key: key_start..wire.len(),
-        apex,
-    })
+    Some(ProvisionedMatch { broker, key: key_start..wire.len(), apex })
 }
 
 /// A human form of a serverless cluster key, `<id>.c<N>.<region>`, for logs and metric labels.
@@ -177,9 +156,7 @@ pub fn describe_serverless_key(key: &[u8]) -> String {
     // key = id bytes, then wire labels: cN, kafka-serverless, region, amazonaws, com[, cn]
     let id_end = key.iter().position(|&b| b < b'0').unwrap_or(key.len());
     let id = String::from_utf8_lossy(&key[..id_end]);
-    let rest: Vec<String> = labels(&key[id_end..])
-        .map(|(_, l)| String::from_utf8_lossy(l).into_owned())
-        .collect();
+    let rest: Vec<String> = labels(&key[id_end..]).map(|(_, l)| String::from_utf8_lossy(l).into_owned()).collect();
     match rest.as_slice() {
         [cell, _, region, ..] => format!("{id}.{cell}.{region}"),
         _ => id.into_owned(),
@@ -199,8 +176,7 @@ mod tests {
 
     #[test]
     fn bootstrap_and_brokers_share_a_key() {
-        let (r, k) =
-            serverless("boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com").unwrap();
+        let (r, k) = serverless("boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com").unwrap();
         assert_eq!(r, Role::Bootstrap);
         for b in ["b1", "b97", "b0437", "b0001"] {
             let name = format!("{b}-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com.");
@@ -213,21 +189,11 @@ mod tests {
 
     #[test]
     fn keys_separate_clusters() {
-        let a = serverless("boot-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com")
-            .unwrap()
-            .1;
-        let b = serverless("boot-bbbb.c2.kafka-serverless.us-east-1.amazonaws.com")
-            .unwrap()
-            .1;
-        let c = serverless("boot-aaaa.c3.kafka-serverless.us-east-1.amazonaws.com")
-            .unwrap()
-            .1;
-        let d = serverless("boot-aaaa.c2.kafka-serverless.eu-west-1.amazonaws.com")
-            .unwrap()
-            .1;
-        let e = serverless("boot-aaaa.c2.kafka-serverless.cn-north-1.amazonaws.com.cn")
-            .unwrap()
-            .1;
+        let a = serverless("boot-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com").unwrap().1;
+        let b = serverless("boot-bbbb.c2.kafka-serverless.us-east-1.amazonaws.com").unwrap().1;
+        let c = serverless("boot-aaaa.c3.kafka-serverless.us-east-1.amazonaws.com").unwrap().1;
+        let d = serverless("boot-aaaa.c2.kafka-serverless.eu-west-1.amazonaws.com").unwrap().1;
+        let e = serverless("boot-aaaa.c2.kafka-serverless.cn-north-1.amazonaws.com.cn").unwrap().1;
         let keys = [a, b, c, d, e];
         for i in 0..keys.len() {
             for j in i + 1..keys.len() {
@@ -269,14 +235,10 @@ mod tests {
             &name_to_wire("prod-orders.ab12cd.c4.kafka.eu-central-1.amazonaws.com").unwrap()[..]
         );
         assert!(match_serverless(&w).is_none());
-        let w2 =
-            name_to_wire("b-1.prod-orders.ab12cd.c4.kafka.eu-central-1.amazonaws.com").unwrap();
+        let w2 = name_to_wire("b-1.prod-orders.ab12cd.c4.kafka.eu-central-1.amazonaws.com").unwrap();
         assert_eq!(w[m.key], w2[match_provisioned(&w2).unwrap().key]);
         assert!(
-            match_provisioned(
-                &name_to_wire("b-1.x.y.c1.kafka-serverless.us-east-1.amazonaws.com").unwrap()
-            )
-            .is_none()
+            match_provisioned(&name_to_wire("b-1.x.y.c1.kafka-serverless.us-east-1.amazonaws.com").unwrap()).is_none()
         );
     }
 

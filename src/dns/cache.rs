@@ -14,11 +14,7 @@ use crate::config::CacheConfig;
 pub type Key = Box<[u8]>;
 
 /// Writes the key for a query into `buf` (no allocation) and returns it.
-pub fn key_into<'b>(
-    buf: &'b mut [u8; wire::MAX_NAME_LEN + 5],
-    lc: &[u8],
-    q: &Query<'_>,
-) -> &'b [u8] {
+pub fn key_into<'b>(buf: &'b mut [u8; wire::MAX_NAME_LEN + 5], lc: &[u8], q: &Query<'_>) -> &'b [u8] {
     let n = lc.len();
     buf[..n].copy_from_slice(lc);
     buf[n..n + 2].copy_from_slice(&q.qtype.to_be_bytes());
@@ -63,12 +59,7 @@ impl BadResponse {
 
 impl Answer {
     /// Checks that `resp` answers `query` (same id and question) and prepares it for caching.
-    pub fn from_upstream(
-        resp: &[u8],
-        query: &[u8],
-        limits: &CacheConfig,
-        now: Instant,
-    ) -> Result<Self, BadResponse> {
+    pub fn from_upstream(resp: &[u8], query: &[u8], limits: &CacheConfig, now: Instant) -> Result<Self, BadResponse> {
         use BadResponse::*;
         if resp.len() < wire::HEADER_LEN || !wire::is_response(wire::be16(resp, 2)) {
             return Err(Malformed);
@@ -83,19 +74,15 @@ impl Answer {
             return Err(Mismatch);
         }
         let rcode = resp[3] & 0xf;
-        let counts = [
-            wire::be16(resp, 6),
-            wire::be16(resp, 8),
-            wire::be16(resp, 10),
-        ];
+        let counts = [wire::be16(resp, 6), wire::be16(resp, 8), wire::be16(resp, 10)];
         let mut pos = wire::HEADER_LEN + qlen;
         let mut ttls = Vec::new();
         let mut opt_at = None;
         let mut min_ttl = u32::MAX;
         let mut soa_neg = None;
         let negative = rcode == wire::RCODE_NXDOMAIN || counts[0] == 0;
-        for section in 0..3 {
-            for _ in 0..counts[section] {
+        for (section, &count) in counts.iter().enumerate() {
+            for _ in 0..count {
                 let rr = wire::skip_rr(resp, pos).ok_or(Malformed)?;
                 if rr.rtype == wire::TYPE_OPT {
                     if opt_at.is_some() || section != 2 {
@@ -107,14 +94,9 @@ impl Answer {
                     opt_at = Some((pos, rr.end));
                 } else {
                     let ttl = rr.ttl.clamp(limits.min_ttl, limits.max_ttl);
-                    if section == 1
-                        && rr.rtype == wire::TYPE_SOA
-                        && negative
-                        && rr.end >= rr.rdata + 4
-                    {
+                    if section == 1 && rr.rtype == wire::TYPE_SOA && negative && rr.end >= rr.rdata + 4 {
                         let minimum = wire::be32(resp, rr.end - 4);
-                        soa_neg =
-                            Some((ttls.len(), rr.ttl.min(minimum).min(limits.max_negative_ttl)));
+                        soa_neg = Some((ttls.len(), rr.ttl.min(minimum).min(limits.max_negative_ttl)));
                     }
                     min_ttl = min_ttl.min(ttl);
                     ttls.push(((rr.name_end + 4) as u16, ttl));
@@ -153,31 +135,17 @@ impl Answer {
         for &(at, ttl) in &ttls {
             wire::put32(&mut bytes, at as usize, ttl);
         }
-        Ok(Answer {
-            bytes: bytes.into(),
-            ttls: ttls.into(),
-            ttl,
-            stored: now,
-            rcode,
-        })
+        Ok(Answer { bytes: bytes.into(), ttls: ttls.into(), ttl, stored: now, rcode })
     }
 
     /// Seconds left before this answer expires.
     pub fn remaining(&self, now: Instant) -> u32 {
-        self.ttl
-            .saturating_sub(now.saturating_duration_since(self.stored).as_secs() as u32)
+        self.ttl.saturating_sub(now.saturating_duration_since(self.stored).as_secs() as u32)
     }
 
     /// Writes this answer for `q` into `out`: its id, its question case, TTLs counted down, an
     /// OPT if it used EDNS, and TC with the records dropped if it exceeds `limit`.
-    pub fn serve(
-        &self,
-        q: &Query<'_>,
-        out: &mut Vec<u8>,
-        now: Instant,
-        limit: usize,
-        max_payload: u16,
-    ) {
+    pub fn serve(&self, q: &Query<'_>, out: &mut Vec<u8>, now: Instant, limit: usize, max_payload: u16) {
         out.clear();
         out.extend_from_slice(&self.bytes);
         out[..2].copy_from_slice(&q.id.to_be_bytes());
@@ -211,12 +179,7 @@ fn query_question_len(query: &[u8]) -> usize {
 struct TtlExpiry;
 
 impl Expiry<Key, Arc<Answer>> for TtlExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &Key,
-        value: &Arc<Answer>,
-        _now: Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _key: &Key, value: &Arc<Answer>, _now: Instant) -> Option<Duration> {
         Some(Duration::from_secs(value.ttl as u64))
     }
 }
@@ -224,10 +187,7 @@ impl Expiry<Key, Arc<Answer>> for TtlExpiry {
 pub type Cache = moka::future::Cache<Key, Arc<Answer>>;
 
 pub fn build(config: &CacheConfig) -> Cache {
-    moka::future::Cache::builder()
-        .max_capacity(config.max_entries)
-        .expire_after(TtlExpiry)
-        .build()
+    moka::future::Cache::builder().max_capacity(config.max_entries).expire_after(TtlExpiry).build()
 }
 
 #[cfg(test)]
@@ -240,38 +200,22 @@ mod tests {
     fn query(name: &str, edns: bool) -> Vec<u8> {
         let mut m = Message::query();
         m.metadata.id = 77;
-        m.add_query(HQuery::query(
-            Name::from_ascii(name).unwrap(),
-            RecordType::A,
-        ));
+        m.add_query(HQuery::query(Name::from_ascii(name).unwrap(), RecordType::A));
         if edns {
             m.set_edns(Edns::new());
         }
         m.to_vec().unwrap()
     }
 
-    fn upstream_answer(
-        query: &[u8],
-        rcode: ResponseCode,
-        ttl: u32,
-        soa_min: Option<u32>,
-    ) -> Vec<u8> {
+    fn upstream_answer(query: &[u8], rcode: ResponseCode, ttl: u32, soa_min: Option<u32>) -> Vec<u8> {
         let q = Message::from_vec(query).unwrap();
         let mut m = Message::response(q.metadata.id, q.metadata.op_code);
         m.metadata.response_code = rcode;
         m.add_query(q.queries[0].clone());
         let name = q.queries[0].name().clone();
         if rcode == ResponseCode::NoError && soa_min.is_none() {
-            m.add_answer(Record::from_rdata(
-                name.clone(),
-                ttl,
-                RData::A(A::new(192, 0, 2, 1)),
-            ));
-            m.add_answer(Record::from_rdata(
-                name,
-                ttl + 100,
-                RData::A(A::new(192, 0, 2, 2)),
-            ));
+            m.add_answer(Record::from_rdata(name.clone(), ttl, RData::A(A::new(192, 0, 2, 1))));
+            m.add_answer(Record::from_rdata(name, ttl + 100, RData::A(A::new(192, 0, 2, 2))));
         }
         if let Some(min) = soa_min {
             let soa = SOA::new(
@@ -283,11 +227,7 @@ mod tests {
                 4,
                 min,
             );
-            m.add_authority(Record::from_rdata(
-                Name::from_ascii("example.").unwrap(),
-                ttl,
-                RData::SOA(soa),
-            ));
+            m.add_authority(Record::from_rdata(Name::from_ascii("example.").unwrap(), ttl, RData::SOA(soa)));
         }
         m.set_edns(Edns::new());
         m.to_vec().unwrap()
@@ -317,11 +257,7 @@ mod tests {
     fn ttl_clamps_apply() {
         let up_q = query("www.example.", true);
         let resp = upstream_answer(&up_q, ResponseCode::NoError, 5, None);
-        let limits = CacheConfig {
-            min_ttl: 30,
-            max_ttl: 100,
-            ..CacheConfig::default()
-        };
+        let limits = CacheConfig { min_ttl: 30, max_ttl: 100, ..CacheConfig::default() };
         let a = Answer::from_upstream(&resp, &up_q, &limits, Instant::now()).unwrap();
         assert_eq!(a.ttl, 30);
         let q = Query::parse(&up_q).unwrap();
@@ -336,12 +272,10 @@ mod tests {
     fn negative_answers_use_the_soa_minimum() {
         let up_q = query("nope.example.", true);
         let resp = upstream_answer(&up_q, ResponseCode::NXDomain, 900, Some(60));
-        let a =
-            Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now()).unwrap();
+        let a = Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now()).unwrap();
         assert_eq!((a.ttl, a.rcode), (60, wire::RCODE_NXDOMAIN));
         let resp = upstream_answer(&up_q, ResponseCode::NXDomain, 900, None);
-        let a =
-            Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now()).unwrap();
+        let a = Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now()).unwrap();
         assert_eq!(a.ttl, 0, "without an SOA nothing is cached");
     }
 
@@ -351,24 +285,16 @@ mod tests {
         let other = query("evil.example.", true);
         let resp = upstream_answer(&other, ResponseCode::NoError, 300, None);
         assert_eq!(
-            Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now())
-                .unwrap_err(),
+            Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), Instant::now()).unwrap_err(),
             BadResponse::Mismatch
         );
         assert_eq!(
-            Answer::from_upstream(&resp[..20], &up_q, &CacheConfig::default(), Instant::now())
-                .unwrap_err(),
+            Answer::from_upstream(&resp[..20], &up_q, &CacheConfig::default(), Instant::now()).unwrap_err(),
             BadResponse::Mismatch
         );
         let ok = upstream_answer(&up_q, ResponseCode::NoError, 300, None);
         assert_eq!(
-            Answer::from_upstream(
-                &ok[..ok.len() - 3],
-                &up_q,
-                &CacheConfig::default(),
-                Instant::now()
-            )
-            .unwrap_err(),
+            Answer::from_upstream(&ok[..ok.len() - 3], &up_q, &CacheConfig::default(), Instant::now()).unwrap_err(),
             BadResponse::Malformed
         );
     }
@@ -381,11 +307,7 @@ mod tests {
         let mut lc = [0; wire::MAX_NAME_LEN];
         let n = wire::lowercase_name(qa.name(), &mut lc);
         let (mut ka, mut kb) = ([0; wire::MAX_NAME_LEN + 5], [0; wire::MAX_NAME_LEN + 5]);
-        assert_eq!(
-            key_into(&mut ka, &lc[..n], &qa),
-            key_into(&mut kb, &lc[..n], &qb),
-            "Edns::new() has DO clear"
-        );
+        assert_eq!(key_into(&mut ka, &lc[..n], &qa), key_into(&mut kb, &lc[..n], &qb), "Edns::new() has DO clear");
     }
 
     proptest::proptest! {

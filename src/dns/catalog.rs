@@ -16,11 +16,7 @@ use crate::names;
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("zones[{index}] {path}: {message}")]
-    Zone {
-        index: usize,
-        path: PathBuf,
-        message: String,
-    },
+    Zone { index: usize, path: PathBuf, message: String },
 }
 
 /// One MSK cluster's answer material.
@@ -34,6 +30,9 @@ pub struct Cluster {
     pub answers: metrics::Counter,
 }
 
+/// A record's type, class, TTL, RDLENGTH and RDATA: everything after its owner name.
+type RecordTail = Vec<u8>;
+
 /// A zone loaded from a master file, by lowercase wire name.
 #[derive(Debug)]
 struct Zone {
@@ -41,7 +40,7 @@ struct Zone {
     /// The SOA's type..rdata with its TTL set to the negative-caching TTL (RFC 2308 section 5).
     soa_tail: Option<Vec<u8>>,
     /// Names with their records as (type, type..rdata); empty non-terminals map to nothing.
-    names: HashMap<Box<[u8]>, Vec<(u16, Vec<u8>)>>,
+    names: HashMap<Box<[u8]>, Vec<(u16, RecordTail)>>,
 }
 
 /// What the catalog did with a query.
@@ -73,23 +72,12 @@ impl Catalog {
             .iter()
             .enumerate()
             .map(|(index, z)| {
-                load_zone(z).map_err(|message| CatalogError::Zone {
-                    index,
-                    path: z.file.clone(),
-                    message,
-                })
+                load_zone(z).map_err(|message| CatalogError::Zone { index, path: z.file.clone(), message })
             })
             .collect::<Result<_, _>>()?;
-        let serial = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as u32)
-            .unwrap_or(1);
-        Ok(Catalog {
-            clusters,
-            zones,
-            unknown: config.dns.unknown_clusters,
-            serial,
-        })
+        let serial =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
+        Ok(Catalog { clusters, zones, unknown: config.dns.unknown_clusters, serial })
     }
 
     pub fn cluster_count(&self) -> usize {
@@ -97,14 +85,7 @@ impl Catalog {
     }
 
     /// Answers `q` (whose name, lowercased, is `lc`) when it is ours; writes the response to `out`.
-    pub fn answer(
-        &self,
-        q: &Query<'_>,
-        lc: &[u8],
-        out: &mut Vec<u8>,
-        limit: usize,
-        max_payload: u16,
-    ) -> Local {
+    pub fn answer(&self, q: &Query<'_>, lc: &[u8], out: &mut Vec<u8>, limit: usize, max_payload: u16) -> Local {
         if let Some(m) = names::match_serverless(lc) {
             if let Some(cluster) = self.clusters.get(&lc[m.key]) {
                 cluster.answers.increment(1);
@@ -143,26 +124,11 @@ fn cluster_entry(c: &ClusterConfig) -> Option<(Box<[u8]>, Cluster)> {
         }
     }
     let answers = metrics::counter!("mskdns_cluster_answers_total", "cluster" => label.clone());
-    Some((
-        key,
-        Cluster {
-            label,
-            v4,
-            v6,
-            ttl: c.ttl,
-            answers,
-        },
-    ))
+    Some((key, Cluster { label, v4, v6, ttl: c.ttl, answers }))
 }
 
 /// A/AAAA from the cluster's addresses; the other family and other types get NODATA with an SOA.
-fn answer_cluster<'b>(
-    c: &Cluster,
-    apex: usize,
-    q: &Query<'_>,
-    out: &'b mut Vec<u8>,
-    serial: u32,
-) -> Response<'b> {
+fn answer_cluster<'b>(c: &Cluster, apex: usize, q: &Query<'_>, out: &'b mut Vec<u8>, serial: u32) -> Response<'b> {
     let mut r = Response::new(out, q, wire::RCODE_NOERROR, true);
     let mut any = false;
     if q.qclass == wire::CLASS_IN {
@@ -199,13 +165,7 @@ fn suffix_offset(lc: &[u8], origin: &[u8]) -> Option<usize> {
 }
 
 impl Zone {
-    fn answer<'b>(
-        &self,
-        q: &Query<'_>,
-        lc: &[u8],
-        apex: usize,
-        out: &'b mut Vec<u8>,
-    ) -> Response<'b> {
+    fn answer<'b>(&self, q: &Query<'_>, lc: &[u8], apex: usize, out: &'b mut Vec<u8>) -> Response<'b> {
         let Some(rrs) = self.names.get(lc) else {
             let mut r = Response::new(out, q, wire::RCODE_NXDOMAIN, true);
             self.soa(&mut r, apex);
@@ -247,15 +207,9 @@ fn load_zone(z: &ZoneConfig) -> Result<Zone, String> {
         Some(o) => Some(Name::from_ascii(o).map_err(|e| format!("origin: {e}"))?),
         None => None,
     };
-    let (origin, sets) = Parser::new(text, Some(z.file.clone()), origin)
-        .parse()
-        .map_err(|e| e.to_string())?;
+    let (origin, sets) = Parser::new(text, Some(z.file.clone()), origin).parse().map_err(|e| e.to_string())?;
     let origin_wire = wire::name_to_wire(&origin.to_ascii()).ok_or("origin is not a DNS name")?;
-    let mut zone = Zone {
-        origin: origin_wire,
-        soa_tail: None,
-        names: HashMap::new(),
-    };
+    let mut zone = Zone { origin: origin_wire, soa_tail: None, names: HashMap::new() };
     for set in sets.values() {
         for rec in set.records_without_rrsigs() {
             let name = wire::name_to_wire(&rec.name.to_ascii()).ok_or("record name too long")?;
@@ -263,17 +217,14 @@ fn load_zone(z: &ZoneConfig) -> Result<Zone, String> {
                 return Err(format!("{} is outside the zone {}", rec.name, origin));
             }
             let mut tail = encode_tail(rec)?;
-            if let RData::SOA(soa) = &rec.data {
-                if name == zone.origin {
-                    let neg = rec.ttl.min(soa.minimum);
-                    wire::put32(&mut tail, 4, neg);
-                    zone.soa_tail = Some(tail.clone());
-                }
+            if let RData::SOA(soa) = &rec.data
+                && name == zone.origin
+            {
+                let neg = rec.ttl.min(soa.minimum);
+                wire::put32(&mut tail, 4, neg);
+                zone.soa_tail = Some(tail.clone());
             }
-            zone.names
-                .entry(name.clone().into())
-                .or_default()
-                .push((u16::from(rec.record_type()), tail));
+            zone.names.entry(name.clone().into()).or_default().push((u16::from(rec.record_type()), tail));
             // Every name between a record and the origin exists (empty non-terminals: NODATA).
             let mut pos = 0;
             while pos < name.len() - zone.origin.len() {
@@ -305,76 +256,46 @@ mod tests {
         let toml = format!(
             "[[clusters]]\nbootstrap = \"boot-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com\"\naddresses = [\"10.1.0.1\", \"10.1.0.2\"]\nttl = 30\n{extra}"
         );
-        let config: Config =
-            figment::Figment::from(figment::providers::Serialized::defaults(Config::default()))
-                .merge(<figment::providers::Toml as figment::providers::Format>::string(&toml))
-                .extract()
-                .unwrap();
+        let config: Config = figment::Figment::from(figment::providers::Serialized::defaults(Config::default()))
+            .merge(<figment::providers::Toml as figment::providers::Format>::string(&toml))
+            .extract()
+            .unwrap();
         Catalog::from_config(&config).unwrap()
     }
 
     fn ask(c: &Catalog, name: &str, t: RecordType) -> (Local, Option<Message>) {
         let mut m = Message::query();
-        m.add_query(hickory_proto::op::Query::query(
-            Name::from_ascii(name).unwrap(),
-            t,
-        ));
+        m.add_query(hickory_proto::op::Query::query(Name::from_ascii(name).unwrap(), t));
         let pkt = m.to_vec().unwrap();
         let q = Query::parse(&pkt).unwrap();
         let mut lc = [0; wire::MAX_NAME_LEN];
         let n = wire::lowercase_name(q.name(), &mut lc);
         let mut out = Vec::new();
         let local = c.answer(&q, &lc[..n], &mut out, 512, 1232);
-        (
-            local,
-            (local != Local::NotLocal).then(|| Message::from_vec(&out).unwrap()),
-        )
+        (local, (local != Local::NotLocal).then(|| Message::from_vec(&out).unwrap()))
     }
 
     #[test]
     fn cluster_answers_by_family() {
         let c = catalog("");
-        let (l, m) = ask(
-            &c,
-            "B0437-AAAA.c2.kafka-serverless.us-east-1.amazonaws.com.",
-            RecordType::A,
-        );
+        let (l, m) = ask(&c, "B0437-AAAA.c2.kafka-serverless.us-east-1.amazonaws.com.", RecordType::A);
         assert_eq!(l, Local::Cluster);
         let m = m.unwrap();
         assert_eq!(m.answers.len(), 2);
         assert_eq!(m.answers[0].ttl, 30);
-        let (_, m) = ask(
-            &c,
-            "boot-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com.",
-            RecordType::AAAA,
-        );
+        let (_, m) = ask(&c, "boot-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com.", RecordType::AAAA);
         let m = m.unwrap();
         assert!(m.answers.is_empty());
         assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
-        assert_eq!(
-            ask(
-                &c,
-                "boot-bbbb.c2.kafka-serverless.us-east-1.amazonaws.com.",
-                RecordType::A
-            )
-            .0,
-            Local::NotLocal
-        );
+        assert_eq!(ask(&c, "boot-bbbb.c2.kafka-serverless.us-east-1.amazonaws.com.", RecordType::A).0, Local::NotLocal);
     }
 
     #[test]
     fn unknown_clusters_can_be_nxdomain() {
         let c = catalog("[dns]\nunknown_clusters = \"nxdomain\"\n");
-        let (l, m) = ask(
-            &c,
-            "boot-bbbb.c2.kafka-serverless.us-east-1.amazonaws.com.",
-            RecordType::A,
-        );
+        let (l, m) = ask(&c, "boot-bbbb.c2.kafka-serverless.us-east-1.amazonaws.com.", RecordType::A);
         assert_eq!(l, Local::UnknownCluster);
-        assert_eq!(
-            m.unwrap().metadata.response_code,
-            hickory_proto::op::ResponseCode::NXDomain
-        );
+        assert_eq!(m.unwrap().metadata.response_code, hickory_proto::op::ResponseCode::NXDomain);
     }
 
     #[test]
@@ -390,21 +311,12 @@ mod tests {
         let c = catalog(&format!("[[zones]]\nfile = \"{}\"\n", file.display()));
         let (l, m) = ask(&c, "Proxy.A.kafka.internal.", RecordType::A);
         assert_eq!(l, Local::Zone);
-        assert_eq!(
-            m.unwrap().answers[0].data,
-            RData::A("10.9.0.2".parse().unwrap())
-        );
+        assert_eq!(m.unwrap().answers[0].data, RData::A("10.9.0.2".parse().unwrap()));
         let m = ask(&c, "a.kafka.internal.", RecordType::A).1.unwrap();
-        assert_eq!(
-            m.metadata.response_code,
-            hickory_proto::op::ResponseCode::NoError
-        );
+        assert_eq!(m.metadata.response_code, hickory_proto::op::ResponseCode::NoError);
         assert_eq!(m.authorities[0].ttl, 120);
         let m = ask(&c, "nope.kafka.internal.", RecordType::A).1.unwrap();
-        assert_eq!(
-            m.metadata.response_code,
-            hickory_proto::op::ResponseCode::NXDomain
-        );
+        assert_eq!(m.metadata.response_code, hickory_proto::op::ResponseCode::NXDomain);
         let m = ask(&c, "alias.kafka.internal.", RecordType::A).1.unwrap();
         assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
         assert_eq!(ask(&c, "kafka.example.", RecordType::A).0, Local::NotLocal);

@@ -106,6 +106,10 @@ impl Engine {
         &self.catalog
     }
 
+    pub fn upstream_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.upstreams.addrs()
+    }
+
     pub fn cache_entries(&self) -> u64 {
         self.cache.entry_count()
     }
@@ -128,24 +132,14 @@ impl Engine {
     }
 
     /// Answers what can be answered without waiting on the network.
-    pub async fn handle(
-        &self,
-        pkt: &[u8],
-        client: IpAddr,
-        transport: Transport,
-        out: &mut Vec<u8>,
-    ) -> Handled {
+    pub async fn handle(&self, pkt: &[u8], client: IpAddr, transport: Transport, out: &mut Vec<u8>) -> Handled {
         let q = match Query::parse(pkt) {
             Ok(q) => q,
             Err(reject) => return self.reject(reject, client, out),
         };
         if !self.allowed(client) {
             self.outcomes.refused.increment(1);
-            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(
-                &q,
-                self.limit(&q, transport),
-                self.max_payload,
-            );
+            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, self.limit(&q, transport), self.max_payload);
             return Handled::Reply;
         }
         if q.edns.is_some_and(|e| e.version > 0) {
@@ -235,12 +229,7 @@ impl Engine {
             checking_disabled: q.checking_disabled(),
         };
         self.outcomes.cache_misses.increment(1);
-        let result = self
-            .cache
-            .try_get_with(key, async {
-                self.upstreams.resolve(question).await.map(Arc::new)
-            })
-            .await;
+        let result = self.cache.try_get_with(key, async { self.upstreams.resolve(question).await.map(Arc::new) }).await;
         match result {
             Ok(answer) => {
                 self.outcomes.forwarded.increment(1);

@@ -42,10 +42,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
         let bound = udp.local_addr()?.as_socket().expect("an inet socket");
         match tcp_listener(bound) {
             Ok(tcp) => {
-                return Ok(Listener {
-                    udp: UdpSocket::from_std(udp.into())?,
-                    tcp: TcpListener::from_std(tcp.into())?,
-                });
+                return Ok(Listener { udp: UdpSocket::from_std(udp.into())?, tcp: TcpListener::from_std(tcp.into())? });
             }
             Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),
@@ -79,12 +76,7 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<Socket> {
 }
 
 /// Serves one UDP socket until `shutdown`; misses are tracked by `tasks`.
-pub async fn serve_udp(
-    engine: Arc<Engine>,
-    sock: UdpSocket,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-) {
+pub async fn serve_udp(engine: Arc<Engine>, sock: UdpSocket, shutdown: CancellationToken, tasks: TaskTracker) {
     let sock = Arc::new(sock);
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_MISSES));
     let mut buf = vec![0u8; 65_535];
@@ -102,10 +94,7 @@ pub async fn serve_udp(
             _ = shutdown.cancelled() => break,
         };
         let pkt = &buf[..n];
-        match engine
-            .handle(pkt, peer.ip(), Transport::Udp, &mut out)
-            .await
-        {
+        match engine.handle(pkt, peer.ip(), Transport::Udp, &mut out).await {
             Handled::Reply => send(&sock, &out, peer).await,
             Handled::Drop => {}
             Handled::Miss => match inflight.clone().try_acquire_owned() {
@@ -185,12 +174,7 @@ pub async fn serve_tcp(
     }
 }
 
-async fn tcp_connection(
-    engine: &Engine,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    idle: Duration,
-) -> io::Result<()> {
+async fn tcp_connection(engine: &Engine, mut stream: TcpStream, peer: SocketAddr, idle: Duration) -> io::Result<()> {
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(4096);
     let mut framed = Vec::with_capacity(4098);
@@ -205,10 +189,7 @@ async fn tcp_connection(
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
         let pkt = &buf[..len];
-        let handled = match engine
-            .handle(pkt, peer.ip(), Transport::Tcp, &mut out)
-            .await
-        {
+        let handled = match engine.handle(pkt, peer.ip(), Transport::Tcp, &mut out).await {
             Handled::Miss => engine.resolve(pkt, Transport::Tcp, &mut out).await,
             h => h,
         };

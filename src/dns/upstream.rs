@@ -17,15 +17,9 @@ pub enum UpstreamError {
     #[error("upstream {upstream}: timed out")]
     Timeout { upstream: SocketAddr },
     #[error("upstream {upstream}: {source}")]
-    Io {
-        upstream: SocketAddr,
-        source: std::io::Error,
-    },
+    Io { upstream: SocketAddr, source: std::io::Error },
     #[error("upstream {upstream}: response {source}")]
-    Bad {
-        upstream: SocketAddr,
-        source: BadResponse,
-    },
+    Bad { upstream: SocketAddr, source: BadResponse },
     #[error("upstream {upstream}: answered rcode {rcode}")]
     Failed { upstream: SocketAddr, rcode: u8 },
     #[error("no upstream answered in time")]
@@ -51,15 +45,7 @@ struct Server {
     errors: [metrics::Counter; 7],
 }
 
-const ERROR_KINDS: [&str; 7] = [
-    "timeout",
-    "io",
-    "malformed",
-    "mismatch",
-    "extended_rcode",
-    "rcode",
-    "exhausted",
-];
+const ERROR_KINDS: [&str; 7] = ["timeout", "io", "malformed", "mismatch", "extended_rcode", "rcode", "exhausted"];
 
 pub struct Upstreams {
     servers: Vec<Server>,
@@ -86,17 +72,17 @@ impl Upstreams {
                 Server {
                     addr,
                     latency: metrics::histogram!("mskdns_upstream_duration_seconds", "upstream" => label.clone()),
-                    errors: ERROR_KINDS.map(|k| {
-                        metrics::counter!("mskdns_upstream_errors_total", "upstream" => label.clone(), "kind" => k)
-                    }),
+                    errors: ERROR_KINDS.map(
+                        |k| metrics::counter!("mskdns_upstream_errors_total", "upstream" => label.clone(), "kind" => k),
+                    ),
                 }
             })
             .collect();
-        Upstreams {
-            servers,
-            attempt_timeout,
-            limits,
-        }
+        Upstreams { servers, attempt_timeout, limits }
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|s| s.addr).collect()
     }
 
     /// The longest a resolution may take: one attempt per upstream, at most two attempts' worth,
@@ -128,9 +114,7 @@ impl Upstreams {
             let budget = left.min(self.attempt_timeout);
             let result = match tokio::time::timeout(budget, self.ask(server.addr, &query)).await {
                 Ok(r) => r,
-                Err(_) => Err(UpstreamError::Timeout {
-                    upstream: server.addr,
-                }),
+                Err(_) => Err(UpstreamError::Timeout { upstream: server.addr }),
             };
             match result {
                 Ok(answer) => {
@@ -150,11 +134,7 @@ impl Upstreams {
 
     async fn ask(&self, upstream: SocketAddr, query: &[u8]) -> Result<Answer, UpstreamError> {
         let io = |source| UpstreamError::Io { upstream, source };
-        let bind: SocketAddr = if upstream.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            ([0u16; 8], 0).into()
-        };
+        let bind: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
         let sock = UdpSocket::bind(bind).await.map_err(io)?;
         sock.connect(upstream).await.map_err(io)?;
         sock.send(query).await.map_err(io)?;
@@ -162,10 +142,7 @@ impl Upstreams {
         loop {
             let n = sock.recv(&mut buf).await.map_err(io)?;
             let resp = &buf[..n];
-            if n >= wire::HEADER_LEN
-                && wire::is_truncated(wire::be16(resp, 2))
-                && resp[..2] == query[..2]
-            {
+            if n >= wire::HEADER_LEN && wire::is_truncated(wire::be16(resp, 2)) && resp[..2] == query[..2] {
                 return self.ask_tcp(upstream, query).await;
             }
             match Answer::from_upstream(resp, query, &self.limits, Instant::now()) {

@@ -127,14 +127,7 @@ impl<'a> Query<'a> {
             }
             pos = rr.end;
         }
-        Ok(Query {
-            id,
-            flags,
-            question: &pkt[HEADER_LEN..qend],
-            qtype,
-            qclass,
-            edns,
-        })
+        Ok(Query { id, flags, question: &pkt[HEADER_LEN..qend], qtype, qclass, edns })
     }
 
     /// The question name in wire form, in the case the client sent it.
@@ -294,12 +287,7 @@ impl<'b> Response<'b> {
         buf.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
         buf.extend_from_slice(q.question);
         let question_end = buf.len();
-        Response {
-            buf,
-            question_end,
-            counts: [0; 3],
-            section: 0,
-        }
+        Response { buf, question_end, counts: [0; 3], section: 0 }
     }
 
     /// Appends a record whose owner is the question name (a pointer to offset 12).
@@ -314,8 +302,7 @@ impl<'b> Response<'b> {
     /// Appends a record owned by the question name's suffix starting at byte `at` of the name.
     pub fn record_at_suffix(&mut self, section: Section, at: usize, tail: &[u8]) {
         self.enter(section);
-        self.buf
-            .extend_from_slice(&(0xc000 | (HEADER_LEN + at) as u16).to_be_bytes());
+        self.buf.extend_from_slice(&(0xc000 | (HEADER_LEN + at) as u16).to_be_bytes());
         self.buf.extend_from_slice(tail);
         self.counts[section as usize] += 1;
     }
@@ -368,22 +355,14 @@ impl<'b> Response<'b> {
     }
 
     fn enter(&mut self, section: Section) {
-        debug_assert!(
-            section as usize >= self.section,
-            "sections are written in order"
-        );
+        debug_assert!(section as usize >= self.section, "sections are written in order");
         self.section = section as usize;
     }
 
     /// Closes the response: counts, the OPT record when the query had EDNS, and TC with the
     /// record sections dropped when the result exceeds `limit` (RFC 2181 9: no partial RRsets).
     pub fn finish(self, q: &Query<'_>, limit: usize, max_payload: u16) {
-        let Response {
-            buf,
-            question_end,
-            counts,
-            ..
-        } = self;
+        let Response { buf, question_end, counts, .. } = self;
         let opt_len = if q.edns.is_some() { 11 } else { 0 };
         if buf.len() + opt_len > limit {
             buf.truncate(question_end);
@@ -498,9 +477,7 @@ pub fn wire_to_string(wire: &[u8]) -> String {
         if len == 0 || len & 0xc0 != 0 {
             break;
         }
-        let label = wire
-            .get(pos + 1..pos + 1 + len as usize)
-            .unwrap_or_default();
+        let label = wire.get(pos + 1..pos + 1 + len as usize).unwrap_or_default();
         for &b in label {
             if b.is_ascii_graphic() && b != b'.' && b != b'\\' {
                 s.push(b as char);
@@ -552,14 +529,7 @@ mod tests {
     fn parses_edns() {
         let pkt = query_bytes("a.example.", RecordType::AAAA, Some(4096));
         let q = Query::parse(&pkt).unwrap();
-        assert_eq!(
-            q.edns,
-            Some(Edns {
-                udp_payload: 4096,
-                version: 0,
-                dnssec_ok: true
-            })
-        );
+        assert_eq!(q.edns, Some(Edns { udp_payload: 4096, version: 0, dnssec_ok: true }));
         assert_eq!(q.udp_limit(1232), 1232);
     }
 
@@ -573,10 +543,7 @@ mod tests {
         two[5] = 2;
         assert!(matches!(Query::parse(&two), Err(Reject::FormErr { .. })));
         let pkt = query_bytes("a.example.", RecordType::A, None);
-        assert!(matches!(
-            Query::parse(&pkt[..pkt.len() - 1]),
-            Err(Reject::FormErr { .. })
-        ));
+        assert!(matches!(Query::parse(&pkt[..pkt.len() - 1]), Err(Reject::FormErr { .. })));
         let mut notify = query_bytes("a.example.", RecordType::A, None);
         notify[2] |= 4 << 3;
         assert!(matches!(Query::parse(&notify), Err(Reject::NotImp { .. })));
@@ -584,11 +551,7 @@ mod tests {
 
     #[test]
     fn response_round_trips_through_hickory() {
-        let pkt = query_bytes(
-            "Boot-X.c1.kafka-serverless.us-east-1.amazonaws.com.",
-            RecordType::A,
-            Some(1232),
-        );
+        let pkt = query_bytes("Boot-X.c1.kafka-serverless.us-east-1.amazonaws.com.", RecordType::A, Some(1232));
         let q = Query::parse(&pkt).unwrap();
         let mut buf = Vec::new();
         let mut r = Response::new(&mut buf, &q, RCODE_NOERROR, true);
@@ -599,20 +562,13 @@ mod tests {
         assert_eq!(m.metadata.message_type, MessageType::Response);
         assert!(m.metadata.authoritative);
         assert_eq!(m.answers.len(), 2);
-        assert_eq!(
-            m.queries[0].name().to_string(),
-            "Boot-X.c1.kafka-serverless.us-east-1.amazonaws.com."
-        );
+        assert_eq!(m.queries[0].name().to_string(), "Boot-X.c1.kafka-serverless.us-east-1.amazonaws.com.");
         assert!(m.edns.is_some());
     }
 
     #[test]
     fn soa_at_suffix_is_well_formed() {
-        let pkt = query_bytes(
-            "b1-x.c1.kafka-serverless.us-east-1.amazonaws.com.",
-            RecordType::AAAA,
-            None,
-        );
+        let pkt = query_bytes("b1-x.c1.kafka-serverless.us-east-1.amazonaws.com.", RecordType::AAAA, None);
         let q = Query::parse(&pkt).unwrap();
         let mut buf = Vec::new();
         let mut r = Response::new(&mut buf, &q, RCODE_NOERROR, true);
@@ -621,10 +577,7 @@ mod tests {
         let m = Message::from_vec(&buf).unwrap();
         assert_eq!(m.authorities.len(), 1);
         let soa = &m.authorities[0];
-        assert_eq!(
-            soa.name.to_string(),
-            "kafka-serverless.us-east-1.amazonaws.com."
-        );
+        assert_eq!(soa.name.to_string(), "kafka-serverless.us-east-1.amazonaws.com.");
         assert_eq!(soa.ttl, 30);
     }
 

@@ -1,0 +1,203 @@
+"""Fixtures for end-to-end tests: the real mskdns binary on port 0, a real nsd upstream."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("MSKDNS_BIN", ROOT / "target" / "debug" / "mskdns"))
+
+
+def require(tool):
+    """A missing tool is a failure, never a silent skip: tests/run.sh installs them."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed (tests/run.sh installs it)")
+    return path
+
+
+def free_port():
+    """A port free for both UDP and TCP on 127.0.0.1, for servers that cannot bind port 0."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+class Daemon:
+    """mskdns started from a TOML config; reads the bound addresses it prints on stdout."""
+
+    def __init__(self, config_text, tmp_path, env=None, name="mskdns.toml"):
+        assert BIN.exists(), f"{BIN} is missing: build with cargo build first"
+        self.config = tmp_path / name
+        self.config.write_text(config_text)
+        self.log = open(tmp_path / "mskdns.log", "w+")
+        self.proc = subprocess.Popen(
+            [str(BIN), "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env={**os.environ, "RUST_LOG": "mskdns=debug", **(env or {})},
+        )
+        self.dns = []
+        self.admin = None
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.log.seek(0)
+                raise RuntimeError(f"mskdns exited early: {self.log.read()}")
+            words = line.split()
+            if words[:2] == ["listening", "dns"]:
+                host, port = words[2].rsplit(":", 1)
+                self.dns.append((host.strip("[]"), int(port)))
+            elif words[:2] == ["listening", "admin"]:
+                host, port = words[2].rsplit(":", 1)
+                self.admin = (host, int(port))
+            elif line.strip() == "ready":
+                break
+        else:
+            raise RuntimeError("mskdns did not become ready")
+
+    @property
+    def host(self):
+        return self.dns[0][0]
+
+    @property
+    def port(self):
+        return self.dns[0][1]
+
+    def http(self, path):
+        try:
+            with urllib.request.urlopen(f"http://{self.admin[0]}:{self.admin[1]}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metric(self, name, **labels):
+        """Sum of a metric's samples whose labels include `labels`."""
+        _, text = self.http("/metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            series, value = line.rsplit(" ", 1)
+            metric, _, rest = series.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started = []
+
+    def start(config_text, **kw):
+        d = Daemon(config_text, tmp_path, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+NSD_ZONE = """$ORIGIN example.test.
+$TTL 300
+@       IN SOA ns.example.test. hostmaster.example.test. 1 3600 600 86400 30
+@       IN NS ns
+ns      IN A 192.0.2.1
+www     IN A 192.0.2.10
+www     IN AAAA 2001:db8::10
+short   60 IN A 192.0.2.11
+big     IN TXT "{txt}"
+""".replace("{txt}", "x" * 200)
+NSD_ZONE += "".join(f'big IN TXT "record-{i:02d}-{"y" * 180}"\n' for i in range(12))
+
+
+class Nsd:
+    """A real authoritative server (nsd) for example.test on a loopback port."""
+
+    def __init__(self, tmp_path):
+        require("nsd")
+        self.dir = tmp_path / "nsd"
+        self.dir.mkdir()
+        self.port = free_port()
+        (self.dir / "example.test.zone").write_text(NSD_ZONE)
+        (self.dir / "nsd.conf").write_text(f"""server:
+  ip-address: 127.0.0.1@{self.port}
+  zonesdir: "{self.dir}"
+  username: ""
+  pidfile: "{self.dir}/nsd.pid"
+  database: ""
+  zonelistfile: "{self.dir}/zone.list"
+  xfrdfile: "{self.dir}/xfrd.state"
+  server-count: 1
+  verbosity: 1
+remote-control:
+  control-enable: no
+zone:
+  name: example.test
+  zonefile: example.test.zone
+""")
+        self.proc = subprocess.Popen(
+            ["nsd", "-d", "-c", str(self.dir / "nsd.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "nsd.log", "w"),
+        )
+        self.wait_ready()
+
+    def wait_ready(self):
+        import dns.message
+        import dns.query
+
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                dns.query.udp(dns.message.make_query("ns.example.test.", "A"), "127.0.0.1", port=self.port, timeout=0.5)
+                return
+            except Exception:
+                if self.proc.poll() is not None:
+                    raise RuntimeError((self.dir / "nsd.log").read_text())
+                time.sleep(0.1)
+        raise RuntimeError("nsd did not start")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def nsd(tmp_path):
+    n = Nsd(tmp_path)
+    yield n
+    n.stop()
