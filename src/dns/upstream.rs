@@ -3,6 +3,7 @@
 //! one overall deadline so that a client always gets an answer (SERVFAIL at worst) in time.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,8 +42,31 @@ impl UpstreamError {
 
 struct Server {
     addr: SocketAddr,
+    /// Smoothed round-trip time in microseconds (RFC 6298 style, gain 1/8); 0 until measured.
+    srtt_us: AtomicU32,
     latency: metrics::Histogram,
     errors: [metrics::Counter; 7],
+}
+
+/// Retransmission timer bounds: a lost datagram (an upstream's rate limiting drops some) costs
+/// a few round trips, not the whole attempt timeout.
+const MIN_RTO: Duration = Duration::from_millis(20);
+const INITIAL_RTO: Duration = Duration::from_millis(200);
+
+impl Server {
+    fn rto(&self) -> Duration {
+        match self.srtt_us.load(Ordering::Relaxed) {
+            0 => INITIAL_RTO,
+            us => (Duration::from_micros(us as u64) * 3).max(MIN_RTO),
+        }
+    }
+
+    fn observe_rtt(&self, rtt: Duration) {
+        let sample = rtt.as_micros().min(u32::MAX as u128) as u32;
+        let old = self.srtt_us.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+        self.srtt_us.store(new.max(1), Ordering::Relaxed);
+    }
 }
 
 const ERROR_KINDS: [&str; 7] = ["timeout", "io", "malformed", "mismatch", "extended_rcode", "rcode", "exhausted"];
@@ -71,6 +95,7 @@ impl Upstreams {
                 let label = addr.to_string();
                 Server {
                     addr,
+                    srtt_us: AtomicU32::new(0),
                     latency: metrics::histogram!("mskdns_upstream_duration_seconds", "upstream" => label.clone()),
                     errors: ERROR_KINDS.map(
                         |k| metrics::counter!("mskdns_upstream_errors_total", "upstream" => label.clone(), "kind" => k),
@@ -112,13 +137,14 @@ impl Upstreams {
             );
             let started = Instant::now();
             let budget = left.min(self.attempt_timeout);
-            let result = match tokio::time::timeout(budget, self.ask(server.addr, &query)).await {
+            let result = match tokio::time::timeout(budget, self.ask(server, &query)).await {
                 Ok(r) => r,
                 Err(_) => Err(UpstreamError::Timeout { upstream: server.addr }),
             };
             match result {
                 Ok(answer) => {
                     server.latency.record(started.elapsed().as_secs_f64());
+                    server.observe_rtt(started.elapsed());
                     return Ok(answer);
                 }
                 Err(e) => {
@@ -132,15 +158,28 @@ impl Upstreams {
         Err(last)
     }
 
-    async fn ask(&self, upstream: SocketAddr, query: &[u8]) -> Result<Answer, UpstreamError> {
+    /// One attempt at one upstream (the caller bounds its time): the query is sent again on
+    /// the same socket each time the retransmission timer fires, the timer doubling each time.
+    async fn ask(&self, server: &Server, query: &[u8]) -> Result<Answer, UpstreamError> {
+        let upstream = server.addr;
         let io = |source| UpstreamError::Io { upstream, source };
         let bind: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
         let sock = UdpSocket::bind(bind).await.map_err(io)?;
         sock.connect(upstream).await.map_err(io)?;
         sock.send(query).await.map_err(io)?;
+        let mut rto = server.rto();
+        let mut resend_at = tokio::time::Instant::now() + rto;
         let mut buf = vec![0u8; 4096];
         loop {
-            let n = sock.recv(&mut buf).await.map_err(io)?;
+            let n = tokio::select! {
+                r = sock.recv(&mut buf) => r.map_err(io)?,
+                _ = tokio::time::sleep_until(resend_at) => {
+                    sock.send(query).await.map_err(io)?;
+                    rto *= 2;
+                    resend_at = tokio::time::Instant::now() + rto;
+                    continue;
+                }
+            };
             let resp = &buf[..n];
             if n >= wire::HEADER_LEN && wire::is_truncated(wire::be16(resp, 2)) && resp[..2] == query[..2] {
                 return self.ask_tcp(upstream, query).await;
