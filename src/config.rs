@@ -67,6 +67,17 @@ pub struct DnsConfig {
     pub max_udp_payload: u16,
     pub max_tcp_connections: usize,
     pub tcp_idle_timeout_ms: u64,
+    /// UDP receive threads (and `SO_REUSEPORT` sockets) per listen address; 0: one per CPU we may run on.
+    pub udp_threads: usize,
+}
+
+impl DnsConfig {
+    pub fn udp_threads(&self) -> usize {
+        match self.udp_threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        }
+    }
 }
 
 impl Default for DnsConfig {
@@ -80,6 +91,7 @@ impl Default for DnsConfig {
             max_udp_payload: crate::dns::wire::DEFAULT_EDNS_PAYLOAD,
             max_tcp_connections: 1024,
             tcp_idle_timeout_ms: 10_000,
+            udp_threads: 0,
         }
     }
 }
@@ -275,6 +287,9 @@ impl Config {
         }
         if d.upstream_timeout_ms == 0 || d.upstream_timeout_ms > 30_000 {
             return Err(ConfigError::invalid("dns.upstream_timeout_ms", "must be between 1 and 30000"));
+        }
+        if d.udp_threads > 256 {
+            return Err(ConfigError::invalid("dns.udp_threads", "must be at most 256 (0: one per CPU)"));
         }
         if d.max_tcp_connections == 0 {
             return Err(ConfigError::invalid("dns.max_tcp_connections", "must be at least 1"));

@@ -1,9 +1,10 @@
-//! The DNS service: wire format, what we answer ourselves, the cache, the upstreams, the listeners.
+//! The DNS service: wire format, what we answer ourselves, the cache, the upstreams, the listeners (a batched UDP fast path, TCP on tokio).
 
 pub mod cache;
 pub mod catalog;
 pub mod engine;
 pub mod server;
+pub mod udp;
 pub mod upstream;
 pub mod wire;
 

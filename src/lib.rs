@@ -52,7 +52,9 @@ impl Server {
             .dns
             .listen
             .iter()
-            .map(|&addr| server::bind(addr).map_err(|source| StartError::BindDns { addr, source }))
+            .map(|&addr| {
+                server::bind(addr, config.dns.udp_threads()).map_err(|source| StartError::BindDns { addr, source })
+            })
             .collect::<Result<_, _>>()?;
         let addr = config.admin.listen;
         let admin = std::net::TcpListener::bind(addr)
@@ -84,8 +86,26 @@ impl Server {
     /// Serves until `shutdown` fires, then waits a bounded time for misses in flight.
     pub async fn run(self, render: Render, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
+        let inflight = Arc::new(tokio::sync::Semaphore::new(server::MAX_INFLIGHT_MISSES));
+        let mut threads = Vec::new();
         for l in self.listeners {
-            tasks.spawn(server::serve_udp(self.engine.clone(), l.udp, shutdown.clone(), tasks.clone()));
+            for sock in l.udp {
+                let worker = dns::udp::Worker {
+                    engine: self.engine.clone(),
+                    sock: Arc::new(sock),
+                    runtime: tokio::runtime::Handle::current(),
+                    tasks: tasks.clone(),
+                    inflight: inflight.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                match std::thread::Builder::new().name("mskdns-udp".into()).spawn(move || worker.run()) {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a UDP thread; shutting down");
+                        shutdown.cancel();
+                    }
+                }
+            }
             tasks.spawn(server::serve_tcp(
                 self.engine.clone(),
                 l.tcp,
@@ -116,6 +136,7 @@ impl Server {
         );
         shutdown.cancelled().await;
         self.health.set_serving(false);
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         tasks.close();
         let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {

@@ -184,10 +184,70 @@ impl Expiry<Key, Arc<Answer>> for TtlExpiry {
     }
 }
 
-pub type Cache = moka::future::Cache<Key, Arc<Answer>>;
+/// Synchronous so that the UDP receive threads can look answers up without a runtime; the
+/// resolution of misses is async and coalesced by [`Inflight`].
+pub type Cache = moka::sync::Cache<Key, Arc<Answer>>;
 
 pub fn build(config: &CacheConfig) -> Cache {
-    moka::future::Cache::builder().max_capacity(config.max_entries).expire_after(TtlExpiry).build()
+    moka::sync::Cache::builder().max_capacity(config.max_entries).expire_after(TtlExpiry).build()
+}
+
+/// What every client waiting on one resolution receives.
+pub type Shared = Result<Arc<Answer>, Arc<str>>;
+
+/// Resolutions in flight, by key: the first asker resolves, later ones wait for its result.
+#[derive(Default)]
+pub struct Inflight {
+    waiting: std::sync::Mutex<std::collections::HashMap<Key, Vec<tokio::sync::oneshot::Sender<Shared>>>>,
+}
+
+/// Held by the asker that resolves a key; dropping it (done or cancelled) releases the waiters.
+pub struct Leader<'a> {
+    inflight: &'a Inflight,
+    key: Key,
+}
+
+pub enum Join<'a> {
+    Lead(Leader<'a>),
+    Wait(tokio::sync::oneshot::Receiver<Shared>),
+}
+
+impl Inflight {
+    pub fn join(&self, key: &[u8]) -> Join<'_> {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        match w.get_mut(key) {
+            Some(waiters) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                waiters.push(tx);
+                Join::Wait(rx)
+            }
+            None => {
+                w.insert(key.into(), Vec::new());
+                Join::Lead(Leader { inflight: self, key: key.into() })
+            }
+        }
+    }
+}
+
+impl Leader<'_> {
+    /// Hands the result to everyone waiting.
+    pub fn finish(self, result: &Shared) {
+        for tx in self.take_waiters() {
+            let _ = tx.send(result.clone());
+        }
+    }
+
+    fn take_waiters(&self) -> Vec<tokio::sync::oneshot::Sender<Shared>> {
+        let mut w = self.inflight.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        w.remove(&self.key).unwrap_or_default()
+    }
+}
+
+impl Drop for Leader<'_> {
+    /// A leader cancelled mid-resolution drops its waiters' senders: they answer SERVFAIL.
+    fn drop(&mut self) {
+        drop(self.take_waiters());
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::cache::{self, Cache};
+use super::cache::{self, Cache, Inflight, Join};
 use super::catalog::{Catalog, Local};
 use super::upstream::{Question, Upstreams};
 use super::wire::{self, Query, Reject, Response};
@@ -72,6 +72,7 @@ pub struct Engine {
     catalog: Catalog,
     allow: Vec<IpNet>,
     cache: Cache,
+    inflight: Inflight,
     upstreams: Upstreams,
     max_payload: u16,
     outcomes: Outcomes,
@@ -92,6 +93,7 @@ impl Engine {
             catalog: Catalog::from_config(config)?,
             allow: config.dns.allow.clone(),
             cache: cache::build(&config.cache),
+            inflight: Inflight::default(),
             upstreams: Upstreams::new(
                 &upstreams,
                 Duration::from_millis(config.dns.upstream_timeout_ms),
@@ -132,7 +134,7 @@ impl Engine {
     }
 
     /// Answers what can be answered without waiting on the network.
-    pub async fn handle(&self, pkt: &[u8], client: IpAddr, transport: Transport, out: &mut Vec<u8>) -> Handled {
+    pub fn handle(&self, pkt: &[u8], client: IpAddr, transport: Transport, out: &mut Vec<u8>) -> Handled {
         let q = match Query::parse(pkt) {
             Ok(q) => q,
             Err(reject) => return self.reject(reject, client, out),
@@ -173,7 +175,7 @@ impl Engine {
         }
         let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
         let key = cache::key_into(&mut kb, lc, &q);
-        if let Some(answer) = self.cache.get(key).await {
+        if let Some(answer) = self.cache.get(key) {
             let now = Instant::now();
             if answer.remaining(now) > 0 {
                 self.outcomes.cache_hits.increment(1);
@@ -229,7 +231,23 @@ impl Engine {
             checking_disabled: q.checking_disabled(),
         };
         self.outcomes.cache_misses.increment(1);
-        let result = self.cache.try_get_with(key, async { self.upstreams.resolve(question).await.map(Arc::new) }).await;
+        let result = match self.inflight.join(&key) {
+            Join::Wait(rx) => rx.await.unwrap_or_else(|_| Err("the resolving client went away".into())),
+            Join::Lead(leader) => {
+                // Another client's resolution may have finished between our lookup and now.
+                let result = match self.cache.get(&key) {
+                    Some(a) => Ok(a),
+                    None => self.upstreams.resolve(question).await.map(Arc::new).map_err(|e| e.to_string().into()),
+                };
+                if let Ok(a) = &result
+                    && a.ttl > 0
+                {
+                    self.cache.insert(key, a.clone());
+                }
+                leader.finish(&result);
+                result
+            }
+        };
         match result {
             Ok(answer) => {
                 self.outcomes.forwarded.increment(1);

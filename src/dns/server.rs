@@ -1,7 +1,5 @@
-//! The DNS listeners: UDP and TCP on each configured address, answering through the [`Engine`].
-//!
-//! Local answers and cache hits are written from the receive loop itself; misses go to a
-//! task each (bounded in number) so one slow upstream never stalls the socket.
+//! The DNS listeners: binding UDP and TCP on each configured address, and the TCP service.
+//! (The UDP service is the batched fast path in [`super::udp`].)
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,7 +8,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,31 +16,37 @@ use tokio_util::task::TaskTracker;
 use super::engine::{Engine, Handled, Transport};
 
 /// Misses being resolved at once; past this a query gets SERVFAIL at once, not a queue.
-const MAX_INFLIGHT_MISSES: usize = 16_384;
+pub const MAX_INFLIGHT_MISSES: usize = 16_384;
 const UDP_RECV_BUFFER: usize = 8 << 20;
 
-/// A UDP socket and a TCP listener on the same address and port.
+/// `SO_REUSEPORT` UDP sockets (the kernel spreads clients over them) and a TCP listener, all
+/// on the same address and port.
 pub struct Listener {
-    pub udp: UdpSocket,
+    pub udp: Vec<std::net::UdpSocket>,
     pub tcp: TcpListener,
 }
 
 impl Listener {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.udp.local_addr()
+        self.tcp.local_addr()
     }
 }
 
-/// Binds UDP and TCP on `addr`. With port 0 the kernel picks the UDP port and TCP takes the
-/// same one, retrying a few times should TCP find that port taken.
-pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+/// Binds `udp_sockets` UDP sockets and a TCP listener on `addr`. With port 0 the kernel picks
+/// the first UDP socket's port and the others take the same one, retrying a few times should
+/// TCP find that port taken.
+pub fn bind(addr: SocketAddr, udp_sockets: usize) -> io::Result<Listener> {
     let mut last = None;
     for _ in 0..16 {
-        let udp = udp_socket(addr)?;
-        let bound = udp.local_addr()?.as_socket().expect("an inet socket");
+        let first = udp_socket(addr)?;
+        let bound = first.local_addr()?.as_socket().expect("an inet socket");
         match tcp_listener(bound) {
             Ok(tcp) => {
-                return Ok(Listener { udp: UdpSocket::from_std(udp.into())?, tcp: TcpListener::from_std(tcp.into())? });
+                let mut udp = vec![first.into()];
+                for _ in 1..udp_sockets.max(1) {
+                    udp.push(udp_socket(bound)?.into());
+                }
+                return Ok(Listener { udp, tcp: TcpListener::from_std(tcp.into())? });
             }
             Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),
@@ -56,9 +60,11 @@ fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    s.set_reuse_port(true)?;
     // Bursts from many clients queue here rather than drop; the kernel caps the size.
     let _ = s.set_recv_buffer_size(UDP_RECV_BUFFER);
-    s.set_nonblocking(true)?;
+    // Blocking, with a timeout so the receive thread notices shutdown.
+    s.set_read_timeout(Some(super::udp::POLL_INTERVAL))?;
     s.bind(&addr.into())?;
     Ok(s)
 }
@@ -73,55 +79,6 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<Socket> {
     s.bind(&addr.into())?;
     s.listen(1024)?;
     Ok(s)
-}
-
-/// Serves one UDP socket until `shutdown`; misses are tracked by `tasks`.
-pub async fn serve_udp(engine: Arc<Engine>, sock: UdpSocket, shutdown: CancellationToken, tasks: TaskTracker) {
-    let sock = Arc::new(sock);
-    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_MISSES));
-    let mut buf = vec![0u8; 65_535];
-    let mut out = Vec::with_capacity(4096);
-    loop {
-        let (n, peer) = tokio::select! {
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                // ICMP errors from earlier sends surface here on some systems; keep serving.
-                Err(e) => {
-                    tracing::debug!(error = %e, "udp receive error");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let pkt = &buf[..n];
-        match engine.handle(pkt, peer.ip(), Transport::Udp, &mut out).await {
-            Handled::Reply => send(&sock, &out, peer).await,
-            Handled::Drop => {}
-            Handled::Miss => match inflight.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let (engine, sock, pkt) = (engine.clone(), sock.clone(), pkt.to_vec());
-                    tasks.spawn(async move {
-                        let mut out = Vec::with_capacity(512);
-                        if engine.resolve(&pkt, Transport::Udp, &mut out).await == Handled::Reply {
-                            send(&sock, &out, peer).await;
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    if engine.servfail_packet(pkt, Transport::Udp, &mut out) == Handled::Reply {
-                        send(&sock, &out, peer).await;
-                    }
-                }
-            },
-        }
-    }
-}
-
-async fn send(sock: &UdpSocket, out: &[u8], peer: SocketAddr) {
-    if let Err(e) = sock.send_to(out, peer).await {
-        tracing::debug!(error = %e, %peer, "udp send failed");
-    }
 }
 
 /// TCP limits: connections at once, and how long a connection may sit idle or stall mid-message.
@@ -189,7 +146,7 @@ async fn tcp_connection(engine: &Engine, mut stream: TcpStream, peer: SocketAddr
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
         let pkt = &buf[..len];
-        let handled = match engine.handle(pkt, peer.ip(), Transport::Tcp, &mut out).await {
+        let handled = match engine.handle(pkt, peer.ip(), Transport::Tcp, &mut out) {
             Handled::Miss => engine.resolve(pkt, Transport::Tcp, &mut out).await,
             h => h,
         };
