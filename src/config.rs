@@ -67,7 +67,8 @@ pub struct DnsConfig {
     pub max_udp_payload: u16,
     pub max_tcp_connections: usize,
     pub tcp_idle_timeout_ms: u64,
-    /// UDP receive threads (and `SO_REUSEPORT` sockets) per listen address; 0: one per CPU we may run on.
+    /// UDP receive threads per listen address; 0: one per CPU we may run on. All but the first
+    /// run at idle priority (they use spare CPU only).
     pub udp_threads: usize,
 }
 

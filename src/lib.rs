@@ -41,6 +41,7 @@ pub struct Server {
     listeners: Vec<Listener>,
     admin: tokio::net::TcpListener,
     tcp_limits: TcpLimits,
+    udp_threads: usize,
     pub health: Arc<Health>,
 }
 
@@ -52,9 +53,7 @@ impl Server {
             .dns
             .listen
             .iter()
-            .map(|&addr| {
-                server::bind(addr, config.dns.udp_threads()).map_err(|source| StartError::BindDns { addr, source })
-            })
+            .map(|&addr| server::bind(addr).map_err(|source| StartError::BindDns { addr, source }))
             .collect::<Result<_, _>>()?;
         let addr = config.admin.listen;
         let admin = std::net::TcpListener::bind(addr)
@@ -67,7 +66,14 @@ impl Server {
             max_connections: config.dns.max_tcp_connections,
             idle_timeout: Duration::from_millis(config.dns.tcp_idle_timeout_ms),
         };
-        Ok(Server { engine, listeners, admin, tcp_limits, health: Arc::default() })
+        Ok(Server {
+            engine,
+            listeners,
+            admin,
+            tcp_limits,
+            udp_threads: config.dns.udp_threads(),
+            health: Arc::default(),
+        })
     }
 
     /// The DNS addresses actually bound (UDP and TCP share each).
@@ -89,10 +95,12 @@ impl Server {
         let inflight = Arc::new(tokio::sync::Semaphore::new(server::MAX_INFLIGHT_MISSES));
         let mut threads = Vec::new();
         for l in self.listeners {
-            for sock in l.udp {
+            let sock = Arc::new(l.udp);
+            for index in 0..self.udp_threads {
                 let worker = dns::udp::Worker {
+                    index,
                     engine: self.engine.clone(),
-                    sock: Arc::new(sock),
+                    sock: sock.clone(),
                     runtime: tokio::runtime::Handle::current(),
                     tasks: tasks.clone(),
                     inflight: inflight.clone(),

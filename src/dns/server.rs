@@ -19,10 +19,9 @@ use super::engine::{Engine, Handled, Transport};
 pub const MAX_INFLIGHT_MISSES: usize = 16_384;
 const UDP_RECV_BUFFER: usize = 8 << 20;
 
-/// `SO_REUSEPORT` UDP sockets (the kernel spreads clients over them) and a TCP listener, all
-/// on the same address and port.
+/// A UDP socket (served by one or more threads) and a TCP listener on the same address and port.
 pub struct Listener {
-    pub udp: Vec<std::net::UdpSocket>,
+    pub udp: std::net::UdpSocket,
     pub tcp: TcpListener,
 }
 
@@ -32,22 +31,15 @@ impl Listener {
     }
 }
 
-/// Binds `udp_sockets` UDP sockets and a TCP listener on `addr`. With port 0 the kernel picks
-/// the first UDP socket's port and the others take the same one, retrying a few times should
-/// TCP find that port taken.
-pub fn bind(addr: SocketAddr, udp_sockets: usize) -> io::Result<Listener> {
+/// Binds UDP and TCP on `addr`. With port 0 the kernel picks the UDP port and TCP takes the
+/// same one, retrying a few times should TCP find that port taken.
+pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
     let mut last = None;
     for _ in 0..16 {
-        let first = udp_socket(addr)?;
-        let bound = first.local_addr()?.as_socket().expect("an inet socket");
+        let udp = udp_socket(addr)?;
+        let bound = udp.local_addr()?.as_socket().expect("an inet socket");
         match tcp_listener(bound) {
-            Ok(tcp) => {
-                let mut udp = vec![first.into()];
-                for _ in 1..udp_sockets.max(1) {
-                    udp.push(udp_socket(bound)?.into());
-                }
-                return Ok(Listener { udp, tcp: TcpListener::from_std(tcp.into())? });
-            }
+            Ok(tcp) => return Ok(Listener { udp: udp.into(), tcp: TcpListener::from_std(tcp.into())? }),
             Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),
         }
@@ -60,7 +52,6 @@ fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
-    s.set_reuse_port(true)?;
     // Bursts from many clients queue here rather than drop; the kernel caps the size.
     let _ = s.set_recv_buffer_size(UDP_RECV_BUFFER);
     // Blocking, with a timeout so the receive thread notices shutdown.

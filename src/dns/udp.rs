@@ -1,7 +1,12 @@
-//! The UDP fast path: one thread per socket, `SO_REUSEPORT` sockets (one per core) on each
-//! listen address, datagrams received and answered in batches with `recvmmsg`/`sendmmsg` over
-//! buffers allocated once. Local answers and cache hits never leave the thread; misses go to
-//! the tokio runtime, which answers on the same socket when the upstream has replied.
+//! The UDP fast path: datagrams received and answered in batches with `recvmmsg`/`sendmmsg`
+//! over buffers allocated once. Local answers and cache hits never leave the thread; misses go
+//! to the tokio runtime, which answers on the same socket when the upstream has replied.
+//!
+//! Each listen address has one socket read by one thread per CPU. The first thread runs at
+//! normal priority; the others run `SCHED_IDLE`, so they take only CPU time nobody else wants.
+//! On a host whose other CPUs are busy (a load generator, a Kafka client, another service) the
+//! extra threads cost nothing; on an idle host they add the spare cores. With one socket shared
+//! (not one `SO_REUSEPORT` socket each) no share of the traffic is stuck behind a starved thread.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -24,6 +29,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Everything a receive thread needs; `inflight` bounds the misses resolving at once.
 pub struct Worker {
+    /// Thread 0 runs at normal priority, the rest at idle priority.
+    pub index: usize,
     pub engine: Arc<Engine>,
     pub sock: Arc<UdpSocket>,
     pub runtime: tokio::runtime::Handle,
@@ -64,6 +71,13 @@ impl Batch {
 
 impl Worker {
     pub fn run(self) {
+        if self.index > 0 {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: plain system call on the calling thread (pid 0) with a valid parameter.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                tracing::debug!(error = %io::Error::last_os_error(), "cannot lower a UDP thread's priority");
+            }
+        }
         let fd = self.sock.as_raw_fd();
         let mut b = Batch::new();
         while !self.shutdown.is_cancelled() {
