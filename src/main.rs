@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use mskdns::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
+// Cache entries are allocated on tokio threads and freed on UDP threads; glibc's per-thread
+// arenas held twice the memory for the same cache (195 vs 84 MiB at 100k entries).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "DNS for Amazon MSK: per-cluster answers for broker names, cached forwarding for the rest")]
 struct Cli {
