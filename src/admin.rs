@@ -16,11 +16,13 @@ use tokio_util::sync::CancellationToken;
 /// Renders the metrics exposition; the binary owns the recorder, the library only calls this.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Readiness: serving, with no open problems. Components report problems by name.
+/// Readiness: serving, with no open problems. Components report problems by name: a problem
+/// makes /readyz fail (503); a degradation (serving from last known data) is reported with 200.
 #[derive(Default)]
 pub struct Health {
     serving: AtomicBool,
     problems: Mutex<BTreeMap<String, String>>,
+    degraded: Mutex<BTreeMap<String, String>>,
 }
 
 impl Health {
@@ -30,24 +32,38 @@ impl Health {
 
     /// Records (or with `None` clears) a problem that makes the service not ready.
     pub fn set_problem(&self, component: &str, problem: Option<String>) {
-        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
-        match problem {
-            Some(reason) => p.insert(component.to_owned(), reason),
-            None => p.remove(component),
-        };
+        set(&self.problems, component, problem);
     }
 
-    /// `Ok` when ready, else the reasons, one per line.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// Records (or clears) a degradation: still serving, from last known data.
+    pub fn set_degraded(&self, component: &str, reason: Option<String>) {
+        set(&self.degraded, component, reason);
+    }
+
+    /// `Ok` with `ready` or `degraded` and its reasons, else `Err` with the reasons, one per line.
+    pub fn readiness(&self) -> Result<String, String> {
         if !self.serving.load(Ordering::Acquire) {
             return Err("not serving yet\n".into());
         }
-        let p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
-        if p.is_empty() {
-            return Ok(());
+        let lines = |m: &Mutex<BTreeMap<String, String>>| -> String {
+            let m = m.lock().unwrap_or_else(|e| e.into_inner());
+            m.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+        };
+        let (problems, degraded) = (lines(&self.problems), lines(&self.degraded));
+        match (problems.is_empty(), degraded.is_empty()) {
+            (false, _) => Err(problems + &degraded),
+            (true, true) => Ok("ready\n".into()),
+            (true, false) => Ok(format!("degraded\n{degraded}")),
         }
-        Err(p.iter().map(|(k, v)| format!("{k}: {v}\n")).collect())
     }
+}
+
+fn set(map: &Mutex<BTreeMap<String, String>>, component: &str, reason: Option<String>) {
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    match reason {
+        Some(reason) => m.insert(component.to_owned(), reason),
+        None => m.remove(component),
+    };
 }
 
 #[derive(Clone)]
@@ -72,7 +88,7 @@ pub async fn serve(
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     match s.health.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(body) => (StatusCode::OK, body),
         Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, reasons),
     }
 }

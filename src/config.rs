@@ -48,6 +48,8 @@ pub struct Config {
     pub log: LogConfig,
     pub clusters: Vec<ClusterConfig>,
     pub zones: Vec<ZoneConfig>,
+    pub views: Vec<ViewConfig>,
+    pub aws: AwsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -204,12 +206,77 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// The cluster's bootstrap name; its first label carries the cluster id.
+    /// The cluster's bootstrap name (serverless: its first label carries the cluster id), or for
+    /// a provisioned cluster any of its broker names (`b-<n>.<name>.<id>.c<N>.kafka.<region>…`).
     pub bootstrap: String,
-    /// Fixed addresses answered for the bootstrap name and every broker of the cluster.
+    /// Target: fixed addresses answered for the bootstrap name and every broker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<IpAddr>,
+    /// Target: a VPC endpoint whose network interfaces' private addresses are read from EC2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc_endpoint: Option<String>,
+    /// Target: resolvers in the cluster's own VPC, asked for this cluster's names only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<Upstream>,
+    /// Target: the Kafka proxy's addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy: Vec<IpAddr>,
+    /// Provisioned clusters: addresses per broker number (`"1" = ["10.0.0.1"]`); brokers not
+    /// listed get the cluster's target.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub brokers: std::collections::BTreeMap<String, Vec<IpAddr>>,
     #[serde(default = "default_cluster_ttl")]
     pub ttl: u32,
+}
+
+/// A view: the cluster map some clients see, chosen by the listener a query arrived on or by
+/// the client's network. It inherits the top-level clusters; its own entries override by cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    pub name: String,
+    /// Client networks that get this view.
+    #[serde(default)]
+    pub clients: Vec<IpNet>,
+    /// `dns.listen` entries (as written there) whose queries get this view, whoever sends them.
+    #[serde(default)]
+    pub listeners: Vec<SocketAddr>,
+    /// The clients' availability zone (name like `us-east-1a` or id like `use1-az4`).
+    #[serde(default)]
+    pub az: Option<String>,
+    /// Or the clients' subnet, whose AZ is read from EC2.
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub az_affinity: AzAffinity,
+    #[serde(default)]
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// How VPC endpoint addresses are ordered for a client whose AZ is known.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AzAffinity {
+    /// All addresses, in EC2's order.
+    #[default]
+    Off,
+    /// The client's AZ first, then the others.
+    Prefer,
+    /// Only the client's AZ (all of them if the endpoint has none there).
+    Only,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// How often VPC endpoint addresses and subnet AZs are read from EC2.
+    pub refresh_secs: u64,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig { refresh_secs: 60 }
+    }
 }
 
 fn default_cluster_ttl() -> u32 {
@@ -313,29 +380,41 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid("log.level", format!("`{}` is not a log filter", self.log.level)));
         }
-        let mut seen = std::collections::HashMap::new();
-        for (i, cl) in self.clusters.iter().enumerate() {
-            let key = format!("clusters[{i}].bootstrap");
-            let wire = name_to_wire(cl.bootstrap.trim_end_matches('.'))
-                .ok_or_else(|| ConfigError::invalid(&key, format!("`{}` is not a DNS name", cl.bootstrap)))?;
-            let m = names::match_serverless(&wire).ok_or_else(|| {
-                ConfigError::invalid(
-                    &key,
-                    format!(
-                        "`{}` is not an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com)",
-                        cl.bootstrap
-                    ),
-                )
-            })?;
-            if let Some(j) = seen.insert(wire[m.key].to_vec(), i) {
-                return Err(ConfigError::invalid(&key, format!("names the same cluster as clusters[{j}]")));
+        validate_clusters("clusters", &self.clusters)?;
+        let mut names = std::collections::HashSet::new();
+        for (i, v) in self.views.iter().enumerate() {
+            let key = |k: &str| format!("views[{i}].{k}");
+            if v.name.is_empty() || !names.insert(v.name.as_str()) {
+                return Err(ConfigError::invalid(key("name"), "must be non-empty and unique"));
             }
-            if cl.addresses.is_empty() {
-                return Err(ConfigError::invalid(format!("clusters[{i}].addresses"), "at least one address is needed"));
+            if v.clients.is_empty() && v.listeners.is_empty() {
+                return Err(ConfigError::invalid(key("clients"), "a view needs clients or listeners to select it"));
             }
-            if cl.ttl > 604_800 {
-                return Err(ConfigError::invalid(format!("clusters[{i}].ttl"), "must be at most 604800 (one week)"));
+            for (j, l) in v.listeners.iter().enumerate() {
+                if !d.listen.contains(l) {
+                    return Err(ConfigError::invalid(
+                        key(&format!("listeners[{j}]")),
+                        format!("{l} is not in dns.listen"),
+                    ));
+                }
+                let other = self.views[..i].iter().find(|o| o.listeners.contains(l));
+                if let Some(o) = other {
+                    return Err(ConfigError::invalid(
+                        key(&format!("listeners[{j}]")),
+                        format!("{l} already selects view {}", o.name),
+                    ));
+                }
             }
+            if v.az_affinity != AzAffinity::Off && v.az.is_none() && v.subnet.is_none() {
+                return Err(ConfigError::invalid(key("az_affinity"), "needs the view's az or subnet"));
+            }
+            if v.subnet.as_deref().is_some_and(|s| !s.starts_with("subnet-")) {
+                return Err(ConfigError::invalid(key("subnet"), "must be a subnet id (subnet-…)"));
+            }
+            validate_clusters(&key("clusters"), &v.clusters)?;
+        }
+        if self.aws.refresh_secs == 0 {
+            return Err(ConfigError::invalid("aws.refresh_secs", "must be at least 1"));
         }
         for (i, z) in self.zones.iter().enumerate() {
             if let Some(o) = &z.origin {
@@ -364,6 +443,70 @@ impl Config {
         }
         Ok(found)
     }
+}
+
+/// The cluster key a bootstrap name carries: `(key bytes, provisioned?)`, or why it has none.
+pub fn cluster_key(bootstrap: &str) -> Result<(Vec<u8>, bool), String> {
+    let wire = name_to_wire(bootstrap).ok_or_else(|| format!("`{bootstrap}` is not a DNS name"))?;
+    if let Some(m) = names::match_serverless(&wire) {
+        return Ok((wire[m.key].to_vec(), false));
+    }
+    if let Some(m) = names::match_provisioned(&wire) {
+        return Ok((wire[m.key].to_vec(), true));
+    }
+    Err(format!(
+        "`{bootstrap}` is neither an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com) \
+         nor a provisioned broker name (b-<n>.<name>.<id>.c<N>.kafka.<region>.amazonaws.com)"
+    ))
+}
+
+fn validate_clusters(at: &str, clusters: &[ClusterConfig]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashMap::new();
+    for (i, cl) in clusters.iter().enumerate() {
+        let key = |k: &str| format!("{at}[{i}].{k}");
+        let (ck, provisioned) = cluster_key(&cl.bootstrap).map_err(|m| ConfigError::invalid(key("bootstrap"), m))?;
+        if let Some(j) = seen.insert(ck, i) {
+            return Err(ConfigError::invalid(key("bootstrap"), format!("names the same cluster as {at}[{j}]")));
+        }
+        let targets =
+            [!cl.addresses.is_empty(), cl.vpc_endpoint.is_some(), !cl.forward.is_empty(), !cl.proxy.is_empty()];
+        match targets.iter().filter(|t| **t).count() {
+            0 if provisioned && !cl.brokers.is_empty() => {}
+            0 => {
+                return Err(ConfigError::invalid(
+                    key("addresses"),
+                    "a cluster needs one target: addresses, vpc_endpoint, forward or proxy",
+                ));
+            }
+            1 => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    key("addresses"),
+                    "give only one of addresses, vpc_endpoint, forward, proxy",
+                ));
+            }
+        }
+        if let Some(e) = &cl.vpc_endpoint
+            && !e.starts_with("vpce-")
+        {
+            return Err(ConfigError::invalid(key("vpc_endpoint"), format!("`{e}` is not a VPC endpoint id (vpce-…)")));
+        }
+        if !cl.brokers.is_empty() && !provisioned {
+            return Err(ConfigError::invalid(key("brokers"), "per-broker addresses are for provisioned clusters"));
+        }
+        for (b, addrs) in &cl.brokers {
+            if b.parse::<u64>().is_err() || addrs.is_empty() {
+                return Err(ConfigError::invalid(
+                    key(&format!("brokers.{b}")),
+                    "keys are broker numbers, values non-empty address lists",
+                ));
+            }
+        }
+        if cl.ttl > 604_800 {
+            return Err(ConfigError::invalid(key("ttl"), "must be at most 604800 (one week)"));
+        }
+    }
+    Ok(())
 }
 
 /// `nameserver` lines of a resolv.conf, as port-53 socket addresses.

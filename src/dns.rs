@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod catalog;
 pub mod engine;
+pub mod forward;
 pub mod server;
 pub mod udp;
 pub mod upstream;

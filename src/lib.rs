@@ -3,6 +3,7 @@
 //! - [`names`]: the grammar of MSK Serverless and provisioned names, and the cluster keys in them.
 //! - [`config`]: configuration (figment layering, validation that names the key).
 //! - [`dns`]: wire format, the catalog of our own answers, the cache, the upstreams, the listeners.
+//! - [`discovery`]: VPC endpoint addresses and subnet AZs read from EC2.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! [`Server::bind`] binds everything (port 0 allowed) so the caller can report the real ports,
@@ -10,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod discovery;
 pub mod dns;
 pub mod names;
 
@@ -42,6 +44,7 @@ pub struct Server {
     admin: tokio::net::TcpListener,
     tcp_limits: TcpLimits,
     udp_threads: usize,
+    ec2_refresh: Duration,
     pub health: Arc<Health>,
 }
 
@@ -72,6 +75,7 @@ impl Server {
             admin,
             tcp_limits,
             udp_threads: config.dns.udp_threads(),
+            ec2_refresh: Duration::from_secs(config.aws.refresh_secs),
             health: Arc::default(),
         })
     }
@@ -94,11 +98,12 @@ impl Server {
         let tasks = TaskTracker::new();
         let inflight = Arc::new(tokio::sync::Semaphore::new(server::MAX_INFLIGHT_MISSES));
         let mut threads = Vec::new();
-        for l in self.listeners {
+        for (listener, l) in self.listeners.into_iter().enumerate() {
             let sock = Arc::new(l.udp);
             for index in 0..self.udp_threads {
                 let worker = dns::udp::Worker {
                     index,
+                    listener,
                     engine: self.engine.clone(),
                     sock: sock.clone(),
                     runtime: tokio::runtime::Handle::current(),
@@ -117,11 +122,18 @@ impl Server {
             tasks.spawn(server::serve_tcp(
                 self.engine.clone(),
                 l.tcp,
+                listener,
                 self.tcp_limits,
                 shutdown.clone(),
                 tasks.clone(),
             ));
         }
+        tasks.spawn(discovery::ec2::run(
+            self.engine.catalog().clone(),
+            self.health.clone(),
+            self.ec2_refresh,
+            shutdown.clone(),
+        ));
         let engine = self.engine.clone();
         let cache_entries = metrics::gauge!("mskdns_cache_entries");
         let render: Render = Arc::new(move || {

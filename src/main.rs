@@ -27,6 +27,16 @@ struct Cli {
 enum Command {
     /// Validate a config file; exits non-zero with a message naming the bad key.
     Check { file: PathBuf },
+    /// Show which view, cluster and target answer NAME, and why (uses --config).
+    Explain {
+        name: String,
+        /// The client's address (chooses views by client network).
+        #[arg(long, default_value = "127.0.0.1")]
+        client: std::net::IpAddr,
+        /// The dns.listen entry the query arrives on (chooses views by listener).
+        #[arg(long)]
+        listener: Option<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +57,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
+    if let Some(Command::Explain { name, client, listener }) = &cli.command {
+        let index = match listener {
+            Some(l) => Some(
+                config.dns.listen.iter().position(|a| a == l).with_context(|| format!("{l} is not in dns.listen"))?,
+            ),
+            None => None,
+        };
+        let catalog = mskdns::dns::catalog::Catalog::from_config(&config)?;
+        print!("{}", catalog.explain(name, *client, index));
+        return Ok(());
+    }
     init_logging(&config);
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::cache::{self, Cache, Inflight, Join};
+use super::cache;
 use super::catalog::{Catalog, Local};
-use super::upstream::{Question, Upstreams};
+use super::upstream::Question;
 use super::wire::{self, Query, Reject, Response};
 use crate::config::Config;
 
@@ -17,6 +17,14 @@ use crate::config::Config;
 pub enum Transport {
     Udp,
     Tcp,
+}
+
+/// Where a query came from: the client, and which `dns.listen` entry it arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    pub client: IpAddr,
+    pub listener: usize,
+    pub transport: Transport,
 }
 
 /// What became of a packet.
@@ -69,11 +77,8 @@ impl Outcomes {
 }
 
 pub struct Engine {
-    catalog: Catalog,
+    catalog: Arc<Catalog>,
     allow: Vec<IpNet>,
-    cache: Cache,
-    inflight: Inflight,
-    upstreams: Upstreams,
     max_payload: u16,
     outcomes: Outcomes,
 }
@@ -82,43 +87,33 @@ pub struct Engine {
 pub enum EngineError {
     #[error(transparent)]
     Catalog(#[from] super::catalog::CatalogError),
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
 }
 
 impl Engine {
     pub fn from_config(config: &Config) -> Result<Arc<Self>, EngineError> {
-        let upstreams = config.effective_upstreams()?;
         Ok(Arc::new(Engine {
-            catalog: Catalog::from_config(config)?,
+            catalog: Arc::new(Catalog::from_config(config)?),
             allow: config.dns.allow.clone(),
-            cache: cache::build(&config.cache),
-            inflight: Inflight::default(),
-            upstreams: Upstreams::new(
-                &upstreams,
-                Duration::from_millis(config.dns.upstream_timeout_ms),
-                config.cache.clone(),
-            ),
             max_payload: config.dns.max_udp_payload,
             outcomes: Outcomes::new(),
         }))
     }
 
-    pub fn catalog(&self) -> &Catalog {
+    pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
     }
 
     pub fn upstream_addrs(&self) -> Vec<std::net::SocketAddr> {
-        self.upstreams.addrs()
+        self.catalog.default_forwarder().addrs()
     }
 
     pub fn cache_entries(&self) -> u64 {
-        self.cache.entry_count()
+        self.catalog.default_forwarder().entries()
     }
 
     /// The longest a miss can take to resolve or fail.
     pub fn resolve_deadline(&self) -> Duration {
-        self.upstreams.deadline()
+        self.catalog.default_forwarder().deadline()
     }
 
     fn limit(&self, q: &Query<'_>, transport: Transport) -> usize {
@@ -129,19 +124,20 @@ impl Engine {
     }
 
     fn allowed(&self, client: IpAddr) -> bool {
-        let client = client.to_canonical();
         self.allow.iter().any(|n| n.contains(&client))
     }
 
     /// Answers what can be answered without waiting on the network.
-    pub fn handle(&self, pkt: &[u8], client: IpAddr, transport: Transport, out: &mut Vec<u8>) -> Handled {
+    pub fn handle(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+        let client = from.client.to_canonical();
         let q = match Query::parse(pkt) {
             Ok(q) => q,
             Err(reject) => return self.reject(reject, client, out),
         };
+        let limit = self.limit(&q, from.transport);
         if !self.allowed(client) {
             self.outcomes.refused.increment(1);
-            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, self.limit(&q, transport), self.max_payload);
+            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, self.max_payload);
             return Handled::Reply;
         }
         if q.edns.is_some_and(|e| e.version > 0) {
@@ -149,7 +145,6 @@ impl Engine {
             wire::badvers(out, &q, self.max_payload);
             return Handled::Reply;
         }
-        let limit = self.limit(&q, transport);
         if matches!(q.qtype, wire::TYPE_AXFR | wire::TYPE_IXFR | wire::TYPE_OPT) {
             self.outcomes.refused.increment(1);
             Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, self.max_payload);
@@ -158,7 +153,7 @@ impl Engine {
         let mut lc_buf = [0u8; wire::MAX_NAME_LEN];
         let lc_len = wire::lowercase_name(q.name(), &mut lc_buf);
         let lc = &lc_buf[..lc_len];
-        match self.catalog.answer(&q, lc, out, limit, self.max_payload) {
+        let forwarder = match self.catalog.answer(&q, lc, from.listener, client, out, limit, self.max_payload) {
             Local::Cluster => {
                 self.outcomes.cluster.increment(1);
                 return Handled::Reply;
@@ -171,18 +166,19 @@ impl Engine {
                 self.outcomes.unknown_cluster.increment(1);
                 return Handled::Reply;
             }
-            Local::NotLocal => {}
-        }
-        let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
-        let key = cache::key_into(&mut kb, lc, &q);
-        if let Some(answer) = self.cache.get(key) {
-            let now = Instant::now();
-            if answer.remaining(now) > 0 {
-                self.outcomes.cache_hits.increment(1);
-                self.outcomes.cache_hit.increment(1);
-                answer.serve(&q, out, now, limit, self.max_payload);
+            Local::Unavailable => {
+                self.outcomes.servfail.increment(1);
                 return Handled::Reply;
             }
+            Local::Forward(f, _) => f,
+        };
+        let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
+        let now = Instant::now();
+        if let Some(answer) = forwarder.cached(cache::key_into(&mut kb, lc, &q), now) {
+            self.outcomes.cache_hits.increment(1);
+            self.outcomes.cache_hit.increment(1);
+            answer.serve(&q, out, now, limit, self.max_payload);
+            return Handled::Reply;
         }
         Handled::Miss
     }
@@ -213,14 +209,18 @@ impl Engine {
 
     /// Resolves a packet that [`Engine::handle`] called a miss: one upstream query per key
     /// however many clients ask at once; SERVFAIL if the upstreams fail.
-    pub async fn resolve(&self, pkt: &[u8], transport: Transport, out: &mut Vec<u8>) -> Handled {
-        let Ok(q) = Query::parse(pkt) else {
-            return Handled::Drop;
-        };
-        let limit = self.limit(&q, transport);
+    pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+        let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
+        let client = from.client.to_canonical();
+        let limit = self.limit(&q, from.transport);
         let mut lc_buf = [0u8; wire::MAX_NAME_LEN];
         let lc_len = wire::lowercase_name(q.name(), &mut lc_buf);
         let lc = &lc_buf[..lc_len];
+        let (forwarder, cluster) =
+            match self.catalog.answer(&q, lc, from.listener, client, out, limit, self.max_payload) {
+                Local::Forward(f, c) => (f, c),
+                _ => return Handled::Reply,
+            };
         let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
         let key: cache::Key = cache::key_into(&mut kb, lc, &q).into();
         let question = Question {
@@ -231,48 +231,28 @@ impl Engine {
             checking_disabled: q.checking_disabled(),
         };
         self.outcomes.cache_misses.increment(1);
-        let result = match self.inflight.join(&key) {
-            Join::Wait(rx) => rx.await.unwrap_or_else(|_| Err("the resolving client went away".into())),
-            Join::Lead(leader) => {
-                // Another client's resolution may have finished between our lookup and now.
-                let result = match self.cache.get(&key) {
-                    Some(a) => Ok(a),
-                    None => self.upstreams.resolve(question).await.map(Arc::new).map_err(|e| e.to_string().into()),
-                };
-                if let Ok(a) = &result
-                    && a.ttl > 0
-                {
-                    self.cache.insert(key, a.clone());
-                }
-                leader.finish(&result);
-                result
-            }
-        };
-        match result {
+        match forwarder.resolve(key, question).await {
             Ok(answer) => {
                 self.outcomes.forwarded.increment(1);
+                if let Some(c) = cluster {
+                    c.count_answer();
+                }
                 answer.serve(&q, out, Instant::now(), limit, self.max_payload);
             }
             Err(e) => {
                 tracing::debug!(error = %e, name = %wire::wire_to_string(lc), "resolution failed");
                 self.outcomes.servfail.increment(1);
-                self.servfail(&q, limit, out);
+                Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, self.max_payload);
             }
         }
         Handled::Reply
     }
 
-    /// SERVFAIL for a query we cannot resolve now (upstreams down, or too many in flight).
+    /// SERVFAIL for a query we cannot resolve now (too many in flight).
     pub fn servfail_packet(&self, pkt: &[u8], transport: Transport, out: &mut Vec<u8>) -> Handled {
-        let Ok(q) = Query::parse(pkt) else {
-            return Handled::Drop;
-        };
+        let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
         self.outcomes.servfail.increment(1);
-        self.servfail(&q, self.limit(&q, transport), out);
+        Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, self.limit(&q, transport), self.max_payload);
         Handled::Reply
-    }
-
-    fn servfail(&self, q: &Query<'_>, limit: usize, out: &mut Vec<u8>) {
-        Response::new(out, q, wire::RCODE_SERVFAIL, false).finish(q, limit, self.max_payload);
     }
 }

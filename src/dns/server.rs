@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::engine::{Engine, Handled, Transport};
+use super::engine::{Engine, Handled, Origin, Transport};
 
 /// Misses being resolved at once; past this a query gets SERVFAIL at once, not a queue.
 pub const MAX_INFLIGHT_MISSES: usize = 16_384;
@@ -83,6 +83,7 @@ pub struct TcpLimits {
 pub async fn serve_tcp(
     engine: Arc<Engine>,
     listener: TcpListener,
+    index: usize,
     limits: TcpLimits,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -110,7 +111,7 @@ pub async fn serve_tcp(
         tasks.spawn(async move {
             let _ = stream.set_nodelay(true);
             tokio::select! {
-                r = tcp_connection(&engine, stream, peer, limits.idle_timeout) => {
+                r = tcp_connection(&engine, stream, peer, index, limits.idle_timeout) => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, %peer, "tcp connection ended");
                     }
@@ -122,7 +123,14 @@ pub async fn serve_tcp(
     }
 }
 
-async fn tcp_connection(engine: &Engine, mut stream: TcpStream, peer: SocketAddr, idle: Duration) -> io::Result<()> {
+async fn tcp_connection(
+    engine: &Engine,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    idle: Duration,
+) -> io::Result<()> {
+    let from = Origin { client: peer.ip(), listener, transport: Transport::Tcp };
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(4096);
     let mut framed = Vec::with_capacity(4098);
@@ -137,8 +145,8 @@ async fn tcp_connection(engine: &Engine, mut stream: TcpStream, peer: SocketAddr
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
         let pkt = &buf[..len];
-        let handled = match engine.handle(pkt, peer.ip(), Transport::Tcp, &mut out) {
-            Handled::Miss => engine.resolve(pkt, Transport::Tcp, &mut out).await,
+        let handled = match engine.handle(pkt, from, &mut out) {
+            Handled::Miss => engine.resolve(pkt, from, &mut out).await,
             h => h,
         };
         if handled == Handled::Reply {

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::engine::{Engine, Handled, Transport};
+use super::engine::{Engine, Handled, Origin, Transport};
 
 const BATCH: usize = 64;
 /// Queries are small; a larger datagram (flagged MSG_TRUNC) is dropped unread.
@@ -31,6 +31,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Worker {
     /// Thread 0 runs at normal priority, the rest at idle priority.
     pub index: usize,
+    /// Which `dns.listen` entry this socket serves (views can be chosen by it).
+    pub listener: usize,
     pub engine: Arc<Engine>,
     pub sock: Arc<UdpSocket>,
     pub runtime: tokio::runtime::Handle,
@@ -116,10 +118,11 @@ impl Worker {
                 let Some(peer) = to_std(&b.names[i]) else { continue };
                 let slot = b.reply_to.len();
                 let pkt = &b.bufs[i][..len];
-                match self.engine.handle(pkt, peer.ip(), Transport::Udp, &mut b.outs[slot]) {
+                let from = Origin { client: peer.ip(), listener: self.listener, transport: Transport::Udp };
+                match self.engine.handle(pkt, from, &mut b.outs[slot]) {
                     Handled::Reply => b.reply_to.push(i),
                     Handled::Drop => {}
-                    Handled::Miss => self.miss(pkt, peer, &mut b.outs[slot], &mut b.reply_to, i),
+                    Handled::Miss => self.miss(pkt, peer, from, &mut b.outs[slot], &mut b.reply_to, i),
                 }
             }
             self.send(fd, &mut b);
@@ -127,14 +130,14 @@ impl Worker {
     }
 
     /// Hands a miss to the runtime, or answers SERVFAIL at once when too many are in flight.
-    fn miss(&self, pkt: &[u8], peer: SocketAddr, out: &mut Vec<u8>, reply_to: &mut Vec<usize>, i: usize) {
+    fn miss(&self, pkt: &[u8], peer: SocketAddr, from: Origin, out: &mut Vec<u8>, reply_to: &mut Vec<usize>, i: usize) {
         match self.inflight.clone().try_acquire_owned() {
             Ok(permit) => {
                 let (engine, sock, pkt) = (self.engine.clone(), self.sock.clone(), pkt.to_vec());
                 self.tasks.spawn_on(
                     async move {
                         let mut out = Vec::with_capacity(512);
-                        if engine.resolve(&pkt, Transport::Udp, &mut out).await == Handled::Reply
+                        if engine.resolve(&pkt, from, &mut out).await == Handled::Reply
                             && let Err(e) = sock.send_to(&out, peer)
                         {
                             tracing::debug!(error = %e, %peer, "udp send failed");

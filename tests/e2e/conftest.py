@@ -144,14 +144,15 @@ NSD_ZONE += "".join(f'big IN TXT "record-{i:02d}-{"y" * 180}"\n' for i in range(
 
 
 class Nsd:
-    """A real authoritative server (nsd) for example.test on a loopback port."""
+    """A real authoritative server (nsd) for one zone on a loopback port."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, zone="example.test", text=NSD_ZONE, probe="ns.example.test."):
         require("nsd")
-        self.dir = tmp_path / "nsd"
+        self.dir = tmp_path / f"nsd-{zone}"
         self.dir.mkdir()
         self.port = free_port()
-        (self.dir / "example.test.zone").write_text(NSD_ZONE)
+        self.probe = probe
+        (self.dir / "zone").write_text(text)
         (self.dir / "nsd.conf").write_text(f"""server:
   ip-address: 127.0.0.1@{self.port}
   zonesdir: "{self.dir}"
@@ -165,8 +166,8 @@ class Nsd:
 remote-control:
   control-enable: no
 zone:
-  name: example.test
-  zonefile: example.test.zone
+  name: {zone}
+  zonefile: zone
 """)
         self.proc = subprocess.Popen(
             ["nsd", "-d", "-c", str(self.dir / "nsd.conf")],
@@ -182,7 +183,7 @@ zone:
         deadline = time.time() + 15
         while time.time() < deadline:
             try:
-                dns.query.udp(dns.message.make_query("ns.example.test.", "A"), "127.0.0.1", port=self.port, timeout=0.5)
+                dns.query.udp(dns.message.make_query(self.probe, "A"), "127.0.0.1", port=self.port, timeout=0.5)
                 return
             except Exception:
                 if self.proc.poll() is not None:
@@ -201,3 +202,61 @@ def nsd(tmp_path):
     n = Nsd(tmp_path)
     yield n
     n.stop()
+
+
+class Moto:
+    """A real AWS API emulator (moto server) on a loopback port, and a boto3 EC2 client for it."""
+
+    def __init__(self, tmp_path):
+        import boto3
+
+        require("moto_server")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / "moto.log", "w")
+        self.proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log, stderr=self.log)
+        self.ec2 = boto3.client(
+            "ec2", region_name="us-east-1", endpoint_url=self.url, aws_access_key_id="test", aws_secret_access_key="test"
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                self.ec2.describe_vpcs()
+                break
+            except Exception:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.2)
+
+    @property
+    def env(self):
+        """What the daemon needs to talk to this moto (and never to a real AWS endpoint)."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def moto(tmp_path):
+    m = Moto(tmp_path)
+    yield m
+    m.stop()
+
+
+def wait_for(predicate, timeout=10, interval=0.1):
+    """Polls until predicate() is truthy; returns its last value."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value or time.time() > deadline:
+            return value
+        time.sleep(interval)

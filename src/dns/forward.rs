@@ -1,0 +1,64 @@
+//! A forwarding target: a set of upstream resolvers with its own answer cache and one
+//! resolution in flight per key. The default upstreams are one; each cluster with a `forward`
+//! target (a resolver in the cluster's own VPC) is another.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cache::{self, Answer, Cache, Inflight, Join, Shared};
+use super::upstream::{Question, Upstreams};
+use crate::config::CacheConfig;
+
+pub struct Forwarder {
+    cache: Cache,
+    inflight: Inflight,
+    upstreams: Upstreams,
+}
+
+impl Forwarder {
+    pub fn new(addrs: &[std::net::SocketAddr], attempt_timeout: Duration, cache: &CacheConfig) -> Self {
+        Forwarder {
+            cache: cache::build(cache),
+            inflight: Inflight::default(),
+            upstreams: Upstreams::new(addrs, attempt_timeout, cache.clone()),
+        }
+    }
+
+    /// A cached answer still within its TTL.
+    pub fn cached(&self, key: &[u8], now: Instant) -> Option<Arc<Answer>> {
+        self.cache.get(key).filter(|a| a.remaining(now) > 0)
+    }
+
+    /// Resolves `key` upstream, once however many ask at the same time, and caches the answer.
+    pub async fn resolve(&self, key: cache::Key, question: Question<'_>) -> Shared {
+        match self.inflight.join(&key) {
+            Join::Wait(rx) => rx.await.unwrap_or_else(|_| Err("the resolving client went away".into())),
+            Join::Lead(leader) => {
+                // Another client's resolution may have finished between the lookup and now.
+                let result = match self.cached(&key, Instant::now()) {
+                    Some(a) => Ok(a),
+                    None => self.upstreams.resolve(question).await.map(Arc::new).map_err(|e| e.to_string().into()),
+                };
+                if let Ok(a) = &result
+                    && a.ttl > 0
+                {
+                    self.cache.insert(key, a.clone());
+                }
+                leader.finish(&result);
+                result
+            }
+        }
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub fn addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.upstreams.addrs()
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.upstreams.deadline()
+    }
+}
