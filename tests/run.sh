@@ -20,4 +20,5 @@ cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo nextest run --locked --no-fail-fast
 cargo build --locked --bin mskdns
-MSKDNS_BIN="$PWD/target/debug/mskdns" python3 -m pytest -q -p no:cacheprovider tests/e2e "$@"
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+MSKDNS_BIN="$target/debug/mskdns" python3 -m pytest -q -p no:cacheprovider tests/e2e "$@"
