@@ -50,6 +50,20 @@ pub struct Config {
     pub zones: Vec<ZoneConfig>,
     pub views: Vec<ViewConfig>,
     pub aws: AwsConfig,
+    pub reload: ReloadConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// How often the config file and zone files are checked for changes; 0: on SIGHUP only.
+    pub poll_secs: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig { poll_secs: 2 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -299,7 +313,7 @@ impl Config {
     /// (`MSKDNS_DNS__LISTEN='["127.0.0.1:0"]'`: `__` separates nesting).
     /// Variables that name no section (`MSKDNS_BIN` of the bench harness, say) are not config.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        const SECTIONS: [&str; 6] = ["dns", "cache", "admin", "log", "clusters", "zones"];
+        const SECTIONS: [&str; 9] = ["dns", "cache", "admin", "log", "clusters", "zones", "views", "aws", "reload"];
         let env = Env::prefixed("MSKDNS_")
             .filter(|k| {
                 SECTIONS

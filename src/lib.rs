@@ -5,6 +5,7 @@
 //! - [`dns`]: wire format, the catalog of our own answers, the cache, the upstreams, the listeners.
 //! - [`discovery`]: VPC endpoint addresses and subnet AZs read from EC2.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`reload`]: SIGHUP and file changes apply a new configuration, or keep the running one.
 //!
 //! [`Server::bind`] binds everything (port 0 allowed) so the caller can report the real ports,
 //! then [`Server::run`] serves until the cancellation token fires.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod discovery;
 pub mod dns;
 pub mod names;
+pub mod reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +47,7 @@ pub struct Server {
     tcp_limits: TcpLimits,
     udp_threads: usize,
     ec2_refresh: Duration,
+    config: Config,
     pub health: Arc<Health>,
 }
 
@@ -76,6 +79,7 @@ impl Server {
             tcp_limits,
             udp_threads: config.dns.udp_threads(),
             ec2_refresh: Duration::from_secs(config.aws.refresh_secs),
+            config: config.clone(),
             health: Arc::default(),
         })
     }
@@ -93,8 +97,9 @@ impl Server {
         &self.engine
     }
 
-    /// Serves until `shutdown` fires, then waits a bounded time for misses in flight.
-    pub async fn run(self, render: Render, shutdown: CancellationToken) {
+    /// Serves until `shutdown` fires, then waits a bounded time for misses in flight. With the
+    /// config file's path, SIGHUP and changes to the file reload it.
+    pub async fn run(self, render: Render, shutdown: CancellationToken, config_path: Option<std::path::PathBuf>) {
         let tasks = TaskTracker::new();
         let inflight = Arc::new(tokio::sync::Semaphore::new(server::MAX_INFLIGHT_MISSES));
         let mut threads = Vec::new();
@@ -128,12 +133,17 @@ impl Server {
                 tasks.clone(),
             ));
         }
-        tasks.spawn(discovery::ec2::run(
-            self.engine.catalog().clone(),
-            self.health.clone(),
-            self.ec2_refresh,
-            shutdown.clone(),
-        ));
+        if let Some(path) = config_path {
+            tasks.spawn(reload::run(
+                self.engine.clone(),
+                path,
+                self.config.clone(),
+                self.health.clone(),
+                Duration::from_secs(self.config.reload.poll_secs),
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(discovery::ec2::run(self.engine.clone(), self.health.clone(), self.ec2_refresh, shutdown.clone()));
         let engine = self.engine.clone();
         let cache_entries = metrics::gauge!("mskdns_cache_entries");
         let render: Render = Arc::new(move || {
@@ -148,9 +158,10 @@ impl Server {
                 admin_shutdown.cancel();
             }
         });
+        discovery::ec2::mark_unread(&self.engine.snapshot().catalog, &self.health);
         self.health.set_serving(true);
         tracing::info!(
-            clusters = self.engine.catalog().cluster_count(),
+            clusters = self.engine.snapshot().catalog.cluster_count(),
             upstreams = ?self.engine.upstream_addrs(),
             "serving"
         );

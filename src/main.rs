@@ -87,7 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("ready");
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        server.run(Arc::new(move || recorder.render()), shutdown).await;
+        server.run(Arc::new(move || recorder.render()), shutdown, cli.config.clone()).await;
         tracing::info!("stopped");
         Ok(())
     })

@@ -13,25 +13,49 @@ use aws_sdk_ec2::error::DisplayErrorContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
+use crate::dns::Engine;
 use crate::dns::catalog::{Catalog, EndpointAddr};
 
 const HEALTH_KEY: &str = "ec2";
 
-/// Refreshes until `shutdown`. Returns at once when no cluster or view needs EC2.
-pub async fn run(catalog: Arc<Catalog>, health: Arc<Health>, every: Duration, shutdown: CancellationToken) {
-    let subnets: Vec<String> = catalog.views().iter().filter_map(|v| v.subnet.clone()).collect();
-    if catalog.endpoints().next().is_none() && subnets.is_empty() {
-        return;
-    }
-    for e in catalog.endpoints() {
+/// Reports every VPC endpoint whose addresses were never read as a readiness problem.
+pub fn mark_unread(catalog: &Catalog, health: &Health) {
+    for e in catalog.endpoints().filter(|e| e.get().is_none()) {
         health.set_problem(&format!("vpc_endpoint {}", e.id), Some("addresses not read from EC2 yet".into()));
     }
-    let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let client = Client::new(&conf);
+}
+
+/// Refreshes until `shutdown`, following the configuration in force (a reload may add or drop
+/// endpoints). EC2 is not called, and no AWS client is built, while nothing needs it.
+pub async fn run(engine: Arc<Engine>, health: Arc<Health>, every: Duration, shutdown: CancellationToken) {
     let duration = metrics::histogram!("mskdns_ec2_refresh_duration_seconds");
+    let mut client = None;
+    let mut reported: Vec<String> = Vec::new();
     loop {
+        let snapshot = engine.snapshot();
+        let catalog = &snapshot.catalog;
+        let subnets: Vec<String> = catalog.views().iter().filter_map(|v| v.subnet.clone()).collect();
+        for gone in reported.iter().filter(|id| !catalog.endpoints().any(|e| &&e.id == id)) {
+            health.set_problem(&format!("vpc_endpoint {gone}"), None);
+        }
+        reported = catalog.endpoints().map(|e| e.id.clone()).collect();
+        mark_unread(catalog, &health);
+        if reported.is_empty() && subnets.is_empty() {
+            health.set_degraded(HEALTH_KEY, None);
+            tokio::select! {
+                _ = tokio::time::sleep(every) => continue,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        let client = match &client {
+            Some(c) => c,
+            None => {
+                let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                client.insert(Client::new(&conf))
+            }
+        };
         let started = Instant::now();
-        match refresh(&client, &catalog, &subnets).await {
+        match refresh(client, catalog, &subnets).await {
             Ok(()) => health.set_degraded(HEALTH_KEY, None),
             Err((operation, message)) => {
                 metrics::counter!("mskdns_ec2_errors_total", "operation" => operation).increment(1);

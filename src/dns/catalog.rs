@@ -14,7 +14,7 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use hickory_proto::serialize::txt::Parser;
 use ipnet::IpNet;
 
-use super::forward::Forwarder;
+use super::forward::{Forwarder, Settings};
 use super::wire::{self, Query, Response, Section};
 use crate::config::{AzAffinity, ClusterConfig, Config, UnknownClusters, ZoneConfig};
 use crate::names;
@@ -162,15 +162,31 @@ pub struct Catalog {
     zones: Vec<Zone>,
     unknown: UnknownClusters,
     serial: u32,
-    default_forwarder: Forwarder,
+    default_forwarder: Arc<Forwarder>,
     endpoints: HashMap<String, Arc<Endpoint>>,
 }
 
 impl Catalog {
     pub fn from_config(config: &Config) -> Result<Self, CatalogError> {
+        Self::rebuild(config, None)
+    }
+
+    /// Builds from `config`, keeping from `previous` what has not changed: the default
+    /// forwarder (and so the cache) when its settings are equal, and VPC endpoints by id (with
+    /// the addresses already read from EC2).
+    pub fn rebuild(config: &Config, previous: Option<&Catalog>) -> Result<Self, CatalogError> {
         let timeout = Duration::from_millis(config.dns.upstream_timeout_ms);
-        let default_forwarder = Forwarder::new(&config.effective_upstreams()?, timeout, &config.cache);
-        let mut endpoints = HashMap::new();
+        let settings =
+            Settings { addrs: config.effective_upstreams()?, attempt_timeout: timeout, cache: config.cache.clone() };
+        let default_forwarder = match previous {
+            Some(p) if p.default_forwarder.settings == settings => p.default_forwarder.clone(),
+            _ => Arc::new(Forwarder::new(settings)),
+        };
+        let mut endpoints: HashMap<String, Arc<Endpoint>> = HashMap::new();
+        if let Some(p) = previous {
+            // Only those still used are kept: see the retain below.
+            endpoints.extend(p.endpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         let mut build = |c: &ClusterConfig, origin: String| -> Option<(Box<[u8]>, Arc<Cluster>)> {
             cluster_entry(c, origin, &mut endpoints, timeout, config)
         };
@@ -218,6 +234,13 @@ impl Catalog {
                 selector: why.join(" or "),
             });
         }
+        let used: std::collections::HashSet<&str> = config
+            .clusters
+            .iter()
+            .chain(config.views.iter().flat_map(|v| &v.clusters))
+            .filter_map(|c| c.vpc_endpoint.as_deref())
+            .collect();
+        endpoints.retain(|id, _| used.contains(id.as_str()));
         let zones = config
             .zones
             .iter()
@@ -428,8 +451,12 @@ fn cluster_entry(
         });
         Target::Endpoint(e.clone())
     } else if !c.forward.is_empty() {
-        let addrs: Vec<_> = c.forward.iter().map(|u| u.0).collect();
-        Target::Forward(Arc::new(Forwarder::new(&addrs, timeout, &config.cache)))
+        let addrs = c.forward.iter().map(|u| u.0).collect();
+        Target::Forward(Arc::new(Forwarder::new(Settings {
+            addrs,
+            attempt_timeout: timeout,
+            cache: config.cache.clone(),
+        })))
     } else if !c.proxy.is_empty() {
         Target::Proxy(Addrs::new(&c.proxy))
     } else {

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
 use super::cache;
@@ -76,10 +77,15 @@ impl Outcomes {
     }
 }
 
-pub struct Engine {
-    catalog: Arc<Catalog>,
+/// Everything a reload replaces, swapped as one.
+pub struct Snapshot {
+    pub catalog: Catalog,
     allow: Vec<IpNet>,
     max_payload: u16,
+}
+
+pub struct Engine {
+    current: ArcSwap<Snapshot>,
     outcomes: Outcomes,
 }
 
@@ -91,69 +97,63 @@ pub enum EngineError {
 
 impl Engine {
     pub fn from_config(config: &Config) -> Result<Arc<Self>, EngineError> {
-        Ok(Arc::new(Engine {
-            catalog: Arc::new(Catalog::from_config(config)?),
-            allow: config.dns.allow.clone(),
-            max_payload: config.dns.max_udp_payload,
-            outcomes: Outcomes::new(),
-        }))
+        let snapshot = Snapshot::new(config, None)?;
+        Ok(Arc::new(Engine { current: ArcSwap::from_pointee(snapshot), outcomes: Outcomes::new() }))
     }
 
-    pub fn catalog(&self) -> &Arc<Catalog> {
-        &self.catalog
+    /// Applies a new configuration; on error the running one stays untouched.
+    pub fn reload(&self, config: &Config) -> Result<(), EngineError> {
+        let next = Snapshot::new(config, Some(&self.current.load().catalog))?;
+        self.current.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The configuration in force now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
     }
 
     pub fn upstream_addrs(&self) -> Vec<std::net::SocketAddr> {
-        self.catalog.default_forwarder().addrs()
+        self.current.load().catalog.default_forwarder().addrs()
     }
 
     pub fn cache_entries(&self) -> u64 {
-        self.catalog.default_forwarder().entries()
+        self.current.load().catalog.default_forwarder().entries()
     }
 
     /// The longest a miss can take to resolve or fail.
     pub fn resolve_deadline(&self) -> Duration {
-        self.catalog.default_forwarder().deadline()
-    }
-
-    fn limit(&self, q: &Query<'_>, transport: Transport) -> usize {
-        match transport {
-            Transport::Udp => q.udp_limit(self.max_payload),
-            Transport::Tcp => u16::MAX as usize,
-        }
-    }
-
-    fn allowed(&self, client: IpAddr) -> bool {
-        self.allow.iter().any(|n| n.contains(&client))
+        self.current.load().catalog.default_forwarder().deadline()
     }
 
     /// Answers what can be answered without waiting on the network.
     pub fn handle(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+        let snap = self.current.load();
         let client = from.client.to_canonical();
         let q = match Query::parse(pkt) {
             Ok(q) => q,
-            Err(reject) => return self.reject(reject, client, out),
+            Err(reject) => return self.reject(&snap, reject, client, out),
         };
-        let limit = self.limit(&q, from.transport);
-        if !self.allowed(client) {
+        let limit = snap.limit(&q, from.transport);
+        if !snap.allowed(client) {
             self.outcomes.refused.increment(1);
-            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, self.max_payload);
+            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, snap.max_payload);
             return Handled::Reply;
         }
         if q.edns.is_some_and(|e| e.version > 0) {
             self.outcomes.badvers.increment(1);
-            wire::badvers(out, &q, self.max_payload);
+            wire::badvers(out, &q, snap.max_payload);
             return Handled::Reply;
         }
         if matches!(q.qtype, wire::TYPE_AXFR | wire::TYPE_IXFR | wire::TYPE_OPT) {
             self.outcomes.refused.increment(1);
-            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, self.max_payload);
+            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, snap.max_payload);
             return Handled::Reply;
         }
         let mut lc_buf = [0u8; wire::MAX_NAME_LEN];
         let lc_len = wire::lowercase_name(q.name(), &mut lc_buf);
         let lc = &lc_buf[..lc_len];
-        let forwarder = match self.catalog.answer(&q, lc, from.listener, client, out, limit, self.max_payload) {
+        let forwarder = match snap.catalog.answer(&q, lc, from.listener, client, out, limit, snap.max_payload) {
             Local::Cluster => {
                 self.outcomes.cluster.increment(1);
                 return Handled::Reply;
@@ -177,15 +177,15 @@ impl Engine {
         if let Some(answer) = forwarder.cached(cache::key_into(&mut kb, lc, &q), now) {
             self.outcomes.cache_hits.increment(1);
             self.outcomes.cache_hit.increment(1);
-            answer.serve(&q, out, now, limit, self.max_payload);
+            answer.serve(&q, out, now, limit, snap.max_payload);
             return Handled::Reply;
         }
         Handled::Miss
     }
 
-    fn reject(&self, reject: Reject, client: IpAddr, out: &mut Vec<u8>) -> Handled {
+    fn reject(&self, snap: &Snapshot, reject: Reject, client: IpAddr, out: &mut Vec<u8>) -> Handled {
         // Say nothing to strangers, not even FORMERR.
-        if !self.allowed(client) {
+        if !snap.allowed(client) {
             self.outcomes.dropped.increment(1);
             return Handled::Drop;
         }
@@ -211,13 +211,14 @@ impl Engine {
     /// however many clients ask at once; SERVFAIL if the upstreams fail.
     pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
         let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
+        let snap = self.current.load_full();
         let client = from.client.to_canonical();
-        let limit = self.limit(&q, from.transport);
+        let limit = snap.limit(&q, from.transport);
         let mut lc_buf = [0u8; wire::MAX_NAME_LEN];
         let lc_len = wire::lowercase_name(q.name(), &mut lc_buf);
         let lc = &lc_buf[..lc_len];
         let (forwarder, cluster) =
-            match self.catalog.answer(&q, lc, from.listener, client, out, limit, self.max_payload) {
+            match snap.catalog.answer(&q, lc, from.listener, client, out, limit, snap.max_payload) {
                 Local::Forward(f, c) => (f, c),
                 _ => return Handled::Reply,
             };
@@ -237,12 +238,12 @@ impl Engine {
                 if let Some(c) = cluster {
                     c.count_answer();
                 }
-                answer.serve(&q, out, Instant::now(), limit, self.max_payload);
+                answer.serve(&q, out, Instant::now(), limit, snap.max_payload);
             }
             Err(e) => {
                 tracing::debug!(error = %e, name = %wire::wire_to_string(lc), "resolution failed");
                 self.outcomes.servfail.increment(1);
-                Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, self.max_payload);
+                Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
             }
         }
         Handled::Reply
@@ -251,8 +252,30 @@ impl Engine {
     /// SERVFAIL for a query we cannot resolve now (too many in flight).
     pub fn servfail_packet(&self, pkt: &[u8], transport: Transport, out: &mut Vec<u8>) -> Handled {
         let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
+        let snap = self.current.load();
         self.outcomes.servfail.increment(1);
-        Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, self.limit(&q, transport), self.max_payload);
+        Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, snap.limit(&q, transport), snap.max_payload);
         Handled::Reply
+    }
+}
+
+impl Snapshot {
+    fn new(config: &Config, previous: Option<&Catalog>) -> Result<Self, EngineError> {
+        Ok(Snapshot {
+            catalog: Catalog::rebuild(config, previous)?,
+            allow: config.dns.allow.clone(),
+            max_payload: config.dns.max_udp_payload,
+        })
+    }
+
+    fn limit(&self, q: &Query<'_>, transport: Transport) -> usize {
+        match transport {
+            Transport::Udp => q.udp_limit(self.max_payload),
+            Transport::Tcp => u16::MAX as usize,
+        }
+    }
+
+    fn allowed(&self, client: IpAddr) -> bool {
+        self.allow.iter().any(|n| n.contains(&client))
     }
 }

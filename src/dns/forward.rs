@@ -13,14 +13,24 @@ pub struct Forwarder {
     cache: Cache,
     inflight: Inflight,
     upstreams: Upstreams,
+    /// What it was built from: a reload with the same settings keeps this forwarder and its cache.
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub addrs: Vec<std::net::SocketAddr>,
+    pub attempt_timeout: Duration,
+    pub cache: CacheConfig,
 }
 
 impl Forwarder {
-    pub fn new(addrs: &[std::net::SocketAddr], attempt_timeout: Duration, cache: &CacheConfig) -> Self {
+    pub fn new(settings: Settings) -> Self {
         Forwarder {
-            cache: cache::build(cache),
+            cache: cache::build(&settings.cache),
             inflight: Inflight::default(),
-            upstreams: Upstreams::new(addrs, attempt_timeout, cache.clone()),
+            upstreams: Upstreams::new(&settings.addrs, settings.attempt_timeout, settings.cache.clone()),
+            settings,
         }
     }
 
