@@ -175,11 +175,20 @@ pub struct CacheConfig {
     pub max_ttl: u32,
     /// Cap on how long NXDOMAIN/NODATA is cached (RFC 2308 takes the SOA's minimum, then this).
     pub max_negative_ttl: u32,
+    /// How long past its TTL an answer may still be served when every upstream fails
+    /// (RFC 8767, with a TTL of 30 s); 0 turns serving stale answers off.
+    pub serve_stale_secs: u32,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { max_entries: 100_000, min_ttl: 0, max_ttl: 86_400, max_negative_ttl: 3_600 }
+        CacheConfig {
+            max_entries: 100_000,
+            min_ttl: 0,
+            max_ttl: 86_400,
+            max_negative_ttl: 3_600,
+            serve_stale_secs: 3_600,
+        }
     }
 }
 

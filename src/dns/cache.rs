@@ -138,6 +138,11 @@ impl Answer {
         Ok(Answer { bytes: bytes.into(), ttls: ttls.into(), ttl, stored: now, rcode })
     }
 
+    /// Seconds since it was stored.
+    pub fn age(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.stored).as_secs()
+    }
+
     /// Seconds left before this answer expires.
     pub fn remaining(&self, now: Instant) -> u32 {
         self.ttl.saturating_sub(now.saturating_duration_since(self.stored).as_secs() as u32)
@@ -146,6 +151,18 @@ impl Answer {
     /// Writes this answer for `q` into `out`: its id, its question case, TTLs counted down, an
     /// OPT if it used EDNS, and TC with the records dropped if it exceeds `limit`.
     pub fn serve(&self, q: &Query<'_>, out: &mut Vec<u8>, now: Instant, limit: usize, max_payload: u16) {
+        self.write(q, out, limit, max_payload, |ttl| {
+            let elapsed = now.saturating_duration_since(self.stored).as_secs() as u32;
+            ttl.saturating_sub(elapsed)
+        });
+    }
+
+    /// Writes this answer past its TTL, every record with the stale TTL of RFC 8767 section 4.
+    pub fn serve_stale(&self, q: &Query<'_>, out: &mut Vec<u8>, limit: usize, max_payload: u16) {
+        self.write(q, out, limit, max_payload, |_| STALE_TTL);
+    }
+
+    fn write(&self, q: &Query<'_>, out: &mut Vec<u8>, limit: usize, max_payload: u16, ttl_of: impl Fn(u32) -> u32) {
         out.clear();
         out.extend_from_slice(&self.bytes);
         out[..2].copy_from_slice(&q.id.to_be_bytes());
@@ -153,11 +170,8 @@ impl Answer {
         wire::put16(out, 2, flags);
         let name = q.name();
         out[wire::HEADER_LEN..wire::HEADER_LEN + name.len()].copy_from_slice(name);
-        let elapsed = now.saturating_duration_since(self.stored).as_secs() as u32;
-        if elapsed > 0 {
-            for &(at, ttl) in self.ttls.iter() {
-                wire::put32(out, at as usize, ttl.saturating_sub(elapsed));
-            }
+        for &(at, ttl) in self.ttls.iter() {
+            wire::put32(out, at as usize, ttl_of(ttl));
         }
         let opt_len = if q.edns.is_some() { 11 } else { 0 };
         if out.len() + opt_len > limit {
@@ -176,11 +190,17 @@ fn query_question_len(query: &[u8]) -> usize {
     name_end - wire::HEADER_LEN + 4
 }
 
-struct TtlExpiry;
+/// The TTL of an answer served past its expiry (RFC 8767 section 4 recommends 30 s).
+pub const STALE_TTL: u32 = 30;
+
+/// Entries live for their TTL plus the serve-stale window.
+struct TtlExpiry {
+    stale: u64,
+}
 
 impl Expiry<Key, Arc<Answer>> for TtlExpiry {
     fn expire_after_create(&self, _key: &Key, value: &Arc<Answer>, _now: Instant) -> Option<Duration> {
-        Some(Duration::from_secs(value.ttl as u64))
+        Some(Duration::from_secs(value.ttl as u64 + self.stale))
     }
 }
 
@@ -189,7 +209,8 @@ impl Expiry<Key, Arc<Answer>> for TtlExpiry {
 pub type Cache = moka::sync::Cache<Key, Arc<Answer>>;
 
 pub fn build(config: &CacheConfig) -> Cache {
-    moka::sync::Cache::builder().max_capacity(config.max_entries).expire_after(TtlExpiry).build()
+    let expiry = TtlExpiry { stale: config.serve_stale_secs as u64 };
+    moka::sync::Cache::builder().max_capacity(config.max_entries).expire_after(expiry).build()
 }
 
 /// What every client waiting on one resolution receives.
@@ -311,6 +332,20 @@ mod tests {
         assert_eq!(m.answers[1].ttl, 393);
         assert!(m.edns.is_none(), "no OPT for a client without EDNS");
         assert_eq!(a.remaining(t0 + Duration::from_secs(7)), 293);
+    }
+
+    #[test]
+    fn stale_answers_carry_the_stale_ttl() {
+        let up_q = query("www.example.", true);
+        let resp = upstream_answer(&up_q, ResponseCode::NoError, 5, None);
+        let t0 = Instant::now();
+        let a = Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), t0).unwrap();
+        assert_eq!(a.remaining(t0 + Duration::from_secs(9)), 0);
+        let q = Query::parse(&up_q).unwrap();
+        let mut out = Vec::new();
+        a.serve_stale(&q, &mut out, 1232, 1232);
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.answers.iter().all(|r| r.ttl == STALE_TTL));
     }
 
     #[test]

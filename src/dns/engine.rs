@@ -46,6 +46,7 @@ struct Outcomes {
     unknown_cluster: metrics::Counter,
     cache_hit: metrics::Counter,
     forwarded: metrics::Counter,
+    stale: metrics::Counter,
     servfail: metrics::Counter,
     refused: metrics::Counter,
     formerr: metrics::Counter,
@@ -65,6 +66,7 @@ impl Outcomes {
             unknown_cluster: o("unknown_cluster"),
             cache_hit: o("cache_hit"),
             forwarded: o("forwarded"),
+            stale: o("stale"),
             servfail: o("servfail"),
             refused: o("refused"),
             formerr: o("formerr"),
@@ -232,7 +234,7 @@ impl Engine {
             checking_disabled: q.checking_disabled(),
         };
         self.outcomes.cache_misses.increment(1);
-        match forwarder.resolve(key, question).await {
+        match forwarder.resolve(key.clone(), question).await {
             Ok(answer) => {
                 self.outcomes.forwarded.increment(1);
                 if let Some(c) = cluster {
@@ -242,6 +244,11 @@ impl Engine {
             }
             Err(e) => {
                 tracing::debug!(error = %e, name = %wire::wire_to_string(lc), "resolution failed");
+                if let Some(stale) = forwarder.stale(&key, Instant::now()) {
+                    self.outcomes.stale.increment(1);
+                    stale.serve_stale(&q, out, limit, snap.max_payload);
+                    return Handled::Reply;
+                }
                 self.outcomes.servfail.increment(1);
                 Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
             }

@@ -39,6 +39,12 @@ impl Forwarder {
         self.cache.get(key).filter(|a| a.remaining(now) > 0)
     }
 
+    /// An expired answer still within the serve-stale window (RFC 8767).
+    pub fn stale(&self, key: &[u8], now: Instant) -> Option<Arc<Answer>> {
+        let window = self.settings.cache.serve_stale_secs as u64;
+        self.cache.get(key).filter(|a| a.remaining(now) == 0 && a.age(now) <= a.ttl as u64 + window)
+    }
+
     /// Resolves `key` upstream, once however many ask at the same time, and caches the answer.
     pub async fn resolve(&self, key: cache::Key, question: Question<'_>) -> Shared {
         match self.inflight.join(&key) {

@@ -138,6 +138,7 @@ ns      IN A 192.0.2.1
 www     IN A 192.0.2.10
 www     IN AAAA 2001:db8::10
 short   60 IN A 192.0.2.11
+quick   2 IN A 192.0.2.12
 big     IN TXT "{txt}"
 """.replace("{txt}", "x" * 200)
 NSD_ZONE += "".join(f'big IN TXT "record-{i:02d}-{"y" * 180}"\n' for i in range(12))
@@ -169,10 +170,14 @@ zone:
   name: {zone}
   zonefile: zone
 """)
+        self.start()
+
+    def start(self):
+        """Starts nsd (again) on the same port."""
         self.proc = subprocess.Popen(
             ["nsd", "-d", "-c", str(self.dir / "nsd.conf")],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "nsd.log", "w"),
+            stderr=open(self.dir / "nsd.log", "a"),
         )
         self.wait_ready()
 

@@ -6,6 +6,7 @@ import time
 
 import dns.message
 import dns.query
+import dns.rcode
 
 from conftest import require, wait_for
 
@@ -75,3 +76,33 @@ def test_file_change_reloads_without_a_signal(daemon, nsd):
     time.sleep(1.1)  # a new modification time even on coarse-grained file systems
     d.config.write_text(config(nsd.port, "10.1.0.42", 1))
     assert wait_for(lambda: answer(d) == ["10.1.0.42"], timeout=5)
+
+
+def test_serve_stale_within_the_window_then_servfail(daemon, nsd):
+    """RFC 8767: with the upstream down, an expired answer is served (TTL 30) within the
+    window, SERVFAIL after it; with the upstream back, answers are fresh again."""
+    d = daemon(f"""
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:{nsd.port}"]
+upstream_timeout_ms = 200
+[admin]
+listen = "127.0.0.1:0"
+[cache]
+serve_stale_secs = 4
+""")
+    ask = lambda: dns.query.udp(dns.message.make_query("quick.example.test", "A"), d.host, port=d.port, timeout=3)
+    r = ask()
+    stored = time.monotonic()
+    assert [x.to_text() for x in r.answer[0]] == ["192.0.2.12"] and r.answer[0].ttl == 2
+    nsd.stop()
+    time.sleep(2.2)  # past the TTL, inside the window
+    r = ask()
+    assert r.rcode() == dns.rcode.NOERROR and [x.to_text() for x in r.answer[0]] == ["192.0.2.12"]
+    assert r.answer[0].ttl == 30
+    assert d.metric("mskdns_responses_total", outcome="stale") == 1
+    time.sleep(max(0, stored + 2 + 4 + 1.2 - time.monotonic()))  # past TTL + window
+    assert ask().rcode() == dns.rcode.SERVFAIL
+    nsd.start()
+    r = ask()
+    assert r.rcode() == dns.rcode.NOERROR and r.answer[0].ttl == 2
