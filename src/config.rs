@@ -83,6 +83,13 @@ pub struct DnsConfig {
     pub max_udp_payload: u16,
     pub max_tcp_connections: usize,
     pub tcp_idle_timeout_ms: u64,
+    /// UDP responses per second per client prefix; 0: no limit. Over it, responses are dropped
+    /// but every `rate_limit_slip`-th, which is sent truncated (the client retries over TCP).
+    pub rate_limit: u32,
+    pub rate_limit_slip: u32,
+    /// Prefix lengths that group clients for the rate limit.
+    pub rate_limit_ipv4_prefix: u8,
+    pub rate_limit_ipv6_prefix: u8,
     /// UDP receive threads per listen address; 0: one per CPU we may run on. All but the first
     /// run at idle priority (they use spare CPU only).
     pub udp_threads: usize,
@@ -109,6 +116,10 @@ impl Default for DnsConfig {
             max_tcp_connections: 1024,
             tcp_idle_timeout_ms: 10_000,
             udp_threads: 0,
+            rate_limit: 0,
+            rate_limit_slip: 2,
+            rate_limit_ipv4_prefix: 24,
+            rate_limit_ipv6_prefix: 56,
         }
     }
 }
@@ -378,6 +389,15 @@ impl Config {
         }
         if d.upstream_timeout_ms == 0 || d.upstream_timeout_ms > 30_000 {
             return Err(ConfigError::invalid("dns.upstream_timeout_ms", "must be between 1 and 30000"));
+        }
+        if d.rate_limit_ipv4_prefix > 32 || d.rate_limit_ipv6_prefix > 128 {
+            return Err(ConfigError::invalid(
+                "dns.rate_limit_ipv4_prefix",
+                "prefix lengths are at most 32 (IPv4) and 128 (IPv6)",
+            ));
+        }
+        if d.rate_limit > 1_000_000 {
+            return Err(ConfigError::invalid("dns.rate_limit", "must be at most 1000000 per second"));
         }
         if d.udp_threads > 256 {
             return Err(ConfigError::invalid("dns.udp_threads", "must be at most 256 (0: one per CPU)"));

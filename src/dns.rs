@@ -4,6 +4,7 @@ pub mod cache;
 pub mod catalog;
 pub mod engine;
 pub mod forward;
+pub mod ratelimit;
 pub mod server;
 pub mod udp;
 pub mod upstream;

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 
 use super::cache;
 use super::catalog::{Catalog, Local};
+use super::ratelimit::{RateLimiter, Verdict};
 use super::upstream::Question;
 use super::wire::{self, Query, Reject, Response};
 use crate::config::Config;
@@ -53,6 +54,8 @@ struct Outcomes {
     notimp: metrics::Counter,
     badvers: metrics::Counter,
     dropped: metrics::Counter,
+    rate_limited: metrics::Counter,
+    any: metrics::Counter,
     cache_hits: metrics::Counter,
     cache_misses: metrics::Counter,
 }
@@ -73,6 +76,8 @@ impl Outcomes {
             notimp: o("notimp"),
             badvers: o("badvers"),
             dropped: o("dropped"),
+            rate_limited: o("rate_limited"),
+            any: o("any_rfc8482"),
             cache_hits: metrics::counter!("mskdns_cache_hits_total"),
             cache_misses: metrics::counter!("mskdns_cache_misses_total"),
         }
@@ -84,6 +89,7 @@ pub struct Snapshot {
     pub catalog: Catalog,
     allow: Vec<IpNet>,
     max_payload: u16,
+    rate_limit: Option<RateLimiter>,
 }
 
 pub struct Engine {
@@ -142,6 +148,22 @@ impl Engine {
             Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, snap.max_payload);
             return Handled::Reply;
         }
+        if from.transport == Transport::Udp
+            && let Some(rl) = &snap.rate_limit
+        {
+            match rl.check(client) {
+                Verdict::Send => {}
+                Verdict::Drop => {
+                    self.outcomes.rate_limited.increment(1);
+                    return Handled::Drop;
+                }
+                Verdict::Truncate => {
+                    self.outcomes.rate_limited.increment(1);
+                    Response::new(out, &q, wire::RCODE_NOERROR, false).finish(&q, 0, snap.max_payload);
+                    return Handled::Reply;
+                }
+            }
+        }
         if q.edns.is_some_and(|e| e.version > 0) {
             self.outcomes.badvers.increment(1);
             wire::badvers(out, &q, snap.max_payload);
@@ -174,6 +196,14 @@ impl Engine {
             }
             Local::Forward(f, _) => f,
         };
+        if q.qtype == wire::TYPE_ANY {
+            // RFC 8482: no upstream ANY (an amplification vector); one synthesized HINFO instead.
+            self.outcomes.any.increment(1);
+            let mut r = Response::new(out, &q, wire::RCODE_NOERROR, false);
+            r.record_at_qname(wire::Section::Answer, &wire::RFC8482_HINFO);
+            r.finish(&q, limit, snap.max_payload);
+            return Handled::Reply;
+        }
         let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
         let now = Instant::now();
         if let Some(answer) = forwarder.cached(cache::key_into(&mut kb, lc, &q), now) {
@@ -272,6 +302,10 @@ impl Snapshot {
             catalog: Catalog::rebuild(config, previous)?,
             allow: config.dns.allow.clone(),
             max_payload: config.dns.max_udp_payload,
+            rate_limit: (config.dns.rate_limit > 0).then(|| {
+                let d = &config.dns;
+                RateLimiter::new(d.rate_limit, d.rate_limit_slip, d.rate_limit_ipv4_prefix, d.rate_limit_ipv6_prefix)
+            }),
         })
     }
 

@@ -258,6 +258,10 @@ pub fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
+/// The HINFO record of RFC 8482 section 4.2 (type, class, TTL 3600, CPU "RFC8482", OS "").
+pub const RFC8482_HINFO: [u8; 19] =
+    [0, 13, 0, 1, 0, 0, 0x0e, 0x10, 0, 9, 7, b'R', b'F', b'C', b'8', b'4', b'8', b'2', 0];
+
 /// Writes one response into a reused buffer: header, the echoed question, then records.
 pub struct Response<'b> {
     buf: &'b mut Vec<u8>,

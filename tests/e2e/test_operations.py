@@ -1,10 +1,13 @@
 """Operations: hot reload (SIGHUP and file changes) under load, keeping the last good config."""
 import re
 import signal
+import socket
 import subprocess
 import time
 
+import dns.flags
 import dns.message
+import dns.rdatatype
 import dns.query
 import dns.rcode
 
@@ -106,3 +109,47 @@ serve_stale_secs = 4
     nsd.start()
     r = ask()
     assert r.rcode() == dns.rcode.NOERROR and r.answer[0].ttl == 2
+
+
+def test_any_is_answered_per_rfc8482(daemon, nsd):
+    d = daemon(config(nsd.port, "10.1.0.10", 0))
+    r = dns.query.udp(dns.message.make_query("www.example.test", "ANY"), d.host, port=d.port, timeout=3)
+    assert r.rcode() == dns.rcode.NOERROR
+    assert [rr.rdtype for rr in r.answer] == [dns.rdatatype.HINFO]
+    assert r.answer[0][0].cpu == b"RFC8482"
+    # Our own cluster names answer ANY with their addresses.
+    r = dns.query.udp(dns.message.make_query(A, "ANY"), d.host, port=d.port, timeout=3)
+    assert [x.to_text() for rrset in r.answer for x in rrset] == ["10.1.0.10"]
+
+
+def test_rate_limit_per_client(daemon, nsd):
+    """A client over its limit gets drops and truncated answers; another is unaffected."""
+    d = daemon(config(nsd.port, "10.1.0.10", 0).replace(
+        "[admin]", "rate_limit = 20\nrate_limit_ipv4_prefix = 32\n\n[admin]"))
+    loud = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    loud.bind(("127.0.0.2", 0))
+    loud.settimeout(0.5)
+    query = dns.message.make_query(A, "A")
+    for i in range(200):
+        query.id = i
+        loud.sendto(query.to_wire(), (d.host, d.port))
+    answered = truncated = 0
+    try:
+        while True:
+            r = dns.message.from_wire(loud.recv(4096))
+            if r.flags & dns.flags.TC:
+                truncated += 1
+            else:
+                answered += 1
+    except socket.timeout:
+        pass
+    assert 15 <= answered <= 30, answered
+    assert truncated > 20 and answered + truncated < 200, (answered, truncated)
+    # The quiet client on another address gets every answer.
+    for _ in range(15):
+        r = dns.query.udp(dns.message.make_query(A, "A"), d.host, port=d.port, source="127.0.0.3", timeout=3)
+        assert [x.to_text() for rrset in r.answer for x in rrset] == ["10.1.0.10"]
+    # TCP is not limited: the loud client still gets its answer there.
+    r = dns.query.tcp(dns.message.make_query(A, "A"), d.host, port=d.port, source="127.0.0.2", timeout=3)
+    assert [x.to_text() for rrset in r.answer for x in rrset] == ["10.1.0.10"]
+    assert d.metric("mskdns_responses_total", outcome="rate_limited") > 100
