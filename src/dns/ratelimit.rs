@@ -64,7 +64,11 @@ impl RateLimiter {
                 Ok(_) if verdict == Verdict::Send => return Verdict::Send,
                 Ok(_) => {
                     let n = self.limited.fetch_add(1, Ordering::Relaxed) + 1;
-                    return if self.slip > 0 && n % self.slip as u64 == 0 { Verdict::Truncate } else { Verdict::Drop };
+                    return if self.slip > 0 && n.is_multiple_of(self.slip as u64) {
+                        Verdict::Truncate
+                    } else {
+                        Verdict::Drop
+                    };
                 }
                 Err(seen) => current = seen,
             }
