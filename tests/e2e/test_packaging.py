@@ -1,0 +1,31 @@
+"""The packaging files pass the validators that run here."""
+import glob
+import subprocess
+
+from conftest import BIN, ROOT, require
+
+
+def run(*cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r.stdout + r.stderr
+
+
+def test_systemd_unit_verifies(tmp_path):
+    # verify checks that ExecStart exists: point it at the binary just built.
+    unit = (ROOT / "packaging/systemd/mskdns.service").read_text().replace("/usr/bin/mskdns", str(BIN))
+    (tmp_path / "mskdns.service").write_text(unit)
+    out = run(require("systemd-analyze"), "verify", str(tmp_path / "mskdns.service"))
+    assert "mskdns.service" not in out, out  # any finding names the unit
+    assert "DynamicUser=yes" in unit and "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in unit
+
+
+def test_cloudformation_lints():
+    run(require("cfn-lint"), str(ROOT / "packaging/cloudformation/mskdns.yaml"))
+
+
+def test_kubernetes_manifests_validate():
+    files = sorted(glob.glob(str(ROOT / "packaging/kubernetes/*.yaml")))
+    assert len(files) == 2
+    out = run(require("kubernetes-validate"), "--strict", *files)
+    assert out.count("passed") == 4, out
