@@ -451,6 +451,9 @@ impl Config {
             if v.az_affinity != AzAffinity::Off && v.az.is_none() && v.subnet.is_none() {
                 return Err(ConfigError::invalid(key("az_affinity"), "needs the view's az or subnet"));
             }
+            if v.subnet.is_some() && !cfg!(feature = "aws") {
+                return Err(ConfigError::invalid(key("subnet"), "this build has no AWS support (feature `aws`)"));
+            }
             if v.subnet.as_deref().is_some_and(|s| !s.starts_with("subnet-")) {
                 return Err(ConfigError::invalid(key("subnet"), "must be a subnet id (subnet-…)"));
             }
@@ -528,6 +531,9 @@ fn validate_clusters(at: &str, clusters: &[ClusterConfig]) -> Result<(), ConfigE
                     "give only one of addresses, vpc_endpoint, forward, proxy",
                 ));
             }
+        }
+        if cl.vpc_endpoint.is_some() && !cfg!(feature = "aws") {
+            return Err(ConfigError::invalid(key("vpc_endpoint"), "this build has no AWS support (feature `aws`)"));
         }
         if let Some(e) = &cl.vpc_endpoint
             && !e.starts_with("vpce-")

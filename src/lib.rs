@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(feature = "aws")]
 pub mod discovery;
 pub mod dns;
 pub mod names;
@@ -46,6 +47,7 @@ pub struct Server {
     admin: tokio::net::TcpListener,
     tcp_limits: TcpLimits,
     udp_threads: usize,
+    #[cfg_attr(not(feature = "aws"), allow(dead_code))]
     ec2_refresh: Duration,
     config: Config,
     pub health: Arc<Health>,
@@ -143,6 +145,7 @@ impl Server {
                 shutdown.clone(),
             ));
         }
+        #[cfg(feature = "aws")]
         tasks.spawn(discovery::ec2::run(self.engine.clone(), self.health.clone(), self.ec2_refresh, shutdown.clone()));
         let engine = self.engine.clone();
         let cache_entries = metrics::gauge!("mskdns_cache_entries");
@@ -158,6 +161,7 @@ impl Server {
                 admin_shutdown.cancel();
             }
         });
+        #[cfg(feature = "aws")]
         discovery::ec2::mark_unread(&self.engine.snapshot().catalog, &self.health);
         self.health.set_serving(true);
         tracing::info!(

@@ -18,7 +18,19 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+# One build of every target: dev-dependency features are unified only when tests are built, so
+# a separate `cargo build --bin` would compile much of the dependency tree a second time.
+cargo build --locked --all-targets
 cargo nextest run --locked --no-fail-fast
-cargo build --locked --bin mskdns
+# The fuzz targets, briefly (cargo fuzz on the stable toolchain through RUSTC_BOOTSTRAP; the
+# long runs are recorded in docs/fuzzing.md). New inputs go to a scratch copy of the corpus.
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
+scratch=$(mktemp -d)
+for t in request upstream_response config; do
+  mkdir -p "$scratch/$t"
+  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" "$scratch/$t" "corpus/$t" -- -max_total_time="${FUZZ_SECS:-20}" 2>&1 | tail -n 3)
+done
+rm -rf "$scratch"
+
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 MSKDNS_BIN="$target/debug/mskdns" python3 -m pytest -q -p no:cacheprovider tests/e2e "$@"
