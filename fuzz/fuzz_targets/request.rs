@@ -37,7 +37,9 @@ fn engine() -> &'static Arc<Engine> {
 fuzz_target!(|data: &[u8]| {
     let engine = engine();
     let mut out = Vec::new();
-    for (client, transport) in [([127, 0, 0, 1], Transport::Udp), ([10, 1, 2, 3], Transport::Tcp), ([8, 8, 8, 8], Transport::Udp)] {
+    for (client, transport) in
+        [([127, 0, 0, 1], Transport::Udp), ([10, 1, 2, 3], Transport::Tcp), ([8, 8, 8, 8], Transport::Udp)]
+    {
         let from = Origin { client: client.into(), listener: 0, transport };
         if engine.handle(data, from, &mut out) == Handled::Reply {
             assert!(out.len() >= 12, "a response has a header");

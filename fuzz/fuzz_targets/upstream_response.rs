@@ -27,7 +27,8 @@ fuzz_target!(|data: &[u8]| {
         let client = Query::parse(&query).expect("our own query parses");
         let mut out = Vec::new();
         answer.serve(&client, &mut out, now, 65_535, 1232);
-        let again = Answer::from_upstream(&out, &query, &CacheConfig::default(), now).expect("served bytes parse again");
+        let again =
+            Answer::from_upstream(&out, &query, &CacheConfig::default(), now).expect("served bytes parse again");
         let mut out2 = Vec::new();
         again.serve(&client, &mut out2, now, 65_535, 1232);
         assert_eq!(out, out2, "a served answer round-trips");
