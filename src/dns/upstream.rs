@@ -3,7 +3,8 @@
 //! one overall deadline so that a client always gets an answer (SERVFAIL at worst) in time.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,9 +45,17 @@ struct Server {
     addr: SocketAddr,
     /// Smoothed round-trip time in microseconds (RFC 6298 style, gain 1/8); 0 until measured.
     srtt_us: AtomicU32,
+    /// Down: its last attempt timed out or failed on the socket. Tried last, and probed.
+    down: AtomicBool,
+    probing: AtomicBool,
     latency: metrics::Histogram,
     errors: [metrics::Counter; 7],
+    up: metrics::Gauge,
+    srtt: metrics::Gauge,
 }
+
+/// How often a down upstream is asked whether it is back.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Retransmission timer bounds: a lost datagram (an upstream's rate limiting drops some) costs
 /// a few round trips, not the whole attempt timeout.
@@ -66,13 +75,44 @@ impl Server {
         let old = self.srtt_us.load(Ordering::Relaxed);
         let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
         self.srtt_us.store(new.max(1), Ordering::Relaxed);
+        self.srtt.set(new as f64 / 1e6);
+    }
+
+    fn succeeded(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            self.up.set(1.0);
+            tracing::info!(upstream = %self.addr, "upstream is back");
+        }
+    }
+
+    /// A timeout or a socket error (not an error rcode for one name, which says nothing about
+    /// the server) marks it down; returns true when this failure did.
+    fn failed(&self, e: &UpstreamError) -> bool {
+        if !matches!(e, UpstreamError::Timeout { .. } | UpstreamError::Io { .. }) {
+            return false;
+        }
+        if self.down.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        self.up.set(0.0);
+        tracing::warn!(upstream = %self.addr, error = %e, "upstream is down; trying the others first");
+        true
+    }
+
+    /// Sort key: up before down, then the fastest; unmeasured ones after measured ones.
+    fn rank(&self) -> (bool, u32) {
+        let srtt = match self.srtt_us.load(Ordering::Relaxed) {
+            0 => u32::MAX,
+            us => us,
+        };
+        (self.down.load(Ordering::Relaxed), srtt)
     }
 }
 
 const ERROR_KINDS: [&str; 7] = ["timeout", "io", "malformed", "mismatch", "extended_rcode", "rcode", "exhausted"];
 
 pub struct Upstreams {
-    servers: Vec<Server>,
+    servers: Vec<Arc<Server>>,
     attempt_timeout: Duration,
     limits: CacheConfig,
 }
@@ -93,14 +133,20 @@ impl Upstreams {
             .iter()
             .map(|&addr| {
                 let label = addr.to_string();
-                Server {
+                let up = metrics::gauge!("mskdns_upstream_up", "upstream" => label.clone());
+                up.set(1.0);
+                Arc::new(Server {
                     addr,
                     srtt_us: AtomicU32::new(0),
+                    down: AtomicBool::new(false),
+                    probing: AtomicBool::new(false),
+                    up,
+                    srtt: metrics::gauge!("mskdns_upstream_srtt_seconds", "upstream" => label.clone()),
                     latency: metrics::histogram!("mskdns_upstream_duration_seconds", "upstream" => label.clone()),
                     errors: ERROR_KINDS.map(
                         |k| metrics::counter!("mskdns_upstream_errors_total", "upstream" => label.clone(), "kind" => k),
                     ),
-                }
+                })
             })
             .collect();
         Upstreams { servers, attempt_timeout, limits }
@@ -121,7 +167,10 @@ impl Upstreams {
         let deadline = Instant::now() + self.deadline();
         let mut last = UpstreamError::Exhausted;
         let mut query = Vec::with_capacity(q.lc_name.len() + 32);
-        for server in &self.servers {
+        // Healthy and fast first; config order breaks ties.
+        let mut order: Vec<&Arc<Server>> = self.servers.iter().collect();
+        order.sort_by_key(|s| s.rank());
+        for server in order {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -137,7 +186,7 @@ impl Upstreams {
             );
             let started = Instant::now();
             let budget = left.min(self.attempt_timeout);
-            let result = match tokio::time::timeout(budget, self.ask(server, &query)).await {
+            let result = match tokio::time::timeout(budget, ask(server, &query, &self.limits)).await {
                 Ok(r) => r,
                 Err(_) => Err(UpstreamError::Timeout { upstream: server.addr }),
             };
@@ -145,11 +194,15 @@ impl Upstreams {
                 Ok(answer) => {
                     server.latency.record(started.elapsed().as_secs_f64());
                     server.observe_rtt(started.elapsed());
+                    server.succeeded();
                     return Ok(answer);
                 }
                 Err(e) => {
                     let i = ERROR_KINDS.iter().position(|k| *k == e.kind()).unwrap_or(0);
                     server.errors[i].increment(1);
+                    if server.failed(&e) {
+                        self.probe(server);
+                    }
                     tracing::debug!(error = %e, name = %wire::wire_to_string(q.lc_name), "upstream attempt failed");
                     last = e;
                 }
@@ -158,55 +211,93 @@ impl Upstreams {
         Err(last)
     }
 
-    /// One attempt at one upstream (the caller bounds its time): the query is sent again on
-    /// the same socket each time the retransmission timer fires, the timer doubling each time.
-    async fn ask(&self, server: &Server, query: &[u8]) -> Result<Answer, UpstreamError> {
-        let upstream = server.addr;
-        let io = |source| UpstreamError::Io { upstream, source };
-        let bind: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-        let sock = UdpSocket::bind(bind).await.map_err(io)?;
-        sock.connect(upstream).await.map_err(io)?;
-        sock.send(query).await.map_err(io)?;
-        let mut rto = server.rto();
-        let mut resend_at = tokio::time::Instant::now() + rto;
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = tokio::select! {
-                r = sock.recv(&mut buf) => r.map_err(io)?,
-                _ = tokio::time::sleep_until(resend_at) => {
-                    sock.send(query).await.map_err(io)?;
-                    rto *= 2;
-                    resend_at = tokio::time::Instant::now() + rto;
-                    continue;
+    /// Asks a down server for the root's NS records every PROBE_INTERVAL until it answers
+    /// anything at all (an error rcode too: it is alive); ends with the server (a reload drops it) or when it is back.
+    fn probe(&self, server: &Arc<Server>) {
+        if server.probing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (weak, limits, timeout) = (Arc::downgrade(server), self.limits.clone(), self.attempt_timeout);
+        tokio::spawn(async move {
+            let mut query = Vec::with_capacity(32);
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                let Some(server) = Weak::upgrade(&weak) else { return };
+                if !server.down.load(Ordering::Relaxed) {
+                    server.probing.store(false, Ordering::Relaxed);
+                    return;
                 }
-            };
-            let resp = &buf[..n];
-            if n >= wire::HEADER_LEN && wire::is_truncated(wire::be16(resp, 2)) && resp[..2] == query[..2] {
-                return self.ask_tcp(upstream, query).await;
+                wire::build_upstream_query(
+                    &mut query,
+                    rand::random(),
+                    b"\0",
+                    wire::TYPE_NS,
+                    wire::CLASS_IN,
+                    false,
+                    false,
+                );
+                let started = Instant::now();
+                let reply = tokio::time::timeout(timeout, ask(&server, &query, &limits)).await;
+                let answered = matches!(reply, Ok(Ok(_)) | Ok(Err(UpstreamError::Failed { .. })));
+                if answered {
+                    server.observe_rtt(started.elapsed());
+                    server.succeeded();
+                    server.probing.store(false, Ordering::Relaxed);
+                    return;
+                }
             }
-            match Answer::from_upstream(resp, query, &self.limits, Instant::now()) {
-                // A stray or spoofed datagram: keep waiting for the real answer.
-                Err(BadResponse::Mismatch) => continue,
-                Err(source) => return Err(UpstreamError::Bad { upstream, source }),
-                Ok(a) => return usable(upstream, a),
+        });
+    }
+}
+
+/// One attempt at one upstream (the caller bounds its time): the query is sent again on the same
+/// socket each time the retransmission timer fires, the timer doubling each time.
+async fn ask(server: &Server, query: &[u8], limits: &CacheConfig) -> Result<Answer, UpstreamError> {
+    let upstream = server.addr;
+    let io = |source| UpstreamError::Io { upstream, source };
+    let bind: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let sock = UdpSocket::bind(bind).await.map_err(io)?;
+    sock.connect(upstream).await.map_err(io)?;
+    sock.send(query).await.map_err(io)?;
+    let mut rto = server.rto();
+    let mut resend_at = tokio::time::Instant::now() + rto;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = tokio::select! {
+            r = sock.recv(&mut buf) => r.map_err(io)?,
+            _ = tokio::time::sleep_until(resend_at) => {
+                sock.send(query).await.map_err(io)?;
+                rto *= 2;
+                resend_at = tokio::time::Instant::now() + rto;
+                continue;
             }
+        };
+        let resp = &buf[..n];
+        if n >= wire::HEADER_LEN && wire::is_truncated(wire::be16(resp, 2)) && resp[..2] == query[..2] {
+            return ask_tcp(upstream, query, limits).await;
+        }
+        match Answer::from_upstream(resp, query, limits, Instant::now()) {
+            // A stray or spoofed datagram: keep waiting for the real answer.
+            Err(BadResponse::Mismatch) => continue,
+            Err(source) => return Err(UpstreamError::Bad { upstream, source }),
+            Ok(a) => return usable(upstream, a),
         }
     }
+}
 
-    async fn ask_tcp(&self, upstream: SocketAddr, query: &[u8]) -> Result<Answer, UpstreamError> {
-        let io = |source| UpstreamError::Io { upstream, source };
-        let mut s = TcpStream::connect(upstream).await.map_err(io)?;
-        let mut framed = Vec::with_capacity(query.len() + 2);
-        framed.extend_from_slice(&(query.len() as u16).to_be_bytes());
-        framed.extend_from_slice(query);
-        s.write_all(&framed).await.map_err(io)?;
-        let len = s.read_u16().await.map_err(io)? as usize;
-        let mut buf = vec![0u8; len];
-        s.read_exact(&mut buf).await.map_err(io)?;
-        let a = Answer::from_upstream(&buf, query, &self.limits, Instant::now())
-            .map_err(|source| UpstreamError::Bad { upstream, source })?;
-        usable(upstream, a)
-    }
+async fn ask_tcp(upstream: SocketAddr, query: &[u8], limits: &CacheConfig) -> Result<Answer, UpstreamError> {
+    let io = |source| UpstreamError::Io { upstream, source };
+    let mut s = TcpStream::connect(upstream).await.map_err(io)?;
+    let mut framed = Vec::with_capacity(query.len() + 2);
+    framed.extend_from_slice(&(query.len() as u16).to_be_bytes());
+    framed.extend_from_slice(query);
+    s.write_all(&framed).await.map_err(io)?;
+    let len = s.read_u16().await.map_err(io)? as usize;
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await.map_err(io)?;
+    let a = Answer::from_upstream(&buf, query, limits, Instant::now())
+        .map_err(|source| UpstreamError::Bad { upstream, source })?;
+    usable(upstream, a)
 }
 
 /// SERVFAIL, REFUSED and the like say "ask someone else"; NOERROR and NXDOMAIN are answers.

@@ -3,6 +3,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import dns.flags
@@ -153,3 +154,44 @@ def test_rate_limit_per_client(daemon, nsd):
     r = dns.query.tcp(dns.message.make_query(A, "A"), d.host, port=d.port, source="127.0.0.2", timeout=3)
     assert [x.to_text() for rrset in r.answer for x in rrset] == ["10.1.0.10"]
     assert d.metric("mskdns_responses_total", outcome="rate_limited") > 100
+
+
+def test_upstream_health_orders_and_probes(daemon, nsd):
+    """A silent upstream is marked down by its first timeout and tried last; an active probe
+    marks it up again once it answers."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent_addr = f"127.0.0.1:{silent.getsockname()[1]}"
+    d = daemon(f"""
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["{silent_addr}", "127.0.0.1:{nsd.port}"]
+upstream_timeout_ms = 300
+[admin]
+listen = "127.0.0.1:0"
+""")
+    ask = lambda n: dns.query.udp(dns.message.make_query(n, "A"), d.host, port=d.port, timeout=3)
+    t0 = time.monotonic()
+    assert ask("n0.example.test").rcode() == dns.rcode.NXDOMAIN
+    assert time.monotonic() - t0 >= 0.25, "the silent upstream was tried first, in config order"
+    assert d.metric("mskdns_upstream_up", upstream=silent_addr) == 0
+    t0 = time.monotonic()
+    assert ask("www.example.test").rcode() == dns.rcode.NOERROR
+    assert time.monotonic() - t0 < 0.2, "a down upstream is tried last"
+    assert d.metric("mskdns_upstream_up", upstream=f"127.0.0.1:{nsd.port}") == 1
+
+    # It comes back: relay what it receives to nsd. The probe notices within a second or two.
+    def relay():
+        silent.settimeout(10)
+        try:
+            while True:
+                data, peer = silent.recvfrom(4096)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+                    up.settimeout(2)
+                    up.sendto(data, ("127.0.0.1", nsd.port))
+                    silent.sendto(up.recv(4096), peer)
+        except OSError:
+            pass
+    threading.Thread(target=relay, daemon=True).start()
+    assert wait_for(lambda: d.metric("mskdns_upstream_up", upstream=silent_addr) == 1, timeout=5)
+    silent.close()
