@@ -34,6 +34,8 @@ pub struct Answer {
     pub ttl: u32,
     stored: Instant,
     pub rcode: u8,
+    /// Set once a refresh of this answer has been started (prefetch).
+    prefetching: std::sync::atomic::AtomicBool,
 }
 
 /// Why an upstream response cannot be used.
@@ -135,7 +137,15 @@ impl Answer {
         for &(at, ttl) in &ttls {
             wire::put32(&mut bytes, at as usize, ttl);
         }
-        Ok(Answer { bytes: bytes.into(), ttls: ttls.into(), ttl, stored: now, rcode })
+        Ok(Answer { bytes: bytes.into(), ttls: ttls.into(), ttl, stored: now, rcode, prefetching: Default::default() })
+    }
+
+    /// True once per answer, when it is in the last tenth of a TTL of 10 s or more: time to
+    /// refresh it in the background so that popular names do not expire into a miss.
+    pub fn take_prefetch(&self, now: Instant) -> bool {
+        self.ttl >= 10
+            && self.remaining(now) * 10 <= self.ttl
+            && !self.prefetching.swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Seconds since it was stored.
@@ -346,6 +356,17 @@ mod tests {
         a.serve_stale(&q, &mut out, 1232, 1232);
         let m = Message::from_vec(&out).unwrap();
         assert!(m.answers.iter().all(|r| r.ttl == STALE_TTL));
+    }
+
+    #[test]
+    fn prefetch_fires_once_in_the_last_tenth() {
+        let up_q = query("www.example.", true);
+        let resp = upstream_answer(&up_q, ResponseCode::NoError, 100, None);
+        let t0 = Instant::now();
+        let a = Answer::from_upstream(&resp, &up_q, &CacheConfig::default(), t0).unwrap();
+        assert!(!a.take_prefetch(t0 + Duration::from_secs(89)));
+        assert!(a.take_prefetch(t0 + Duration::from_secs(91)));
+        assert!(!a.take_prefetch(t0 + Duration::from_secs(92)), "only once");
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub enum Handled {
     Drop,
     /// Not answerable locally: call [`Engine::resolve`] off the receive loop.
     Miss,
+    /// `out` holds the response (a cached answer near its expiry): send it, and call
+    /// [`Engine::prefetch`] off the receive loop to refresh the cache.
+    ReplyAndPrefetch,
 }
 
 /// Responses by outcome, registered once so the hot path only bumps an atomic.
@@ -58,6 +61,7 @@ struct Outcomes {
     any: metrics::Counter,
     cache_hits: metrics::Counter,
     cache_misses: metrics::Counter,
+    prefetches: metrics::Counter,
 }
 
 impl Outcomes {
@@ -80,6 +84,7 @@ impl Outcomes {
             any: o("any_rfc8482"),
             cache_hits: metrics::counter!("mskdns_cache_hits_total"),
             cache_misses: metrics::counter!("mskdns_cache_misses_total"),
+            prefetches: metrics::counter!("mskdns_cache_prefetches_total"),
         }
     }
 }
@@ -210,7 +215,7 @@ impl Engine {
             self.outcomes.cache_hits.increment(1);
             self.outcomes.cache_hit.increment(1);
             answer.serve(&q, out, now, limit, snap.max_payload);
-            return Handled::Reply;
+            return if answer.take_prefetch(now) { Handled::ReplyAndPrefetch } else { Handled::Reply };
         }
         Handled::Miss
     }
@@ -239,9 +244,20 @@ impl Engine {
         }
     }
 
+    /// Refreshes the cached answer for a packet that [`Engine::handle`] answered from the cache
+    /// near its expiry; the client already has its answer, so nothing is sent.
+    pub async fn prefetch(&self, pkt: &[u8], from: Origin) {
+        let mut out = Vec::new();
+        self.lookup(pkt, from, &mut out, true).await;
+    }
+
     /// Resolves a packet that [`Engine::handle`] called a miss: one upstream query per key
     /// however many clients ask at once; SERVFAIL if the upstreams fail.
     pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+        self.lookup(pkt, from, out, false).await
+    }
+
+    async fn lookup(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, refresh: bool) -> Handled {
         let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
         let snap = self.current.load_full();
         let client = from.client.to_canonical();
@@ -263,8 +279,16 @@ impl Engine {
             dnssec_ok: q.dnssec_ok(),
             checking_disabled: q.checking_disabled(),
         };
-        self.outcomes.cache_misses.increment(1);
-        match forwarder.resolve(key.clone(), question).await {
+        if refresh {
+            self.outcomes.prefetches.increment(1);
+        } else {
+            self.outcomes.cache_misses.increment(1);
+        }
+        let result = forwarder.resolve(key.clone(), question, refresh).await;
+        if refresh {
+            return Handled::Drop;
+        }
+        match result {
             Ok(answer) => {
                 self.outcomes.forwarded.increment(1);
                 if let Some(c) = cluster {

@@ -46,12 +46,13 @@ impl Forwarder {
     }
 
     /// Resolves `key` upstream, once however many ask at the same time, and caches the answer.
-    pub async fn resolve(&self, key: cache::Key, question: Question<'_>) -> Shared {
+    /// `refresh`: ask upstream even if a valid answer is cached (prefetch).
+    pub async fn resolve(&self, key: cache::Key, question: Question<'_>, refresh: bool) -> Shared {
         match self.inflight.join(&key) {
             Join::Wait(rx) => rx.await.unwrap_or_else(|_| Err("the resolving client went away".into())),
             Join::Lead(leader) => {
                 // Another client's resolution may have finished between the lookup and now.
-                let result = match self.cached(&key, Instant::now()) {
+                let result = match self.cached(&key, Instant::now()).filter(|_| !refresh) {
                     Some(a) => Ok(a),
                     None => self.upstreams.resolve(question).await.map(Arc::new).map_err(|e| e.to_string().into()),
                 };

@@ -124,7 +124,7 @@ pub async fn serve_tcp(
 }
 
 async fn tcp_connection(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     mut stream: TcpStream,
     peer: SocketAddr,
     listener: usize,
@@ -147,6 +147,11 @@ async fn tcp_connection(
         let pkt = &buf[..len];
         let handled = match engine.handle(pkt, from, &mut out) {
             Handled::Miss => engine.resolve(pkt, from, &mut out).await,
+            Handled::ReplyAndPrefetch => {
+                let (engine, pkt) = (engine.clone(), pkt.to_vec());
+                tokio::spawn(async move { engine.prefetch(&pkt, from).await });
+                Handled::Reply
+            }
             h => h,
         };
         if handled == Handled::Reply {

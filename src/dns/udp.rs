@@ -121,6 +121,10 @@ impl Worker {
                 let from = Origin { client: peer.ip(), listener: self.listener, transport: Transport::Udp };
                 match self.engine.handle(pkt, from, &mut b.outs[slot]) {
                     Handled::Reply => b.reply_to.push(i),
+                    Handled::ReplyAndPrefetch => {
+                        b.reply_to.push(i);
+                        self.prefetch(pkt, from);
+                    }
                     Handled::Drop => {}
                     Handled::Miss => self.miss(pkt, peer, from, &mut b.outs[slot], &mut b.reply_to, i),
                 }
@@ -152,6 +156,20 @@ impl Worker {
                     reply_to.push(i);
                 }
             }
+        }
+    }
+
+    /// Refreshes a cached answer in the background, if a slot for it is free.
+    fn prefetch(&self, pkt: &[u8], from: Origin) {
+        if let Ok(permit) = self.inflight.clone().try_acquire_owned() {
+            let (engine, pkt) = (self.engine.clone(), pkt.to_vec());
+            self.tasks.spawn_on(
+                async move {
+                    engine.prefetch(&pkt, from).await;
+                    drop(permit);
+                },
+                &self.runtime,
+            );
         }
     }
 

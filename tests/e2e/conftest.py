@@ -139,6 +139,7 @@ www     IN A 192.0.2.10
 www     IN AAAA 2001:db8::10
 short   60 IN A 192.0.2.11
 quick   2 IN A 192.0.2.12
+warm    10 IN A 192.0.2.13
 big     IN TXT "{txt}"
 """.replace("{txt}", "x" * 200)
 NSD_ZONE += "".join(f'big IN TXT "record-{i:02d}-{"y" * 180}"\n' for i in range(12))

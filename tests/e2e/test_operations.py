@@ -195,3 +195,17 @@ listen = "127.0.0.1:0"
     threading.Thread(target=relay, daemon=True).start()
     assert wait_for(lambda: d.metric("mskdns_upstream_up", upstream=silent_addr) == 1, timeout=5)
     silent.close()
+
+
+def test_popular_names_are_prefetched(daemon, nsd):
+    """A cached answer asked for in the last tenth of its TTL is refreshed in the background."""
+    d = daemon(config(nsd.port, "10.1.0.10", 0))
+    ask = lambda: dns.query.udp(dns.message.make_query("warm.example.test", "A"), d.host, port=d.port, timeout=3)
+    assert ask().answer[0].ttl == 10
+    time.sleep(9.2)
+    assert ask().answer[0].ttl <= 1  # still the cached answer, now refreshed behind it
+    assert wait_for(lambda: d.metric("mskdns_cache_prefetches_total") == 1, timeout=3)
+    hits = d.metric("mskdns_cache_hits_total")
+    r = ask()
+    assert r.answer[0].ttl >= 9, "the refreshed answer"
+    assert d.metric("mskdns_cache_hits_total") == hits + 1 and d.metric("mskdns_cache_misses_total") == 1
