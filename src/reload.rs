@@ -41,6 +41,11 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
         };
         let result = Config::load(Some(&path)).map_err(|e| e.to_string()).and_then(|next| {
+            // Views chosen by listener refer to dns.listen by position: with other sockets
+            // than the running ones, clients could get another view's answers.
+            if next.dns.listen != running.dns.listen {
+                return Err("`dns.listen` changed: restart to apply it (nothing was reloaded)".into());
+            }
             engine.reload(&next).map_err(|e| e.to_string())?;
             Ok(next)
         });
@@ -76,9 +81,6 @@ fn stamps(path: &Path, config: &Config) -> Vec<Option<(SystemTime, u64)>> {
 /// Keys whose new value needs new sockets or a new logger.
 fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
-    if old.dns.listen != new.dns.listen {
-        keys.push("dns.listen");
-    }
     if old.dns.udp_threads != new.dns.udp_threads {
         keys.push("dns.udp_threads");
     }

@@ -68,6 +68,12 @@ def test_sighup_reload_under_load(daemon, nsd, tmp_path):
     assert status == 200 and "degraded" in body and "clusters" in body and "ttl" in body, body
     assert d.alive()
 
+    # Other listen addresses need new sockets: refused as a whole, named on /readyz.
+    d.config.write_text(config(nsd.port, "10.1.0.66", 0).replace('listen = ["127.0.0.1:0"]', 'listen = ["127.0.0.1:0", "127.0.0.2:0"]', 1))
+    d.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: d.metric("mskdns_config_reloads_total", result="error") == 2, timeout=3)
+    assert answer(d) == ["10.1.0.99"] and "dns.listen" in d.http("/readyz")[1]
+
     # Fixed again: applied, and /readyz is plain ready once more.
     d.config.write_text(config(nsd.port, "10.1.0.77", 0))
     d.proc.send_signal(signal.SIGHUP)
