@@ -85,6 +85,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("listening admin {addr}");
         }
         println!("ready");
+        // Under systemd (Type=notify): the sockets are bound, queries queue until served.
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot tell systemd we are ready");
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
         server.run(Arc::new(move || recorder.render()), shutdown, cli.config.clone()).await;

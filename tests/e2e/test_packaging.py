@@ -1,5 +1,6 @@
 """The packaging files pass the validators that run here."""
 import glob
+import socket
 import subprocess
 
 from conftest import BIN, ROOT, require
@@ -29,3 +30,20 @@ def test_kubernetes_manifests_validate():
     assert len(files) == 2
     out = run(require("kubernetes-validate"), "--strict", *files)
     assert out.count("passed") == 4, out
+
+
+def test_readiness_is_signalled_to_systemd(daemon, tmp_path, nsd):
+    """Type=notify: with NOTIFY_SOCKET set, mskdns sends READY=1 once its sockets are bound."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    d = daemon(f"""
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:{nsd.port}"]
+[admin]
+listen = "127.0.0.1:0"
+""", env={"NOTIFY_SOCKET": path})
+    assert b"READY=1" in sock.recv(4096)
+    assert d.alive()
