@@ -258,6 +258,36 @@ def moto(tmp_path):
     m.stop()
 
 
+def relay(sock, upstream_port, delay=0.0, seen=None):
+    """Answers what arrives on `sock` by asking 127.0.0.1:upstream_port after `delay` seconds
+    (each datagram in its own thread, so they overlap); records queries in `seen`. Stops when
+    `sock` is closed or idle for 10 s."""
+    import threading
+
+    def forward(data, peer):
+        time.sleep(delay)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+            up.settimeout(2)
+            up.sendto(data, ("127.0.0.1", upstream_port))
+            try:
+                sock.sendto(up.recv(4096), peer)
+            except OSError:
+                pass  # the test is over and closed the socket
+
+    def serve():
+        sock.settimeout(10)
+        while True:
+            try:
+                data, peer = sock.recvfrom(4096)
+            except OSError:
+                return
+            if seen is not None:
+                seen.append(data)
+            threading.Thread(target=forward, args=(data, peer), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
 def wait_for(predicate, timeout=10, interval=0.1):
     """Polls until predicate() is truthy; returns its last value."""
     deadline = time.time() + timeout

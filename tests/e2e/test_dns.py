@@ -14,7 +14,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from conftest import BIN, require
+from conftest import BIN, relay, require
 
 A = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
 B = "boot-ef567890.c3.kafka-serverless.us-east-1.amazonaws.com"
@@ -183,36 +183,14 @@ listen = "127.0.0.1:0"
 
 def test_one_upstream_query_per_name_in_flight(daemon, nsd, tmp_path):
     """Fifty clients ask for one name at once; the upstream sees it once."""
-    relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    relay.bind(("127.0.0.1", 0))
+    relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay_sock.bind(("127.0.0.1", 0))
     seen = []
-
-    def slow_relay():
-        # Holds each query 300 ms, then passes it to nsd and the answer back.
-        relay.settimeout(10)
-        while True:
-            try:
-                data, peer = relay.recvfrom(4096)
-            except OSError:
-                return
-            seen.append(data)
-
-            def later(data=data, peer=peer):
-                time.sleep(0.3)
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
-                    up.settimeout(2)
-                    up.sendto(data, ("127.0.0.1", nsd.port))
-                    try:
-                        relay.sendto(up.recv(4096), peer)
-                    except OSError:
-                        pass  # the test is over and the relay closed
-            threading.Thread(target=later, daemon=True).start()
-
-    threading.Thread(target=slow_relay, daemon=True).start()
+    relay(relay_sock, nsd.port, delay=0.3, seen=seen)  # holds each query 300 ms
     d = daemon(f"""
 [dns]
 listen = ["127.0.0.1:0"]
-upstreams = ["127.0.0.1:{relay.getsockname()[1]}"]
+upstreams = ["127.0.0.1:{relay_sock.getsockname()[1]}"]
 upstream_timeout_ms = 2000
 [admin]
 listen = "127.0.0.1:0"
@@ -228,7 +206,7 @@ listen = "127.0.0.1:0"
     ids = {struct.unpack(">H", q[:2])[0] for q in seen}
     assert len(ids) == 1, f"upstream asked {len(ids)} different queries"
     assert all(q[2:] == seen[0][2:] for q in seen)
-    relay.close()
+    relay_sock.close()
 
 
 def test_clients_outside_allow_are_refused(daemon, nsd):

@@ -3,7 +3,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import dns.flags
@@ -12,7 +11,7 @@ import dns.rdatatype
 import dns.query
 import dns.rcode
 
-from conftest import require, wait_for
+from conftest import relay, require, wait_for
 
 A = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
 
@@ -187,18 +186,7 @@ listen = "127.0.0.1:0"
     assert d.metric("mskdns_upstream_up", upstream=f"127.0.0.1:{nsd.port}") == 1
 
     # It comes back: relay what it receives to nsd. The probe notices within a second or two.
-    def relay():
-        silent.settimeout(10)
-        try:
-            while True:
-                data, peer = silent.recvfrom(4096)
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
-                    up.settimeout(2)
-                    up.sendto(data, ("127.0.0.1", nsd.port))
-                    silent.sendto(up.recv(4096), peer)
-        except OSError:
-            pass
-    threading.Thread(target=relay, daemon=True).start()
+    relay(silent, nsd.port)
     assert wait_for(lambda: d.metric("mskdns_upstream_up", upstream=silent_addr) == 1, timeout=5)
     silent.close()
 
