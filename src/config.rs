@@ -50,6 +50,7 @@ pub struct Config {
     pub zones: Vec<ZoneConfig>,
     pub views: Vec<ViewConfig>,
     pub aws: AwsConfig,
+    pub discovery: DiscoveryConfig,
     pub reload: ReloadConfig,
 }
 
@@ -261,6 +262,9 @@ pub struct ClusterConfig {
     pub brokers: std::collections::BTreeMap<String, Vec<IpAddr>>,
     #[serde(default = "default_cluster_ttl")]
     pub ttl: u32,
+    /// Where the entry came from when it was not written in the file (discovery: the ARN).
+    #[serde(skip)]
+    pub source: Option<String>,
 }
 
 /// A view: the cluster map some clients see, chosen by the listener a query arrived on or by
@@ -313,6 +317,121 @@ impl Default for AwsConfig {
     }
 }
 
+/// Clusters found through cloud APIs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// `[discovery.aws]`: MSK clusters found with ListClustersV2 and GetBootstrapBrokers.
+    pub aws: Option<AwsDiscoveryConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsDiscoveryConfig {
+    /// Regions searched; empty: the SDK's region (AWS_REGION, the profile, IMDS).
+    pub regions: Vec<String>,
+    /// Accounts reached by assuming a role; empty: the default credentials' own account only.
+    pub accounts: Vec<AwsAccountConfig>,
+    /// Seconds between refreshes, each spread by ±`jitter` (a fraction) so fleets do not align.
+    pub refresh_secs: u64,
+    pub jitter: f64,
+    /// After a failed refresh the next try comes sooner, doubling from 1 s up to this cap.
+    pub max_backoff_secs: u64,
+    /// A cluster that AWS no longer lists is still answered this long (a refresh that fails
+    /// never removes anything).
+    pub grace_secs: u64,
+    /// Clusters carrying this tag key are served; with `tag_value`, only those with that value.
+    pub tag: String,
+    pub tag_value: Option<String>,
+    /// The tag whose value is a cluster's target: `vpce-…`, `addresses=IP IP`,
+    /// `forward=IP[:port] …` or `proxy=IP …` (AWS tag values allow no commas).
+    pub target_tag: String,
+    /// The target of a selected cluster without a target tag (accounts may set their own).
+    pub default_target: Option<String>,
+    /// TTL of the answers for discovered clusters.
+    pub ttl: u32,
+    /// Where the last known good result is kept (`discovery-aws.json`) and read at start;
+    /// default: systemd's `$STATE_DIRECTORY`; none: no snapshot.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for AwsDiscoveryConfig {
+    fn default() -> Self {
+        AwsDiscoveryConfig {
+            regions: Vec::new(),
+            accounts: Vec::new(),
+            refresh_secs: 300,
+            jitter: 0.1,
+            max_backoff_secs: 300,
+            grace_secs: 3600,
+            tag: "mskdns".into(),
+            tag_value: None,
+            target_tag: "mskdns:target".into(),
+            default_target: None,
+            ttl: default_cluster_ttl(),
+            state_dir: None,
+        }
+    }
+}
+
+impl AwsDiscoveryConfig {
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.state_dir.clone().or_else(|| {
+            let dirs = std::env::var_os("STATE_DIRECTORY")?;
+            // systemd may pass several, separated by colons: the first is ours.
+            std::env::split_paths(&dirs).next()
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsAccountConfig {
+    /// The role assumed (STS AssumeRole) with the default credentials; none: those credentials.
+    pub role_arn: Option<String>,
+    pub external_id: Option<String>,
+    /// Overrides `discovery.aws.regions` for this account.
+    pub regions: Vec<String>,
+    /// Overrides `discovery.aws.default_target` for this account's clusters.
+    pub default_target: Option<String>,
+}
+
+/// A cluster's target as written in a tag or `default_target`.
+pub fn parse_target(text: &str) -> Result<ClusterConfig, String> {
+    let text = text.trim();
+    let mut c = ClusterConfig {
+        bootstrap: String::new(),
+        addresses: Vec::new(),
+        vpc_endpoint: None,
+        forward: Vec::new(),
+        proxy: Vec::new(),
+        brokers: Default::default(),
+        ttl: default_cluster_ttl(),
+        source: None,
+    };
+    if text.starts_with("vpce-") && !text.contains(char::is_whitespace) {
+        c.vpc_endpoint = Some(text.to_owned());
+        return Ok(c);
+    }
+    let (kind, rest) = text.split_once('=').ok_or_else(|| {
+        format!("`{text}` is not a target: vpce-…, addresses=IP …, forward=IP[:port] … or proxy=IP …")
+    })?;
+    let items: Vec<&str> = rest.split_whitespace().collect();
+    if items.is_empty() {
+        return Err(format!("`{text}`: no address after `{kind}=`"));
+    }
+    let ips = || -> Result<Vec<IpAddr>, String> {
+        items.iter().map(|i| i.parse().map_err(|_| format!("`{i}` is not an IP address"))).collect()
+    };
+    match kind.trim() {
+        "addresses" => c.addresses = ips()?,
+        "proxy" => c.proxy = ips()?,
+        "forward" => c.forward = items.iter().map(|i| i.parse()).collect::<Result<_, _>>()?,
+        other => return Err(format!("`{other}` is not a target kind (addresses, forward, proxy, or a vpce-… id)")),
+    }
+    Ok(c)
+}
+
 fn default_cluster_ttl() -> u32 {
     60
 }
@@ -333,7 +452,8 @@ impl Config {
     /// (`MSKDNS_DNS__LISTEN='["127.0.0.1:0"]'`: `__` separates nesting).
     /// Variables that name no section (`MSKDNS_BIN` of the bench harness, say) are not config.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        const SECTIONS: [&str; 9] = ["dns", "cache", "admin", "log", "clusters", "zones", "views", "aws", "reload"];
+        const SECTIONS: [&str; 10] =
+            ["dns", "cache", "admin", "log", "clusters", "zones", "views", "aws", "discovery", "reload"];
         let env = Env::prefixed("MSKDNS_")
             .filter(|k| {
                 SECTIONS
@@ -462,6 +582,9 @@ impl Config {
         if self.aws.refresh_secs == 0 {
             return Err(ConfigError::invalid("aws.refresh_secs", "must be at least 1"));
         }
+        if let Some(d) = &self.discovery.aws {
+            validate_discovery(d)?;
+        }
         for (i, z) in self.zones.iter().enumerate() {
             if let Some(o) = &z.origin {
                 name_to_wire(o).ok_or_else(|| {
@@ -504,6 +627,51 @@ pub fn cluster_key(bootstrap: &str) -> Result<(Vec<u8>, bool), String> {
         "`{bootstrap}` is neither an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com) \
          nor a provisioned broker name (b-<n>.<name>.<id>.c<N>.kafka.<region>.amazonaws.com)"
     ))
+}
+
+fn validate_discovery(d: &AwsDiscoveryConfig) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("discovery.aws.{k}");
+    if !cfg!(feature = "aws") {
+        return Err(ConfigError::invalid("discovery.aws", "this build has no AWS support (feature `aws`)"));
+    }
+    if d.refresh_secs == 0 {
+        return Err(ConfigError::invalid(key("refresh_secs"), "must be at least 1"));
+    }
+    if !(0.0..=0.5).contains(&d.jitter) {
+        return Err(ConfigError::invalid(key("jitter"), "must be a fraction between 0 and 0.5"));
+    }
+    if d.max_backoff_secs == 0 {
+        return Err(ConfigError::invalid(key("max_backoff_secs"), "must be at least 1"));
+    }
+    if d.tag.is_empty() {
+        return Err(ConfigError::invalid(key("tag"), "must name a tag key"));
+    }
+    if d.target_tag.is_empty() {
+        return Err(ConfigError::invalid(key("target_tag"), "must name a tag key"));
+    }
+    let check_target = |at: String, t: &Option<String>| match t {
+        Some(t) => parse_target(t).map(drop).map_err(|m| ConfigError::invalid(at, m)),
+        None => Ok(()),
+    };
+    check_target(key("default_target"), &d.default_target)?;
+    for r in &d.regions {
+        if r.is_empty() || !r.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+            return Err(ConfigError::invalid(key("regions"), format!("`{r}` is not a region name")));
+        }
+    }
+    for (i, a) in d.accounts.iter().enumerate() {
+        let at = |k: &str| format!("discovery.aws.accounts[{i}].{k}");
+        check_target(at("default_target"), &a.default_target)?;
+        if let Some(r) = &a.role_arn
+            && !(r.starts_with("arn:") && r.contains(":role/"))
+        {
+            return Err(ConfigError::invalid(at("role_arn"), format!("`{r}` is not an IAM role ARN")));
+        }
+        if a.external_id.is_some() && a.role_arn.is_none() {
+            return Err(ConfigError::invalid(at("external_id"), "needs role_arn"));
+        }
+    }
+    Ok(())
 }
 
 fn validate_clusters(at: &str, clusters: &[ClusterConfig]) -> Result<(), ConfigError> {

@@ -1,3 +1,5 @@
-//! What mskdns learns from AWS at run time: VPC endpoint addresses and subnet AZs from EC2.
+//! What mskdns learns from AWS at run time: MSK clusters (ListClustersV2, GetBootstrapBrokers)
+//! and VPC endpoint addresses and subnet AZs (EC2).
 
 pub mod ec2;
+pub mod msk;

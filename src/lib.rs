@@ -3,7 +3,7 @@
 //! - [`names`]: the grammar of MSK Serverless and provisioned names, and the cluster keys in them.
 //! - [`config`]: configuration (figment layering, validation that names the key).
 //! - [`dns`]: wire format, the catalog of our own answers, the cache, the upstreams, the listeners.
-//! - [`discovery`]: VPC endpoint addresses and subnet AZs read from EC2.
+//! - [`discovery`]: MSK clusters found through the MSK API; VPC endpoint addresses and subnet AZs from EC2.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`reload`]: SIGHUP and file changes apply a new configuration, or keep the running one.
 //!
@@ -147,6 +147,8 @@ impl Server {
         }
         #[cfg(feature = "aws")]
         tasks.spawn(discovery::ec2::run(self.engine.clone(), self.health.clone(), self.ec2_refresh, shutdown.clone()));
+        #[cfg(feature = "aws")]
+        tasks.spawn(discovery::msk::run(self.engine.clone(), self.health.clone(), shutdown.clone()));
         let engine = self.engine.clone();
         let cache_entries = metrics::gauge!("mskdns_cache_entries");
         let render: Render = Arc::new(move || {

@@ -37,6 +37,14 @@ enum Command {
         #[arg(long)]
         listener: Option<std::net::SocketAddr>,
     },
+    /// List the clusters `[discovery.aws]` finds and what each would be answered with (uses
+    /// --config). Reads AWS only: writes no snapshot, changes nothing. Exits 1 if a call failed.
+    #[cfg(feature = "aws")]
+    Discover {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,6 +76,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", catalog.explain(name, *client, index));
         return Ok(());
     }
+    #[cfg(feature = "aws")]
+    if let Some(Command::Discover { json }) = &cli.command {
+        return discover(&config, *json);
+    }
     init_logging(&config);
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
@@ -95,6 +107,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+#[cfg(feature = "aws")]
+fn discover(config: &Config, json: bool) -> anyhow::Result<()> {
+    use mskdns::discovery::msk;
+    let d = config.discovery.aws.clone().context("the configuration has no [discovery.aws] section")?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let pass = runtime.block_on(async {
+        let mut clients = msk::Clients::new();
+        msk::pass(&d, &mut clients, &[], &mut Default::default()).await
+    });
+    let failed = !pass.errors.is_empty() || !pass.failed.is_empty();
+    let report = msk::report(pass, &config.clusters);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{:<60} {:<12} {:<14} {:<12} {:<28} STATUS", "BOOTSTRAP", "KIND", "ACCOUNT", "REGION", "TARGET");
+        for r in &report.clusters {
+            let f = &r.found;
+            println!(
+                "{:<60} {:<12} {:<14} {:<12} {:<28} {}",
+                f.bootstrap, f.kind, f.account, f.region, f.target, r.status
+            );
+        }
+        for s in &report.skipped {
+            println!("skipped {} ({}): {}", s.name, s.arn, s.reason);
+        }
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn init_logging(config: &Config) {

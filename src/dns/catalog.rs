@@ -190,8 +190,12 @@ impl Catalog {
         let mut build = |c: &ClusterConfig, origin: String| -> Option<(Box<[u8]>, Arc<Cluster>)> {
             cluster_entry(c, origin, &mut endpoints, timeout, config)
         };
-        let top: HashMap<_, _> =
-            config.clusters.iter().enumerate().filter_map(|(i, c)| build(c, format!("clusters[{i}]"))).collect();
+        let top: HashMap<_, _> = config
+            .clusters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| build(c, c.source.clone().unwrap_or_else(|| format!("clusters[{i}]"))))
+            .collect();
         let mut views = vec![View {
             name: "default".into(),
             clusters: top.clone(),

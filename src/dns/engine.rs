@@ -13,7 +13,7 @@ use super::catalog::{Catalog, Local};
 use super::ratelimit::{RateLimiter, Verdict};
 use super::upstream::Question;
 use super::wire::{self, Query, Reject, Response};
-use crate::config::Config;
+use crate::config::{ClusterConfig, Config};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -89,6 +89,25 @@ impl Outcomes {
     }
 }
 
+/// `config` with the discovered clusters added after its own, skipping any whose cluster key
+/// the file (or an earlier discovered entry) already has.
+pub fn merge_discovered(config: &Config, discovered: &[ClusterConfig]) -> Config {
+    if discovered.is_empty() {
+        return config.clone();
+    }
+    let mut seen: std::collections::HashSet<Vec<u8>> =
+        config.clusters.iter().filter_map(|c| crate::config::cluster_key(&c.bootstrap).ok().map(|k| k.0)).collect();
+    let mut merged = config.clone();
+    for c in discovered {
+        if let Ok((key, _)) = crate::config::cluster_key(&c.bootstrap)
+            && seen.insert(key)
+        {
+            merged.clusters.push(c.clone());
+        }
+    }
+    merged
+}
+
 /// Everything a reload replaces, swapped as one.
 pub struct Snapshot {
     pub catalog: Catalog,
@@ -100,6 +119,8 @@ pub struct Snapshot {
 pub struct Engine {
     current: ArcSwap<Snapshot>,
     outcomes: Outcomes,
+    /// What the snapshot is built from: the file's configuration and the discovered clusters.
+    sources: std::sync::Mutex<(Config, Arc<Vec<ClusterConfig>>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,14 +132,44 @@ pub enum EngineError {
 impl Engine {
     pub fn from_config(config: &Config) -> Result<Arc<Self>, EngineError> {
         let snapshot = Snapshot::new(config, None)?;
-        Ok(Arc::new(Engine { current: ArcSwap::from_pointee(snapshot), outcomes: Outcomes::new() }))
+        Ok(Arc::new(Engine {
+            current: ArcSwap::from_pointee(snapshot),
+            outcomes: Outcomes::new(),
+            sources: std::sync::Mutex::new((config.clone(), Arc::default())),
+        }))
     }
 
-    /// Applies a new configuration; on error the running one stays untouched.
+    /// Applies a new configuration (with the discovered clusters in force); on error the
+    /// running one stays untouched.
     pub fn reload(&self, config: &Config) -> Result<(), EngineError> {
-        let next = Snapshot::new(config, Some(&self.current.load().catalog))?;
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let merged = merge_discovered(config, &sources.1);
+        let next = Snapshot::new(&merged, Some(&self.current.load().catalog))?;
         self.current.store(Arc::new(next));
+        sources.0 = config.clone();
         Ok(())
+    }
+
+    /// Replaces the discovered clusters. Clusters in the file (by cluster key) win over them;
+    /// a view's own entries win as they do over the file's top-level clusters.
+    pub fn set_discovered(&self, clusters: Vec<ClusterConfig>) -> Result<(), EngineError> {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let clusters = Arc::new(clusters);
+        let merged = merge_discovered(&sources.0, &clusters);
+        let next = Snapshot::new(&merged, Some(&self.current.load().catalog))?;
+        self.current.store(Arc::new(next));
+        sources.1 = clusters;
+        Ok(())
+    }
+
+    /// The configuration file's contents in force (without the discovered clusters).
+    pub fn file_config(&self) -> Config {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// The discovered clusters in force.
+    pub fn discovered(&self) -> Arc<Vec<ClusterConfig>> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
 
     /// The configuration in force now.
