@@ -51,6 +51,9 @@ pub struct Server {
     ec2_refresh: Duration,
     config: Config,
     pub health: Arc<Health>,
+    /// Discovered clusters read from the snapshot before serving.
+    #[cfg(feature = "aws")]
+    restored: Vec<discovery::msk::Found>,
 }
 
 impl Server {
@@ -74,6 +77,13 @@ impl Server {
             max_connections: config.dns.max_tcp_connections,
             idle_timeout: Duration::from_millis(config.dns.tcp_idle_timeout_ms),
         };
+        let health: Arc<Health> = Arc::default();
+        // A restart with AWS unreachable answers the discovered clusters from the first query.
+        #[cfg(feature = "aws")]
+        let restored = match &config.discovery.aws {
+            Some(d) => discovery::msk::restore(&engine, &health, d),
+            None => Vec::new(),
+        };
         Ok(Server {
             engine,
             listeners,
@@ -82,7 +92,9 @@ impl Server {
             udp_threads: config.dns.udp_threads(),
             ec2_refresh: Duration::from_secs(config.aws.refresh_secs),
             config: config.clone(),
-            health: Arc::default(),
+            health,
+            #[cfg(feature = "aws")]
+            restored,
         })
     }
 
@@ -148,7 +160,7 @@ impl Server {
         #[cfg(feature = "aws")]
         tasks.spawn(discovery::ec2::run(self.engine.clone(), self.health.clone(), self.ec2_refresh, shutdown.clone()));
         #[cfg(feature = "aws")]
-        tasks.spawn(discovery::msk::run(self.engine.clone(), self.health.clone(), shutdown.clone()));
+        tasks.spawn(discovery::msk::run(self.engine.clone(), self.health.clone(), self.restored, shutdown.clone()));
         let engine = self.engine.clone();
         let cache_entries = metrics::gauge!("mskdns_cache_entries");
         let render: Render = Arc::new(move || {

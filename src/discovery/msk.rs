@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kafka::Client;
-use aws_sdk_kafka::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kafka::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kafka::types::{Cluster, ClusterState, ClusterType};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -86,7 +86,7 @@ impl std::fmt::Display for ApiError {
 fn api_error<E, R>(operation: &'static str, e: SdkError<E, R>) -> ApiError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let kind = match &e {
         SdkError::TimeoutError(_) => "timeout",
@@ -106,7 +106,29 @@ where
         },
         _ => "other",
     };
-    ApiError { operation, kind, message: DisplayErrorContext(e).to_string() }
+    // The error's own chain, not DisplayErrorContext: that ends with the Debug form of the
+    // raw response, whole bodies included, which has no place in a log line or /readyz.
+    let mut message = match &e {
+        SdkError::ServiceError(s) => match (s.err().code(), s.err().message()) {
+            (Some(c), Some(m)) => format!("{c}: {m}"),
+            (Some(c), None) => c.to_owned(),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    if message.is_empty() {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut parts: Vec<String> = Vec::new();
+        while let Some(err) = source {
+            let text = err.to_string();
+            if !parts.iter().any(|p| p.contains(&text)) {
+                parts.push(text);
+            }
+            source = err.source();
+        }
+        message = parts.join(": ");
+    }
+    ApiError { operation, kind, message }
 }
 
 /// How clusters are chosen and what they resolve to, for one account.
@@ -512,12 +534,34 @@ pub fn next_delay(d: &AwsDiscoveryConfig, failures: u32, unit: f64) -> Duration 
     Duration::from_secs_f64(secs.max(0.1))
 }
 
-/// Runs until `shutdown`, following reloads of `[discovery.aws]`.
-pub async fn run(engine: Arc<Engine>, health: Arc<Health>, shutdown: CancellationToken) {
+/// Reads the snapshot of `d.state_dir()` into the engine and returns it; an unreadable one is
+/// logged, counted and shown on /readyz, and discovery starts from nothing.
+pub fn restore(engine: &Engine, health: &Health, d: &AwsDiscoveryConfig) -> Vec<Found> {
+    let Some(dir) = d.state_dir() else { return Vec::new() };
+    match load_snapshot(&dir) {
+        Ok(Some(found)) => {
+            tracing::info!(clusters = found.len(), dir = %dir.display(), "discovered clusters restored from the snapshot");
+            apply(engine, &found, d.ttl);
+            metrics::gauge!("mskdns_clusters", "source" => "discovery").set(found.len() as f64);
+            found
+        }
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            metrics::counter!("mskdns_discovery_snapshot_errors_total").increment(1);
+            tracing::error!(error = %e, "discovery snapshot unreadable: ignored, discovering afresh");
+            health.set_degraded("discovery.aws.snapshot", Some(format!("snapshot unreadable, ignored: {e}")));
+            Vec::new()
+        }
+    }
+}
+
+/// Runs until `shutdown`, following reloads of `[discovery.aws]`. `restored`: what [`restore`]
+/// read at start.
+pub async fn run(engine: Arc<Engine>, health: Arc<Health>, restored: Vec<Found>, shutdown: CancellationToken) {
     let mut clients = Clients::new();
     let mut bootstraps: HashMap<String, String> = HashMap::new();
-    let mut known: Vec<Found> = Vec::new();
-    let mut loaded_from: Option<PathBuf> = None;
+    let mut loaded_from: Option<PathBuf> = engine.file_config().discovery.aws.and_then(|d| d.state_dir());
+    let mut known: Vec<Found> = restored;
     let mut failures = 0u32;
     let duration = metrics::histogram!("mskdns_discovery_refresh_duration_seconds");
     loop {
@@ -539,25 +583,12 @@ pub async fn run(engine: Arc<Engine>, health: Arc<Health>, shutdown: Cancellatio
         let state_dir = d.state_dir();
         if loaded_from != state_dir {
             loaded_from = state_dir.clone();
-            if let Some(dir) = &state_dir {
-                match load_snapshot(dir) {
-                    Ok(Some(found)) if known.is_empty() => {
-                        tracing::info!(clusters = found.len(), dir = %dir.display(), "discovered clusters loaded from the snapshot");
-                        for f in &found {
-                            bootstraps.insert(f.arn.clone(), f.bootstrap.clone());
-                        }
-                        known = found;
-                        apply(&engine, &known, d.ttl);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        metrics::counter!("mskdns_discovery_snapshot_errors_total").increment(1);
-                        tracing::error!(error = %e, "discovery snapshot unreadable: ignored, discovering afresh");
-                        health
-                            .set_degraded("discovery.aws.snapshot", Some(format!("snapshot unreadable, ignored: {e}")));
-                    }
-                }
+            if known.is_empty() {
+                known = restore(&engine, &health, &d);
             }
+        }
+        for f in &known {
+            bootstraps.entry(f.arn.clone()).or_insert_with(|| f.bootstrap.clone());
         }
         let started = Instant::now();
         let p = pass(&d, &mut clients, &known, &mut bootstraps).await;

@@ -258,6 +258,85 @@ def moto(tmp_path):
     m.stop()
 
 
+def fix_timestamps(body):
+    """moto writes MSK timestamps without a UTC offset (`2026-11-23T17:21:32.530872`), which
+    the API never does and the Rust SDK rightly rejects: add the `Z` the real API sends."""
+    import re
+
+    return re.sub(rb'("creationTime": "[0-9T:.-]+)"', rb'\1Z"', body)
+
+
+class MskFront:
+    """The MSK endpoint the daemon talks to: every call is relayed to moto unchanged, except
+    GetBootstrapBrokers, which moto does not implement: it answers that one from `bootstrap`
+    (cluster ARN -> broker string), as MSK would once the test has registered the names.
+    The only fake in the discovery tests, and only for what no emulator here provides."""
+
+    def __init__(self, moto):
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.moto = moto
+        self.bootstrap = {}
+        self.calls = []
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def relay(self):
+                path = urllib.parse.unquote(self.path.split("?")[0])
+                front.calls.append((self.command, path))
+                if self.command == "GET" and path.startswith("/v1/clusters/") and path.endswith("/bootstrap-brokers"):
+                    arn = path[len("/v1/clusters/"):-len("/bootstrap-brokers")]
+                    return self.bootstrap_brokers(arn)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                req = urllib.request.Request(front.moto.url + self.path, data=body or None, headers=headers, method=self.command)
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as r:
+                        self.reply(r.status, fix_timestamps(r.read()), r.headers.get("Content-Type"))
+                except urllib.error.HTTPError as e:
+                    self.reply(e.code, e.read(), e.headers.get("Content-Type"))
+                except OSError:
+                    # moto is down: drop the connection, as an unreachable endpoint would.
+                    self.close_connection = True
+
+            def bootstrap_brokers(self, arn):
+                import json
+
+                if arn not in front.bootstrap:
+                    body = {"message": f"cluster {arn} not found"}
+                    return self.reply(404, json.dumps(body).encode(), "application/json", "NotFoundException")
+                kind = "bootstrapBrokerStringSaslIam" if ".kafka-serverless." in front.bootstrap[arn] else "bootstrapBrokerStringTls"
+                self.reply(200, json.dumps({kind: front.bootstrap[arn]}).encode(), "application/json")
+
+            def reply(self, status, body, ctype, error_type=None):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype or "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if error_type:
+                    self.send_header("x-amzn-ErrorType", error_type)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def env(self):
+        return {**self.moto.env, "AWS_ENDPOINT_URL_KAFKA": self.url}
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def relay(sock, upstream_port, delay=0.0, seen=None):
     """Answers what arrives on `sock` by asking 127.0.0.1:upstream_port after `delay` seconds
     (each datagram in its own thread, so they overlap); records queries in `seen`. Stops when
