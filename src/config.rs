@@ -51,6 +51,7 @@ pub struct Config {
     pub views: Vec<ViewConfig>,
     pub aws: AwsConfig,
     pub discovery: DiscoveryConfig,
+    pub proxies: Vec<ProxyConfig>,
     pub reload: ReloadConfig,
 }
 
@@ -317,6 +318,101 @@ impl Default for AwsConfig {
     }
 }
 
+/// A Kafka-aware proxy: clients bootstrap from `listen`; every upstream broker gets its own port
+/// from `broker_ports` on `advertise_host`, and responses are rewritten to name those.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The bootstrap listener (port 0 allowed: the bound port is printed).
+    pub listen: SocketAddr,
+    /// The cluster's bootstrap `host:port`.
+    pub upstream: String,
+    /// The host clients are told to connect to for every broker.
+    pub advertise_host: String,
+    /// `first-last`: one port per upstream broker, allocated as brokers appear.
+    pub broker_ports: PortRange,
+    /// Where the broker listeners bind; default: `listen`'s address.
+    #[serde(default)]
+    pub broker_bind: Option<IpAddr>,
+    /// The node id → port map, kept across restarts so clients' cached metadata stays valid.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// A broker absent from metadata this long gives its port back.
+    #[serde(default = "default_broker_grace")]
+    pub broker_grace_secs: u64,
+    /// Largest frame accepted either way (Kafka's socket.request.max.bytes default: 100 MiB).
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: u32,
+    /// A connection with no traffic either way this long is closed (Kafka's default: 10 min).
+    #[serde(default = "default_proxy_idle")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "default_proxy_connect")]
+    pub connect_timeout_ms: u64,
+    /// Client connections at most, over all of this proxy's listeners.
+    #[serde(default = "default_proxy_connections")]
+    pub max_connections: usize,
+}
+
+fn default_broker_grace() -> u64 {
+    3600
+}
+fn default_max_frame() -> u32 {
+    100 * 1024 * 1024
+}
+fn default_proxy_idle() -> u64 {
+    600
+}
+fn default_proxy_connect() -> u64 {
+    10_000
+}
+fn default_proxy_connections() -> usize {
+    10_000
+}
+
+/// `first-last`, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn len(&self) -> usize {
+        (self.last - self.first) as usize + 1
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    pub fn contains(&self, p: u16) -> bool {
+        (self.first..=self.last).contains(&p)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not a port range (first-last, e.g. 9100-9199)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if first == 0 || last < first {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}-{}", self.first, self.last))
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Clusters found through cloud APIs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -452,8 +548,8 @@ impl Config {
     /// (`MSKDNS_DNS__LISTEN='["127.0.0.1:0"]'`: `__` separates nesting).
     /// Variables that name no section (`MSKDNS_BIN` of the bench harness, say) are not config.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        const SECTIONS: [&str; 10] =
-            ["dns", "cache", "admin", "log", "clusters", "zones", "views", "aws", "discovery", "reload"];
+        const SECTIONS: [&str; 11] =
+            ["dns", "cache", "admin", "log", "clusters", "zones", "views", "aws", "discovery", "proxies", "reload"];
         let env = Env::prefixed("MSKDNS_")
             .filter(|k| {
                 SECTIONS
@@ -585,6 +681,7 @@ impl Config {
         if let Some(d) = &self.discovery.aws {
             validate_discovery(d)?;
         }
+        validate_proxies(&self.proxies)?;
         for (i, z) in self.zones.iter().enumerate() {
             if let Some(o) = &z.origin {
                 name_to_wire(o).ok_or_else(|| {
@@ -627,6 +724,38 @@ pub fn cluster_key(bootstrap: &str) -> Result<(Vec<u8>, bool), String> {
         "`{bootstrap}` is neither an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com) \
          nor a provisioned broker name (b-<n>.<name>.<id>.c<N>.kafka.<region>.amazonaws.com)"
     ))
+}
+
+fn validate_proxies(proxies: &[ProxyConfig]) -> Result<(), ConfigError> {
+    for (i, p) in proxies.iter().enumerate() {
+        let key = |k: &str| format!("proxies[{i}].{k}");
+        match p.upstream.rsplit_once(':') {
+            Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => return Err(ConfigError::invalid(key("upstream"), format!("`{}` is not host:port", p.upstream))),
+        }
+        if p.advertise_host.is_empty() || p.advertise_host.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(key("advertise_host"), "must be a host name or address"));
+        }
+        if p.max_frame_bytes < 1024 {
+            return Err(ConfigError::invalid(key("max_frame_bytes"), "must be at least 1024"));
+        }
+        if p.max_connections == 0 {
+            return Err(ConfigError::invalid(key("max_connections"), "must be at least 1"));
+        }
+        if p.broker_ports.contains(p.listen.port()) {
+            return Err(ConfigError::invalid(key("broker_ports"), "includes the bootstrap listener's port"));
+        }
+        for (j, q) in proxies.iter().enumerate().take(i) {
+            let overlap = p.broker_ports.first <= q.broker_ports.last && q.broker_ports.first <= p.broker_ports.last;
+            if overlap {
+                return Err(ConfigError::invalid(key("broker_ports"), format!("overlaps proxies[{j}].broker_ports")));
+            }
+            if p.state_file.is_some() && p.state_file == q.state_file {
+                return Err(ConfigError::invalid(key("state_file"), format!("is proxies[{j}]'s too")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_discovery(d: &AwsDiscoveryConfig) -> Result<(), ConfigError> {

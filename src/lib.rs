@@ -16,6 +16,7 @@ pub mod config;
 pub mod discovery;
 pub mod dns;
 pub mod names;
+pub mod proxy;
 pub mod reload;
 
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ pub enum StartError {
     BindDns { addr: SocketAddr, source: std::io::Error },
     #[error("admin.listen {addr}: {source}")]
     BindAdmin { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
 }
 
 /// Everything bound and built, not yet serving.
@@ -51,6 +54,9 @@ pub struct Server {
     ec2_refresh: Duration,
     config: Config,
     pub health: Arc<Health>,
+    proxies: Vec<proxy::Proxy>,
+    proxy_tasks: TaskTracker,
+    proxy_shutdown: CancellationToken,
     /// Discovered clusters read from the snapshot before serving.
     #[cfg(feature = "aws")]
     restored: Vec<discovery::msk::Found>,
@@ -77,6 +83,8 @@ impl Server {
             max_connections: config.dns.max_tcp_connections,
             idle_timeout: Duration::from_millis(config.dns.tcp_idle_timeout_ms),
         };
+        let (proxy_tasks, proxy_shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let proxies = proxy::bind_all(&config.proxies, &proxy_tasks, &proxy_shutdown)?;
         let health: Arc<Health> = Arc::default();
         // A restart with AWS unreachable answers the discovered clusters from the first query.
         #[cfg(feature = "aws")]
@@ -93,6 +101,9 @@ impl Server {
             ec2_refresh: Duration::from_secs(config.aws.refresh_secs),
             config: config.clone(),
             health,
+            proxies,
+            proxy_tasks,
+            proxy_shutdown,
             #[cfg(feature = "aws")]
             restored,
         })
@@ -101,6 +112,11 @@ impl Server {
     /// The DNS addresses actually bound (UDP and TCP share each).
     pub fn dns_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Each `[[proxies]]` block's bootstrap address, as bound.
+    pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
+        self.proxies.iter().filter_map(|p| p.local_addr()).collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -175,6 +191,9 @@ impl Server {
                 admin_shutdown.cancel();
             }
         });
+        for p in self.proxies {
+            self.proxy_tasks.spawn(p.run());
+        }
         #[cfg(feature = "aws")]
         discovery::ec2::mark_unread(&self.engine.snapshot().catalog, &self.health);
         self.health.set_serving(true);
@@ -185,10 +204,12 @@ impl Server {
         );
         shutdown.cancelled().await;
         self.health.set_serving(false);
+        self.proxy_shutdown.cancel();
+        self.proxy_tasks.close();
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         tasks.close();
         let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, async { tokio::join!(tasks.wait(), self.proxy_tasks.wait()) }).await.is_err() {
             tracing::warn!(?grace, "tasks still running at the end of the shutdown grace period");
         }
     }

@@ -93,6 +93,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         for addr in server.dns_addrs() {
             println!("listening dns {addr}");
         }
+        for addr in server.proxy_addrs() {
+            println!("listening proxy {addr}");
+        }
         if let Some(addr) = server.admin_addr() {
             println!("listening admin {addr}");
         }

@@ -1,0 +1,383 @@
+//! The responses that carry broker addresses, decoded and re-encoded with kafka-protocol so that
+//! every address a client sees is `advertise_host` and a port of ours; ApiVersions narrowed to
+//! the versions we can decode. Everything else is never decoded.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, FetchResponse, FindCoordinatorResponse,
+    MetadataResponse, ProduceResponse, ResponseHeader,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
+
+use super::frame::{API_VERSIONS, DESCRIBE_CLUSTER, FETCH, FIND_COORDINATOR, METADATA, PRODUCE};
+
+/// Where the rewriter gets a port for an upstream broker.
+pub trait Ports {
+    /// The port clients use for node `node` (whose real address is `host:port`), allocating
+    /// one (and binding its listener) if it has none. `None`: no port left.
+    fn port_for(&self, node: i32, host: &str, port: i32) -> Option<u16>;
+}
+
+/// Whether responses to this request are decoded at all.
+pub fn needs_rewrite(api_key: i16, version: i16) -> bool {
+    match api_key {
+        METADATA | FIND_COORDINATOR | DESCRIBE_CLUSTER | API_VERSIONS => true,
+        // KIP-951: NodeEndpoints (leader hints) from Produce v10 and Fetch v16.
+        PRODUCE => version >= 10,
+        FETCH => version >= 16,
+        _ => false,
+    }
+}
+
+/// The versions we decode, for the APIs we decode.
+pub fn supported(api_key: i16) -> Option<(i16, i16)> {
+    let r = match api_key {
+        METADATA => MetadataResponse::VERSIONS,
+        FIND_COORDINATOR => FindCoordinatorResponse::VERSIONS,
+        DESCRIBE_CLUSTER => DescribeClusterResponse::VERSIONS,
+        PRODUCE => ProduceResponse::VERSIONS,
+        FETCH => FetchResponse::VERSIONS,
+        _ => return None,
+    };
+    Some((r.min, r.max))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    #[error("cannot decode a {api:?} v{version} response: {error}")]
+    Decode { api: ApiKey, version: i16, error: String },
+    #[error("cannot encode a {api:?} v{version} response: {error}")]
+    Encode { api: ApiKey, version: i16, error: String },
+    #[error("{api:?} v{version}: version not supported by the proxy")]
+    Version { api: ApiKey, version: i16 },
+}
+
+/// What a rewrite did, for metrics and logs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rewritten {
+    /// Broker addresses replaced.
+    pub addresses: usize,
+    /// Brokers left out because no port was free.
+    pub dropped: usize,
+}
+
+/// Rewrites one response `message` (after the size prefix). `Ok(None)`: forward it unchanged.
+pub fn rewrite(
+    api_key: i16,
+    version: i16,
+    message: Bytes,
+    advertise: &StrBytes,
+    ports: &dyn Ports,
+) -> Result<(Option<BytesMut>, Rewritten), RewriteError> {
+    let api = ApiKey::try_from(api_key).map_err(|_| RewriteError::Version { api: ApiKey::Produce, version })?;
+    let header_version = api.response_header_version(version);
+    let mut buf = message;
+    let header = ResponseHeader::decode(&mut buf, header_version).map_err(|e| RewriteError::Decode {
+        api,
+        version,
+        error: e.to_string(),
+    })?;
+    let mut done = Rewritten::default();
+    let swap = |node: i32, host: &mut StrBytes, port: &mut i32, done: &mut Rewritten| -> bool {
+        match ports.port_for(node, host.as_str(), *port) {
+            Some(p) => {
+                *host = advertise.clone();
+                *port = i32::from(p);
+                done.addresses += 1;
+                true
+            }
+            None => {
+                done.dropped += 1;
+                false
+            }
+        }
+    };
+    macro_rules! decode {
+        ($t:ty) => {{
+            if !(<$t>::VERSIONS.min..=<$t>::VERSIONS.max).contains(&version) {
+                return Err(RewriteError::Version { api, version });
+            }
+            <$t>::decode(&mut buf, version).map_err(|e| RewriteError::Decode { api, version, error: e.to_string() })?
+        }};
+    }
+    let body: EncodeBody = match api_key {
+        METADATA => {
+            let mut m = decode!(MetadataResponse);
+            m.brokers.retain_mut(|b| swap(b.node_id.0, &mut b.host, &mut b.port, &mut done));
+            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+        }
+        DESCRIBE_CLUSTER => {
+            let mut m = decode!(DescribeClusterResponse);
+            m.brokers.retain_mut(|b| swap(b.broker_id.0, &mut b.host, &mut b.port, &mut done));
+            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+        }
+        FIND_COORDINATOR => {
+            let mut m = decode!(FindCoordinatorResponse);
+            if version < 4 {
+                if m.error_code == 0 && m.node_id.0 >= 0 && !swap(m.node_id.0, &mut m.host, &mut m.port, &mut done) {
+                    coordinator_unavailable(&mut m.error_code, &mut m.node_id, &mut m.host, &mut m.port);
+                }
+            } else {
+                for c in &mut m.coordinators {
+                    if c.error_code == 0 && c.node_id.0 >= 0 && !swap(c.node_id.0, &mut c.host, &mut c.port, &mut done)
+                    {
+                        coordinator_unavailable(&mut c.error_code, &mut c.node_id, &mut c.host, &mut c.port);
+                    }
+                }
+            }
+            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+        }
+        PRODUCE => {
+            let mut m = decode!(ProduceResponse);
+            if m.node_endpoints.is_empty() {
+                return Ok((None, done));
+            }
+            m.node_endpoints.retain_mut(|e| swap(e.node_id.0, &mut e.host, &mut e.port, &mut done));
+            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+        }
+        FETCH => {
+            let mut m = decode!(FetchResponse);
+            if m.node_endpoints.is_empty() {
+                return Ok((None, done));
+            }
+            m.node_endpoints.retain_mut(|e| swap(e.node_id.0, &mut e.host, &mut e.port, &mut done));
+            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+        }
+        API_VERSIONS => {
+            // An error answer (UNSUPPORTED_VERSION to a too-new request) is v0-shaped whatever
+            // the request's version: forward it as it is.
+            let Ok(mut m) = ApiVersionsResponse::decode(&mut buf, version) else { return Ok((None, done)) };
+            if m.error_code != 0 {
+                return Ok((None, done));
+            }
+            m.api_keys.retain_mut(|k| match supported(k.api_key) {
+                None => true,
+                Some((min, max)) => {
+                    k.min_version = k.min_version.max(min);
+                    k.max_version = k.max_version.min(max);
+                    k.min_version <= k.max_version
+                }
+            });
+            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+        }
+        _ => return Ok((None, done)),
+    };
+    let mut out = BytesMut::with_capacity(256);
+    out.extend_from_slice(&[0; 4]);
+    header.encode(&mut out, header_version).map_err(|e| RewriteError::Encode { api, version, error: e.to_string() })?;
+    body(&mut out).map_err(|error| RewriteError::Encode { api, version, error })?;
+    let size = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&size.to_be_bytes());
+    Ok((Some(out), done))
+}
+
+/// Encodes the rewritten body after the header.
+type EncodeBody = Box<dyn FnOnce(&mut BytesMut) -> Result<(), String>>;
+
+/// COORDINATOR_NOT_AVAILABLE (15): the client asks again later, and sees no upstream address.
+fn coordinator_unavailable(error: &mut i16, node: &mut BrokerId, host: &mut StrBytes, port: &mut i32) {
+    *error = 15;
+    *node = BrokerId(-1);
+    *host = StrBytes::from_static_str("");
+    *port = -1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+    use kafka_protocol::messages::find_coordinator_response::Coordinator;
+    use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
+    use kafka_protocol::messages::produce_response::NodeEndpoint;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Ports handed out from 9100 in order of first sight; `limit` of them at most.
+    struct TestPorts {
+        given: Mutex<BTreeMap<i32, (u16, String)>>,
+        limit: usize,
+    }
+
+    impl Ports for TestPorts {
+        fn port_for(&self, node: i32, host: &str, port: i32) -> Option<u16> {
+            let mut g = self.given.lock().unwrap();
+            let n = g.len();
+            if let Some(e) = g.get_mut(&node) {
+                e.1 = format!("{host}:{port}");
+                return Some(e.0);
+            }
+            if n >= self.limit {
+                return None;
+            }
+            g.insert(node, (9100 + n as u16, format!("{host}:{port}")));
+            Some(9100 + n as u16)
+        }
+    }
+
+    fn ports(limit: usize) -> TestPorts {
+        TestPorts { given: Mutex::default(), limit }
+    }
+
+    fn message<T: Encodable>(api: ApiKey, version: i16, body: &T) -> Bytes {
+        let mut b = BytesMut::new();
+        ResponseHeader::default().with_correlation_id(41).encode(&mut b, api.response_header_version(version)).unwrap();
+        body.encode(&mut b, version).unwrap();
+        b.freeze()
+    }
+
+    fn decoded<T: Decodable>(api: ApiKey, version: i16, out: BytesMut) -> T {
+        let size = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        assert_eq!(size, out.len() - 4);
+        let mut b = out.freeze().slice(4..);
+        let h = ResponseHeader::decode(&mut b, api.response_header_version(version)).unwrap();
+        assert_eq!(h.correlation_id, 41);
+        let t = T::decode(&mut b, version).unwrap();
+        assert!(b.is_empty(), "trailing bytes");
+        t
+    }
+
+    fn adv() -> StrBytes {
+        StrBytes::from_static_str("kafka-proxy.internal")
+    }
+
+    fn broker(node: i32) -> MetadataResponseBroker {
+        MetadataResponseBroker::default()
+            .with_node_id(BrokerId(node))
+            .with_host(StrBytes::from_string(format!(
+                "b{node:04}-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
+            )))
+            .with_port(9098)
+    }
+
+    #[test]
+    fn metadata_every_version_sparse_node_ids() {
+        for v in 0..=13 {
+            let p = ports(100);
+            let m = MetadataResponse::default().with_brokers(vec![broker(1), broker(37), broker(523)]);
+            let (out, done) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p).unwrap();
+            let back: MetadataResponse = decoded(ApiKey::Metadata, v, out.unwrap());
+            let seen: Vec<(i32, &str, i32)> =
+                back.brokers.iter().map(|b| (b.node_id.0, b.host.as_str(), b.port)).collect();
+            assert_eq!(
+                seen,
+                [
+                    (1, "kafka-proxy.internal", 9100),
+                    (37, "kafka-proxy.internal", 9101),
+                    (523, "kafka-proxy.internal", 9102)
+                ],
+                "v{v}"
+            );
+            assert_eq!(done, Rewritten { addresses: 3, dropped: 0 });
+            // A broker that appears in a later response gets the next port; the others keep theirs.
+            let m = MetadataResponse::default().with_brokers(vec![broker(523), broker(1), broker(1000)]);
+            let (out, _) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p).unwrap();
+            let back: MetadataResponse = decoded(ApiKey::Metadata, v, out.unwrap());
+            let ports: Vec<(i32, i32)> = back.brokers.iter().map(|b| (b.node_id.0, b.port)).collect();
+            assert_eq!(ports, [(523, 9102), (1, 9100), (1000, 9103)]);
+        }
+    }
+
+    #[test]
+    fn a_full_port_range_leaves_brokers_out_rather_than_leaking_them() {
+        let p = ports(2);
+        let m = MetadataResponse::default().with_brokers(vec![broker(1), broker(37), broker(523)]);
+        let (out, done) = rewrite(METADATA, 12, message(ApiKey::Metadata, 12, &m), &adv(), &p).unwrap();
+        let back: MetadataResponse = decoded(ApiKey::Metadata, 12, out.unwrap());
+        assert_eq!(back.brokers.len(), 2);
+        assert!(back.brokers.iter().all(|b| b.host.as_str() == "kafka-proxy.internal"));
+        assert_eq!(done, Rewritten { addresses: 2, dropped: 1 });
+    }
+
+    #[test]
+    fn find_coordinator_every_version_and_batched_keys() {
+        for v in 0..=6 {
+            let p = ports(1);
+            let upstream = StrBytes::from_static_str("b0037-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com");
+            let m = if v < 4 {
+                FindCoordinatorResponse::default()
+                    .with_node_id(BrokerId(37))
+                    .with_host(upstream.clone())
+                    .with_port(9098)
+            } else {
+                let c = |k: &'static str, n: i32| {
+                    Coordinator::default()
+                        .with_key(StrBytes::from_static_str(k))
+                        .with_node_id(BrokerId(n))
+                        .with_host(upstream.clone())
+                        .with_port(9098)
+                };
+                FindCoordinatorResponse::default().with_coordinators(vec![c("g1", 37), c("g2", 523)])
+            };
+            let (out, _) = rewrite(FIND_COORDINATOR, v, message(ApiKey::FindCoordinator, v, &m), &adv(), &p).unwrap();
+            let back: FindCoordinatorResponse = decoded(ApiKey::FindCoordinator, v, out.unwrap());
+            if v < 4 {
+                assert_eq!((back.host.as_str(), back.port, back.error_code), ("kafka-proxy.internal", 9100, 0));
+            } else {
+                // g2's node gets no port (the range holds one): COORDINATOR_NOT_AVAILABLE, no address.
+                let seen: Vec<(&str, &str, i32, i16)> =
+                    back.coordinators.iter().map(|c| (c.key.as_str(), c.host.as_str(), c.port, c.error_code)).collect();
+                assert_eq!(seen, [("g1", "kafka-proxy.internal", 9100, 0), ("g2", "", -1, 15)]);
+            }
+        }
+    }
+
+    #[test]
+    fn describe_cluster_every_version() {
+        for v in 0..=2 {
+            let p = ports(10);
+            let b = |n: i32| {
+                DescribeClusterBroker::default()
+                    .with_broker_id(BrokerId(n))
+                    .with_host(StrBytes::from_static_str("10.0.0.5"))
+                    .with_port(9094)
+            };
+            let m = DescribeClusterResponse::default().with_brokers(vec![b(1), b(37)]);
+            let (out, _) = rewrite(DESCRIBE_CLUSTER, v, message(ApiKey::DescribeCluster, v, &m), &adv(), &p).unwrap();
+            let back: DescribeClusterResponse = decoded(ApiKey::DescribeCluster, v, out.unwrap());
+            let seen: Vec<(&str, i32)> = back.brokers.iter().map(|b| (b.host.as_str(), b.port)).collect();
+            assert_eq!(seen, [("kafka-proxy.internal", 9100), ("kafka-proxy.internal", 9101)]);
+        }
+    }
+
+    #[test]
+    fn node_endpoints_in_produce_responses_are_rewritten_and_absent_ones_pass_through() {
+        let p = ports(10);
+        let e = NodeEndpoint::default()
+            .with_node_id(BrokerId(523))
+            .with_host(StrBytes::from_static_str("b0523-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"))
+            .with_port(9098);
+        let m = ProduceResponse::default().with_node_endpoints(vec![e]);
+        let (out, done) = rewrite(PRODUCE, 11, message(ApiKey::Produce, 11, &m), &adv(), &p).unwrap();
+        let back: ProduceResponse = decoded(ApiKey::Produce, 11, out.unwrap());
+        assert_eq!(back.node_endpoints[0].host.as_str(), "kafka-proxy.internal");
+        assert_eq!(back.node_endpoints[0].port, 9100);
+        assert_eq!(done.addresses, 1);
+        let plain = ProduceResponse::default();
+        let (out, _) = rewrite(PRODUCE, 11, message(ApiKey::Produce, 11, &plain), &adv(), &p).unwrap();
+        assert!(out.is_none());
+    }
+
+    #[test]
+    fn api_versions_are_narrowed_to_what_the_proxy_decodes() {
+        use kafka_protocol::messages::api_versions_response::ApiVersion;
+        let k = |key: i16, min: i16, max: i16| {
+            ApiVersion::default().with_api_key(key).with_min_version(min).with_max_version(max)
+        };
+        let m = ApiVersionsResponse::default().with_api_keys(vec![k(0, 0, 99), k(3, 0, 99), k(10, 0, 6), k(19, 0, 7)]);
+        let (out, _) = rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1)).unwrap();
+        let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, out.unwrap());
+        let seen: Vec<(i16, i16, i16)> =
+            back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        assert_eq!(seen, [(0, 3, 13), (3, 0, 13), (10, 0, 6), (19, 0, 7)]);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let p = ports(10);
+        for api in [METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER, PRODUCE, FETCH] {
+            for v in [0, 4, 12] {
+                let _ = rewrite(api, v, Bytes::from_static(&[0, 0, 0, 41, 0xff, 0xff, 0xff]), &adv(), &p);
+            }
+        }
+    }
+}
