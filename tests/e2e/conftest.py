@@ -53,6 +53,7 @@ class Daemon:
             env={**os.environ, "RUST_LOG": "mskdns=debug", **(env or {})},
         )
         self.dns = []
+        self.proxies = []
         self.admin = None
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -64,6 +65,9 @@ class Daemon:
             if words[:2] == ["listening", "dns"]:
                 host, port = words[2].rsplit(":", 1)
                 self.dns.append((host.strip("[]"), int(port)))
+            elif words[:2] == ["listening", "proxy"]:
+                host, port = words[2].rsplit(":", 1)
+                self.proxies.append((host.strip("[]"), int(port)))
             elif words[:2] == ["listening", "admin"]:
                 host, port = words[2].rsplit(":", 1)
                 self.admin = (host, int(port))

