@@ -201,3 +201,30 @@ def test_tls_client_hello_on_the_plaintext_listener_is_reported(daemon, tansu, t
     assert wait_for(lambda: d.metric("mskdns_proxy_tls_on_plaintext_total") == 1, timeout=5)
     d.log.seek(0)
     assert "TLS ClientHello arrived on a plaintext listener" in d.log.read()
+
+
+def test_oversized_frames_and_half_sent_requests_leave_nothing_behind(daemon, tansu, tmp_path):
+    first, last = port_range()
+    d = daemon(proxy_config(tmp_path, tansu, first, last).replace('broker_ports', 'max_frame_bytes = 4096\nbroker_ports'))
+    host, port = bootstrap_of(d)
+    active = lambda: d.metric("mskdns_proxy_connections_active")
+
+    # A frame declared larger than max_frame_bytes: the connection is closed, nothing read further.
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall((8192).to_bytes(4, "big") + b"\x00\x03\x00\x0c\x00\x00\x00\x01")
+        assert s.recv(10) == b""
+    # Clients that go away mid-request, many times over.
+    for _ in range(50):
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall((100).to_bytes(4, "big") + b"\x00\x12\x00\x03\x00\x00")
+        s.close()
+    assert wait_for(lambda: active() == 0, timeout=5), active()
+    assert d.metric("mskdns_proxy_connections_total") == 51
+    d.log.seek(0)
+    assert "over the limit of 4096" in d.log.read()
+
+    # The proxy still serves: a full metadata exchange from a real client.
+    from confluent_kafka.admin import AdminClient
+
+    md = AdminClient({"bootstrap.servers": "%s:%d" % (host, port)}).list_topics(timeout=10)
+    assert all(b.host == ADVERTISE for b in md.brokers.values())
