@@ -90,5 +90,8 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.log != new.log {
         keys.push("log");
     }
+    if old.proxies != new.proxies {
+        keys.push("proxies");
+    }
     keys
 }
