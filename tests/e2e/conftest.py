@@ -284,6 +284,7 @@ class MskFront:
         self.moto = moto
         self.bootstrap = {}
         self.calls = []
+        self.auth = []
         front = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -293,6 +294,7 @@ class MskFront:
             def relay(self):
                 path = urllib.parse.unquote(self.path.split("?")[0])
                 front.calls.append((self.command, path))
+                front.auth.append((path, self.headers.get("Authorization", "")))
                 if self.command == "GET" and path.startswith("/v1/clusters/") and path.endswith("/bootstrap-brokers"):
                     arn = path[len("/v1/clusters/"):-len("/bootstrap-brokers")]
                     return self.bootstrap_brokers(arn)

@@ -206,3 +206,19 @@ def test_discover_json_prints_what_would_be_served(moto, tmp_path):
     )
     assert out.returncode == 1
     assert "ListClustersV2 failed" in out.stderr
+
+
+def test_an_account_reached_through_an_assumed_role(daemon, moto, tmp_path):
+    msk = Msk(moto)
+    _, orders = msk.serverless("orders", "a1b2c3d4", TAGGED)
+    role = "arn:aws:iam::123456789012:role/mskdns-discovery"
+    extra = f'\n[[discovery.aws.accounts]]\nrole_arn = "{role}"\nexternal_id = "mskdns-test"\ndefault_target = "addresses=10.6.6.6"\n'
+    d = daemon(config(tmp_path, extra), env=msk.front.env)
+    # STS AssumeRole (moto) gave the credentials the MSK calls were signed with.
+    assert wait_for(lambda: addresses(ask(d, orders)) == ["10.6.6.6"], timeout=10)
+    saved = json.loads((tmp_path / "state" / "discovery-aws.json").read_text())
+    assert [(c["scope"], c["target_from"]) for c in saved["clusters"]] == [
+        ("accounts[0]", "discovery.aws.accounts[0].default_target")
+    ]
+    signed = [a for m, a in msk.front.auth if a]
+    assert signed and all("Credential=test/" not in a for a in signed), signed[:2]
