@@ -50,6 +50,8 @@ pub enum RewriteError {
     Encode { api: ApiKey, version: i16, error: String },
     #[error("{api:?} v{version}: version not supported by the proxy")]
     Version { api: ApiKey, version: i16 },
+    #[error("api key {0} is not one the proxy decodes")]
+    UnknownApi(i16),
 }
 
 /// What a rewrite did, for metrics and logs.
@@ -69,7 +71,7 @@ pub fn rewrite(
     advertise: &StrBytes,
     ports: &dyn Ports,
 ) -> Result<(Option<BytesMut>, Rewritten), RewriteError> {
-    let api = ApiKey::try_from(api_key).map_err(|_| RewriteError::Version { api: ApiKey::Produce, version })?;
+    let api = ApiKey::try_from(api_key).map_err(|_| RewriteError::UnknownApi(api_key))?;
     let header_version = api.response_header_version(version);
     let mut buf = message;
     let header = ResponseHeader::decode(&mut buf, header_version).map_err(|e| RewriteError::Decode {
