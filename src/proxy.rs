@@ -415,6 +415,18 @@ async fn read_size<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<[u
     Ok(Some(size))
 }
 
+/// Streams exactly `n` bytes from `r` to `w`; the peer closing before that is an error.
+async fn copy_exact<R, W>(r: &mut R, w: &mut W, n: u64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if n > 0 && tokio::io::copy(&mut r.take(n), w).await? < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
 /// Client → upstream: each request's header is read, noted in the FIFO, and the request is
 /// forwarded; bodies past the first [`frame::REQUEST_PREFIX`] bytes are streamed, not held.
 async fn requests<R, W>(
@@ -447,12 +459,7 @@ where
         }
         server.write_all(&size).await?;
         server.write_all(&prefix[..head]).await?;
-        if n > head {
-            let copied = tokio::io::copy(&mut (&mut client).take((n - head) as u64), &mut server).await?;
-            if copied < (n - head) as u64 {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-            }
-        }
+        copy_exact(&mut client, &mut server, (n - head) as u64).await?;
         bytes.increment(4 + n as u64);
     }
 }
@@ -509,10 +516,7 @@ where
         } else {
             client.write_all(&size).await?;
             client.write_all(&corr).await?;
-            let rest = (n - 4) as u64;
-            if tokio::io::copy(&mut (&mut server).take(rest), &mut client).await? < rest {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-            }
+            copy_exact(&mut server, &mut client, (n - 4) as u64).await?;
         }
         bytes.increment(4 + n as u64);
     }
