@@ -377,12 +377,6 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub fn len(&self) -> usize {
-        (self.last - self.first) as usize + 1
-    }
-    pub fn is_empty(&self) -> bool {
-        false
-    }
     pub fn contains(&self, p: u16) -> bool {
         (self.first..=self.last).contains(&p)
     }

@@ -52,7 +52,6 @@ struct StateFile {
 }
 
 struct Shared {
-    index: usize,
     cfg: ProxyConfig,
     label: String,
     advertise: StrBytes,
@@ -81,7 +80,6 @@ impl Proxy {
             bind_listener(cfg.listen).map_err(|source| ProxyError::Bind { index, addr: cfg.listen, source })?;
         let nodes = cfg.state_file.as_ref().map(load_state).unwrap_or_default();
         let shared = Arc::new(Shared {
-            index,
             label: format!("proxies[{index}]"),
             advertise: StrBytes::from_string(cfg.advertise_host.clone()),
             bind_ip: cfg.broker_bind.unwrap_or(cfg.listen.ip()),
@@ -554,10 +552,4 @@ pub fn bind_all(
     shutdown: &CancellationToken,
 ) -> Result<Vec<Proxy>, ProxyError> {
     configs.iter().enumerate().map(|(i, c)| Proxy::bind(i, c, tasks.clone(), shutdown.clone())).collect()
-}
-
-impl Proxy {
-    pub fn index(&self) -> usize {
-        self.shared.index
-    }
 }
