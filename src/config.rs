@@ -351,6 +351,30 @@ pub struct ProxyConfig {
     /// Client connections at most, over all of this proxy's listeners.
     #[serde(default = "default_proxy_connections")]
     pub max_connections: usize,
+    /// TLS towards clients: the certificate chain (PEM) every listener presents. With `tls_key`;
+    /// without both, the listeners are plaintext. Re-read when the files change.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, SEC1 or PKCS#1) of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS towards the brokers (MSK's 9094, 9096 and 9098 listeners): SNI is each broker's own
+    /// name and its certificate is verified. `false` only for a plaintext listener (9092).
+    #[serde(default = "default_true")]
+    pub upstream_tls: bool,
+    /// CA certificates (PEM) the brokers' certificates must chain to; default: the system's.
+    #[serde(default)]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// A TLS handshake on either side must finish within this.
+    #[serde(default = "default_proxy_handshake")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_proxy_handshake() -> u64 {
+    10_000
 }
 
 fn default_broker_grace() -> u64 {
@@ -735,6 +759,18 @@ fn validate_proxies(proxies: &[ProxyConfig]) -> Result<(), ConfigError> {
         }
         if p.max_connections == 0 {
             return Err(ConfigError::invalid(key("max_connections"), "must be at least 1"));
+        }
+        match (&p.tls_cert, &p.tls_key) {
+            (Some(_), None) => return Err(ConfigError::invalid(key("tls_key"), "is needed with tls_cert")),
+            (None, Some(_)) => return Err(ConfigError::invalid(key("tls_cert"), "is needed with tls_key")),
+            _ => {}
+        }
+        if p.upstream_ca_file.is_some() && !p.upstream_tls {
+            return Err(ConfigError::invalid(key("upstream_ca_file"), "is set but upstream_tls is false"));
+        }
+        if p.handshake_timeout_ms == 0 || p.connect_timeout_ms == 0 {
+            let k = if p.handshake_timeout_ms == 0 { "handshake_timeout_ms" } else { "connect_timeout_ms" };
+            return Err(ConfigError::invalid(key(k), "must be at least 1"));
         }
         if p.broker_ports.contains(p.listen.port()) {
             return Err(ConfigError::invalid(key("broker_ports"), "includes the bootstrap listener's port"));

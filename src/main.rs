@@ -61,6 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Check { file }) = &cli.command {
         let config = Config::load(Some(file))?;
         mskdns::dns::catalog::Catalog::from_config(&config)?;
+        mskdns::proxy::check_tls(&config.proxies)?;
         println!("{}: ok ({} clusters, {} zones)", file.display(), config.clusters.len(), config.zones.len());
         return Ok(());
     }

