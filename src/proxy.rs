@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::protocol::StrBytes;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsConnector;
@@ -30,6 +30,8 @@ use frame::{FrameError, RequestHeader};
 
 /// Requests in flight per connection before the proxy stops reading from the client.
 const MAX_INFLIGHT: usize = 1024;
+/// Read-ahead and write buffer per direction of a connection.
+const BUFFER: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -499,8 +501,22 @@ where
     let (tx, rx) = mpsc::channel::<RequestHeader>(MAX_INFLIGHT);
     let idle = Duration::from_secs(shared.cfg.idle_timeout_secs);
     let activity = Arc::new(Mutex::new(Instant::now()));
-    let requests = requests(shared, BufReader::with_capacity(64 * 1024, cr), sw, tx, activity.clone());
-    let responses = responses(shared, BufReader::with_capacity(64 * 1024, sr), cw, rx, activity.clone());
+    // Bounded both ways: BUFFER bytes read ahead and BUFFER bytes waiting to be written per
+    // direction; a slow reader on one side stops the proxy reading from the other.
+    let requests = requests(
+        shared,
+        BufReader::with_capacity(BUFFER, cr),
+        BufWriter::with_capacity(BUFFER, sw),
+        tx,
+        activity.clone(),
+    );
+    let responses = responses(
+        shared,
+        BufReader::with_capacity(BUFFER, sr),
+        BufWriter::with_capacity(BUFFER, cw),
+        rx,
+        activity.clone(),
+    );
     let watchdog = async {
         loop {
             let last = *activity.lock().unwrap_or_else(|e| e.into_inner());
@@ -535,23 +551,39 @@ async fn read_size<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<[u
     Ok(Some(size))
 }
 
-/// Streams exactly `n` bytes from `r` to `w`; the peer closing before that is an error.
-async fn copy_exact<R, W>(r: &mut R, w: &mut W, n: u64) -> std::io::Result<()>
+/// Streams exactly `n` bytes from `r` to `w` (straight from `r`'s buffer); the peer closing
+/// before that is an error.
+async fn copy_exact<R, W>(r: &mut BufReader<R>, w: &mut W, n: u64) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    if n > 0 && tokio::io::copy(&mut r.take(n), w).await? < n {
+    if n > 0 && tokio::io::copy_buf(&mut r.take(n), w).await? < n {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
+}
+
+/// Writes out what `w` holds unless the next frame is already complete in `r`'s buffer: then it
+/// is forwarded first and both leave in one write. Flushing whenever the next frame is not all
+/// there means the proxy never waits to read while holding bytes the peer is waiting for.
+async fn flush_unless_more<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &BufReader<R>,
+    w: &mut W,
+) -> std::io::Result<()> {
+    let buf = r.buffer();
+    let ready = buf.len() >= 4 && {
+        let size = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        size >= 0 && buf.len() - 4 >= size as usize
+    };
+    if ready { Ok(()) } else { w.flush().await }
 }
 
 /// Client → upstream: each request's header is read, noted in the FIFO, and the request is
 /// forwarded; bodies past the first [`frame::REQUEST_PREFIX`] bytes are streamed, not held.
 async fn requests<R, W>(
     shared: &Shared,
-    mut client: R,
+    mut client: BufReader<R>,
     mut server: W,
     fifo: mpsc::Sender<RequestHeader>,
     activity: Arc<Mutex<Instant>>,
@@ -574,14 +606,22 @@ where
         metrics::counter!("mskdns_proxy_requests_total", "proxy" => shared.label.clone(), "api_key" => api_name(h.api_key))
             .increment(1);
         if h.expects_response {
-            // Bounded: with MAX_INFLIGHT unanswered requests, stop reading from the client.
-            fifo.send(h).await.map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+            // Bounded: with MAX_INFLIGHT unanswered requests, stop reading from the client,
+            // after sending on what is held (the answers that free the FIFO need it).
+            let closed = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+            match fifo.try_send(h) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(h)) => {
+                    server.flush().await?;
+                    fifo.send(h).await.map_err(|_| closed())?;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed().into()),
+            }
         }
         server.write_all(&size).await?;
         server.write_all(&prefix[..head]).await?;
         copy_exact(&mut client, &mut server, (n - head) as u64).await?;
-        // A no-op on TCP; TLS may hold the end of the frame until flushed.
-        server.flush().await?;
+        flush_unless_more(&client, &mut server).await?;
         bytes.increment(4 + n as u64);
     }
 }
@@ -590,7 +630,7 @@ where
 /// carry broker addresses are rewritten, the rest streamed through unchanged.
 async fn responses<R, W>(
     shared: &Arc<Shared>,
-    mut server: R,
+    mut server: BufReader<R>,
     mut client: W,
     mut fifo: mpsc::Receiver<RequestHeader>,
     activity: Arc<Mutex<Instant>>,
@@ -640,7 +680,7 @@ where
             client.write_all(&corr).await?;
             copy_exact(&mut server, &mut client, (n - 4) as u64).await?;
         }
-        client.flush().await?;
+        flush_unless_more(&server, &mut client).await?;
         bytes.increment(4 + n as u64);
     }
 }
