@@ -11,6 +11,7 @@
 //! then [`Server::run`] serves until the cancellation token fires.
 
 pub mod admin;
+pub mod alloc;
 pub mod config;
 #[cfg(feature = "aws")]
 pub mod discovery;

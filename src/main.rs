@@ -10,8 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 // Cache entries are allocated on tokio threads and freed on UDP threads; glibc's per-thread
 // arenas held twice the memory for the same cache (195 vs 84 MiB at 100k entries).
+// Blocks of 1 GiB or more are reserved address space, so that a hostile array count in a Kafka
+// response is a decode error rather than an aborted process (see mskdns::alloc).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: mskdns::alloc::Allocator = mskdns::alloc::Allocator;
 
 #[derive(Parser)]
 #[command(version, about = "DNS for Amazon MSK: per-cluster answers for broker names, cached forwarding for the rest")]

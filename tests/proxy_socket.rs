@@ -1,8 +1,11 @@
 //! The proxy over real sockets, against an upstream written with kafka-protocol whose metadata
 //! names sparse node ids (1, 37, 523, then a broker 4000 that appears later), as MSK Serverless
 //! does. Clients speak to it with frames encoded by kafka-protocol.
+//!
+//! The daemon's allocator is this test's too, for the hostile array count below.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,18 +20,26 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+#[global_allocator]
+static ALLOC: mskdns::alloc::Allocator = mskdns::alloc::Allocator;
+
 const VERSION: i16 = 12;
 const ADVERTISE: &str = "kafka-proxy.test";
 
 /// An upstream broker: answers every Metadata request with the node ids in `nodes`, all at its
-/// own address (each node id still gets its own proxy port).
+/// own address (each node id still gets its own proxy port). While `hostile` is set, the answer
+/// declares 2^32 - 2 brokers and carries none.
 async fn upstream(nodes: Arc<Mutex<Vec<i32>>>) -> SocketAddr {
+    upstream_with(nodes, Arc::default()).await
+}
+
+async fn upstream_with(nodes: Arc<Mutex<Vec<i32>>>, hostile: Arc<AtomicBool>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = listener.accept().await.unwrap();
-            let nodes = nodes.clone();
+            let (nodes, hostile) = (nodes.clone(), hostile.clone());
             tokio::spawn(async move {
                 while let Ok(frame) = read_frame(&mut sock).await {
                     let mut b = frame;
@@ -52,7 +63,13 @@ async fn upstream(nodes: Arc<Mutex<Vec<i32>>>) -> SocketAddr {
                         .with_correlation_id(h.correlation_id)
                         .encode(&mut out, ApiKey::Metadata.response_header_version(version))
                         .unwrap();
-                    body.encode(&mut out, version).unwrap();
+                    if hostile.load(Ordering::Relaxed) {
+                        // throttle_time_ms, then the brokers' compact array count as a varint.
+                        out.put_i32(0);
+                        out.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0]);
+                    } else {
+                        body.encode(&mut out, version).unwrap();
+                    }
                     sock.write_u32(out.len() as u32).await.unwrap();
                     sock.write_all(&out).await.unwrap();
                 }
@@ -216,4 +233,35 @@ async fn clients_that_leave_mid_request_or_send_too_much_leave_no_task_behind() 
     shutdown.cancel();
     tasks.close();
     tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.expect("every task ends at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_declaring_billions_of_brokers_closes_one_connection_not_the_process() {
+    let hostile = Arc::new(AtomicBool::new(true));
+    let up = upstream_with(Arc::new(Mutex::new(vec![1])), hostile.clone()).await;
+    let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+    let proxy = Proxy::bind(0, &config(up, port_range(10), 1 << 20), tasks.clone(), shutdown.clone()).unwrap();
+    let boot = proxy.local_addr().unwrap();
+    tasks.spawn(proxy.run());
+
+    let mut c = TcpStream::connect(boot).await.unwrap();
+    let mut req = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(VERSION)
+        .with_correlation_id(5)
+        .encode(&mut req, ApiKey::Metadata.request_header_version(VERSION))
+        .unwrap();
+    MetadataRequest::default().encode(&mut req, VERSION).unwrap();
+    c.write_u32(req.len() as u32).await.unwrap();
+    c.write_all(&req).await.unwrap();
+    // Never forwarded undecoded: the client's connection is closed instead.
+    let mut buf = [0u8; 4];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    hostile.store(false, Ordering::Relaxed);
+    let mut c = TcpStream::connect(boot).await.unwrap();
+    assert_eq!(metadata(&mut c, 6).await.len(), 1);
+    shutdown.cancel();
 }

@@ -106,12 +106,12 @@ pub fn rewrite(
         METADATA => {
             let mut m = decode!(MetadataResponse);
             m.brokers.retain_mut(|b| swap(b.node_id.0, &mut b.host, &mut b.port, &mut done));
-            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+            Box::new(move |out| encode_checked(&m, out, version))
         }
         DESCRIBE_CLUSTER => {
             let mut m = decode!(DescribeClusterResponse);
             m.brokers.retain_mut(|b| swap(b.broker_id.0, &mut b.host, &mut b.port, &mut done));
-            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+            Box::new(move |out| encode_checked(&m, out, version))
         }
         FIND_COORDINATOR => {
             let mut m = decode!(FindCoordinatorResponse);
@@ -127,7 +127,7 @@ pub fn rewrite(
                     }
                 }
             }
-            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+            Box::new(move |out| encode_checked(&m, out, version))
         }
         PRODUCE => {
             let mut m = decode!(ProduceResponse);
@@ -135,7 +135,7 @@ pub fn rewrite(
                 return Ok((None, done));
             }
             m.node_endpoints.retain_mut(|e| swap(e.node_id.0, &mut e.host, &mut e.port, &mut done));
-            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+            Box::new(move |out| encode_checked(&m, out, version))
         }
         FETCH => {
             let mut m = decode!(FetchResponse);
@@ -143,7 +143,7 @@ pub fn rewrite(
                 return Ok((None, done));
             }
             m.node_endpoints.retain_mut(|e| swap(e.node_id.0, &mut e.host, &mut e.port, &mut done));
-            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+            Box::new(move |out| encode_checked(&m, out, version))
         }
         API_VERSIONS => {
             // An error answer (UNSUPPORTED_VERSION to a too-new request) is v0-shaped whatever
@@ -160,13 +160,13 @@ pub fn rewrite(
                     k.min_version <= k.max_version
                 }
             });
-            Box::new(move |out| m.encode(out, version).map_err(|e| e.to_string()))
+            Box::new(move |out| encode_checked(&m, out, version))
         }
         _ => return Ok((None, done)),
     };
     let mut out = BytesMut::with_capacity(256);
     out.extend_from_slice(&[0; 4]);
-    header.encode(&mut out, header_version).map_err(|e| RewriteError::Encode { api, version, error: e.to_string() })?;
+    encode_checked(&header, &mut out, header_version).map_err(|error| RewriteError::Encode { api, version, error })?;
     body(&mut out).map_err(|error| RewriteError::Encode { api, version, error })?;
     let size = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&size.to_be_bytes());
@@ -175,6 +175,22 @@ pub fn rewrite(
 
 /// Encodes the rewritten body after the header.
 type EncodeBody = Box<dyn FnOnce(&mut BytesMut) -> Result<(), String>>;
+
+/// Encodes `m` and decodes the result again: kafka-protocol's encoders are not the exact inverse
+/// of its decoders on every input (a tagged field numbered 2^31 or more decodes as a negative tag
+/// that is then counted but not written), and a response that would not decode must never reach
+/// a client. Only rewritten responses come here, and they are rare (metadata, coordinators, the
+/// leader hints of a Produce or Fetch after a leader change).
+fn encode_checked<T: Encodable + Decodable>(m: &T, out: &mut BytesMut, version: i16) -> Result<(), String> {
+    let start = out.len();
+    m.encode(out, version).map_err(|e| e.to_string())?;
+    let mut again = Bytes::copy_from_slice(&out[start..]);
+    T::decode(&mut again, version).map_err(|e| format!("re-encoded message does not decode: {e}"))?;
+    if !again.is_empty() {
+        return Err(format!("re-encoded message has {} bytes past its end", again.len()));
+    }
+    Ok(())
+}
 
 /// COORDINATOR_NOT_AVAILABLE (15): the client asks again later, and sees no upstream address.
 fn coordinator_unavailable(error: &mut i16, node: &mut BrokerId, host: &mut StrBytes, port: &mut i32) {
@@ -371,6 +387,23 @@ mod tests {
         let seen: Vec<(i16, i16, i16)> =
             back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
         assert_eq!(seen, [(0, 3, 13), (3, 0, 13), (10, 0, 6), (19, 0, 7)]);
+    }
+
+    #[test]
+    fn a_message_that_would_not_encode_back_is_an_error() {
+        // FindCoordinator v5 whose top-level tagged field is numbered 2^32 - 1 (found by the
+        // kafka_frame fuzz target): kafka-protocol decodes it as tag -1 and encodes it as a
+        // count with no field after it.
+        let mut msg = vec![0, 0, 0, 0, 0]; // correlation id 0, no header tags
+        msg.extend_from_slice(&[0, 0, 0, 0, 1, 1]); // throttle 0, no coordinators, one tag:
+        msg.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 0]); // number 2^32-1, 1 byte
+        let r = rewrite(FIND_COORDINATOR, 5, Bytes::from(msg), &adv(), &ports(10));
+        assert!(matches!(r, Err(RewriteError::Encode { .. })), "{r:?}");
+        // The same in the response header's tagged fields.
+        let mut msg = vec![0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 0];
+        msg.extend_from_slice(&[0, 0, 0, 0, 1, 0]);
+        let r = rewrite(FIND_COORDINATOR, 5, Bytes::from(msg), &adv(), &ports(10));
+        assert!(matches!(r, Err(RewriteError::Encode { .. })), "{r:?}");
     }
 
     #[test]

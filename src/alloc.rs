@@ -1,0 +1,103 @@
+//! The process's allocator: mimalloc, except for single blocks of [`HUGE`] bytes or more, which
+//! are reserved address space (an anonymous `MAP_NORESERVE` mapping) instead of committed memory.
+//!
+//! Why: kafka-protocol 0.18 sizes a decoded array with `Vec::with_capacity(count)` taken from the
+//! wire before it decodes a single element, so a response that declares 2^31 elements asks for
+//! hundreds of GiB up front. An allocation that fails aborts a Rust process, and this process also
+//! answers DNS. No legitimate block here comes near [`HUGE`] (frames are capped at
+//! `max_frame_bytes`, 100 MiB by default); with the reservation the decoder instead runs out of
+//! input after the elements actually present, returns an error, and the mapping is released.
+//! Only pages written are ever backed by memory, so a real need for that much still meets the
+//! kernel's limits, as any large allocation would.
+
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc;
+
+/// Blocks this large or larger are mapped, not taken from mimalloc.
+pub const HUGE: usize = 1 << 30;
+const PAGE: usize = 4096;
+
+pub struct Allocator;
+
+fn mapped(layout: &Layout) -> bool {
+    layout.size() >= HUGE && layout.align() <= PAGE
+}
+
+unsafe fn reserve(size: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping touches no existing memory; failure is MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED { std::ptr::null_mut() } else { p.cast() }
+}
+
+// SAFETY: every block is either mimalloc's or a mapping of exactly `layout.size()` bytes, told
+// apart by the layout the caller must pass back unchanged; mappings are page-aligned and zeroed.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if mapped(&layout) { unsafe { reserve(layout.size()) } } else { unsafe { MiMalloc.alloc(layout) } }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if mapped(&layout) { unsafe { reserve(layout.size()) } } else { unsafe { MiMalloc.alloc_zeroed(layout) } }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if mapped(&layout) {
+            unsafe { libc::munmap(ptr.cast(), layout.size()) };
+        } else {
+            unsafe { MiMalloc.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees new_size, rounded to align, does not overflow isize.
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if !mapped(&layout) && !mapped(&new) {
+            return unsafe { MiMalloc.realloc(ptr, layout, new_size) };
+        }
+        let q = unsafe { self.alloc(new) };
+        if !q.is_null() {
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, q, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_block_is_reserved_not_refused() {
+        // 2^31 elements of 256 bytes: what a hostile array count asks kafka-protocol for.
+        let layout = Layout::from_size_align(256 << 31, 8).unwrap();
+        unsafe {
+            let p = Allocator.alloc(layout);
+            assert!(!p.is_null());
+            *p = 7;
+            *p.add(layout.size() - 1) = 9;
+            let q = Allocator.realloc(p, layout, 4096);
+            assert_eq!(*q, 7);
+            Allocator.dealloc(q, Layout::from_size_align(4096, 8).unwrap());
+        }
+        let small = Layout::from_size_align(64, 8).unwrap();
+        unsafe {
+            let p = Allocator.alloc(small);
+            let q = Allocator.realloc(p, small, HUGE);
+            assert!(!q.is_null());
+            Allocator.dealloc(q, Layout::from_size_align(HUGE, 8).unwrap());
+        }
+    }
+}
