@@ -313,3 +313,26 @@ def test_oversized_frames_and_half_sent_requests_leave_nothing_behind(daemon, ta
 
     md = AdminClient({"bootstrap.servers": "%s:%d" % (host, port)}).list_topics(timeout=10)
     assert all(b.host == ADVERTISE for b in md.brokers.values())
+
+
+def test_the_clusters_names_resolve_to_the_proxy_which_serves_them(daemon, tansu, tmp_path):
+    """The whole path: an MSK Serverless cluster with target `proxy` is answered with the proxy's
+    address, for its bootstrap name and any dynamic broker name, and the proxy there serves it."""
+    import dns.message
+    import dns.query
+    from confluent_kafka.admin import AdminClient
+
+    first, last = port_range()
+    boot_name = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
+    d = daemon(
+        proxy_config(tmp_path, tansu, first, last)
+        + f'\n[[clusters]]\nbootstrap = "{boot_name}"\nproxy = ["{ADVERTISE}"]\n'
+    )
+    for name in (boot_name, "b0037-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"):
+        r = dns.query.udp(dns.message.make_query(name, "A"), d.host, port=d.port, timeout=3)
+        assert [rr.address for rrset in r.answer for rr in rrset] == [ADVERTISE], r
+    host, port = bootstrap_of(d)
+    assert host == ADVERTISE
+    md = AdminClient({"bootstrap.servers": f"{ADVERTISE}:{port}"}).list_topics(timeout=10)
+    assert md.brokers and all(b.host == ADVERTISE and first <= b.port <= last for b in md.brokers.values())
+
