@@ -45,6 +45,21 @@ def listening(port, host="127.0.0.1"):
         return False
 
 
+def spawn(argv, log, port, what):
+    """Starts a server process and waits until it accepts connections on 127.0.0.1:port."""
+    proc = subprocess.Popen(argv, stdout=log, stderr=log)
+    if not wait_for(lambda: listening(port), timeout=20):
+        proc.kill()
+        raise RuntimeError(f"{what} did not start")
+    return proc
+
+
+def end(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 class Tansu:
     """Tansu on 127.0.0.1, plaintext. `advertised`: what it tells clients (default: itself)."""
 
@@ -52,18 +67,11 @@ class Tansu:
         self.port = free_port()
         self.log = open(tmp_path / "tansu.log", "w")
         url = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised or url],
-            stdout=self.log,
-            stderr=self.log,
-        )
-        if not wait_for(lambda: listening(self.port), timeout=20):
-            raise RuntimeError("tansu did not start")
+        argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised or url]
+        self.proc = spawn(argv, self.log, self.port, "tansu")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        end(self.proc)
 
 
 class TlsTansu:
@@ -87,14 +95,10 @@ backend tansu
     server tansu 127.0.0.1:{self.tansu.port}
 """)
         self.log = open(tmp_path / "haproxy.log", "w")
-        self.proc = subprocess.Popen([require("haproxy"), "-db", "-f", str(cfg)], stdout=self.log, stderr=self.log)
-        if not wait_for(lambda: listening(self.port), timeout=10):
-            raise RuntimeError("haproxy did not start")
+        self.proc = spawn([require("haproxy"), "-db", "-f", str(cfg)], self.log, self.port, "haproxy")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        end(self.proc)
         self.tansu.stop()
 
 
