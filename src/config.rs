@@ -365,6 +365,13 @@ pub struct ProxyConfig {
     /// CA certificates (PEM) the brokers' certificates must chain to; default: the system's.
     #[serde(default)]
     pub upstream_ca_file: Option<PathBuf>,
+    /// The certificate chain (PEM) presented to brokers that ask for one (MSK's mutual-TLS
+    /// authentication); every client of this proxy then reaches the brokers as this identity.
+    #[serde(default)]
+    pub upstream_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `upstream_tls_cert`.
+    #[serde(default)]
+    pub upstream_tls_key: Option<PathBuf>,
     /// A TLS handshake on either side must finish within this.
     #[serde(default = "default_proxy_handshake")]
     pub handshake_timeout_ms: u64,
@@ -765,8 +772,23 @@ fn validate_proxies(proxies: &[ProxyConfig]) -> Result<(), ConfigError> {
             (None, Some(_)) => return Err(ConfigError::invalid(key("tls_cert"), "is needed with tls_key")),
             _ => {}
         }
-        if p.upstream_ca_file.is_some() && !p.upstream_tls {
-            return Err(ConfigError::invalid(key("upstream_ca_file"), "is set but upstream_tls is false"));
+        match (&p.upstream_tls_cert, &p.upstream_tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(key("upstream_tls_key"), "is needed with upstream_tls_cert"));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(key("upstream_tls_cert"), "is needed with upstream_tls_key"));
+            }
+            _ => {}
+        }
+        if !p.upstream_tls {
+            let set = [
+                ("upstream_ca_file", p.upstream_ca_file.is_some()),
+                ("upstream_tls_cert", p.upstream_tls_cert.is_some()),
+            ];
+            if let Some((k, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(ConfigError::invalid(key(k), "is set but upstream_tls is false"));
+            }
         }
         if p.handshake_timeout_ms == 0 || p.connect_timeout_ms == 0 {
             let k = if p.handshake_timeout_ms == 0 { "handshake_timeout_ms" } else { "connect_timeout_ms" };

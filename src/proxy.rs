@@ -98,7 +98,8 @@ impl Proxy {
         };
         let connector = match cfg.upstream_tls {
             true => Some(
-                tls::connector(cfg.upstream_ca_file.as_deref()).map_err(|source| ProxyError::Tls { index, source })?,
+                tls::connector(cfg.upstream_ca_file.as_deref(), upstream_client_cert(cfg))
+                    .map_err(|source| ProxyError::Tls { index, source })?,
             ),
             false => None,
         };
@@ -399,6 +400,13 @@ impl ConnError {
                 tracing::debug!(proxy, %peer, upstream, "connection closed: {e}")
             }
             ConnError::Idle(_) => tracing::debug!(proxy, %peer, upstream, "{self}"),
+            // A TLS error after the handshake: in TLS 1.3 a server that wants a client
+            // certificate says so only then (an alert: CertificateRequired).
+            ConnError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()) => {
+                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "either", "kind" => "session")
+                    .increment(1);
+                tracing::warn!(proxy, %peer, upstream, "connection closed: TLS: {e}");
+            }
             ConnError::ClientTls(_) | ConnError::PlaintextOnTls => {
                 let kind = if matches!(self, ConnError::PlaintextOnTls) { "plaintext" } else { "handshake" };
                 metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "client", "kind" => kind)
@@ -710,6 +718,10 @@ fn api_name(key: i16) -> &'static str {
     }
 }
 
+fn upstream_client_cert(cfg: &ProxyConfig) -> Option<(&std::path::Path, &std::path::Path)> {
+    Some((cfg.upstream_tls_cert.as_deref()?, cfg.upstream_tls_key.as_deref()?))
+}
+
 /// Loads every block's TLS files as binding would (for `mskdns check`).
 pub fn check_tls(configs: &[ProxyConfig]) -> Result<(), ProxyError> {
     for (index, cfg) in configs.iter().enumerate() {
@@ -717,7 +729,8 @@ pub fn check_tls(configs: &[ProxyConfig]) -> Result<(), ProxyError> {
             tls::Terminator::load(cert, key).map_err(|source| ProxyError::Tls { index, source })?;
         }
         if cfg.upstream_tls {
-            tls::connector(cfg.upstream_ca_file.as_deref()).map_err(|source| ProxyError::Tls { index, source })?;
+            tls::connector(cfg.upstream_ca_file.as_deref(), upstream_client_cert(cfg))
+                .map_err(|source| ProxyError::Tls { index, source })?;
         }
     }
     Ok(())

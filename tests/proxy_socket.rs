@@ -134,6 +134,8 @@ fn config(upstream: SocketAddr, broker_ports: PortRange, max_frame_bytes: u32) -
         tls_key: None,
         upstream_tls: false,
         upstream_ca_file: None,
+        upstream_tls_cert: None,
+        upstream_tls_key: None,
         handshake_timeout_ms: 2000,
     }
 }

@@ -1,6 +1,8 @@
 //! TLS on either side of the proxy (rustls): termination towards clients with the
 //! `tls_cert`/`tls_key` files, origination towards brokers with SNI set to the broker's own name
-//! and its certificate verified against the system roots or `upstream_ca_file`.
+//! and its certificate verified against the system roots or `upstream_ca_file`, presenting
+//! `upstream_tls_cert`/`upstream_tls_key` when the brokers ask for a client certificate (MSK's
+//! mutual-TLS authentication, port 9094).
 //!
 //! The client-side certificate is read again when its files change (checked every
 //! [`WATCH_EVERY`]), so a renewed certificate needs no restart; a pair that does not load is
@@ -77,23 +79,35 @@ impl Terminator {
     }
 }
 
-fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// A certificate chain and its private key, from the files under the keys named.
+struct Pair {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn load_pair(cert: &Path, key: &Path, keys: (&'static str, &'static str)) -> Result<Pair, TlsError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| err("tls_cert", cert, e))?;
+        .map_err(|e| err(keys.0, cert, e))?;
     if chain.is_empty() {
-        return Err(err("tls_cert", cert, "no CERTIFICATE in the file"));
+        return Err(err(keys.0, cert, "no CERTIFICATE in the file"));
     }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| err("tls_key", key, e))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| err(keys.1, key, e))?;
+    Ok(Pair { chain, key: private })
+}
+
+fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let pair = load_pair(cert, key, ("tls_cert", "tls_key"))?;
     let config = ServerConfig::builder()
         .with_no_client_auth()
-        .with_single_cert(chain, private)
+        .with_single_cert(pair.chain, pair.key)
         .map_err(|e| err("tls_key", key, format!("does not match tls_cert: {e}")))?;
     Ok(Arc::new(config))
 }
 
-/// The client side towards brokers.
-pub fn connector(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
+/// The client side towards brokers: trust `ca_file` (default: the system's CA certificates) and
+/// present `client` (certificate and key files) if given.
+pub fn connector(ca_file: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -119,7 +133,16 @@ pub fn connector(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
             }
         }
     }
-    let config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let pair = load_pair(cert, key, ("upstream_tls_cert", "upstream_tls_key"))?;
+            builder
+                .with_client_auth_cert(pair.chain, pair.key)
+                .map_err(|e| err("upstream_tls_key", key, format!("does not match upstream_tls_cert: {e}")))?
+        }
+    };
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
@@ -156,7 +179,7 @@ mod tests {
         assert_eq!(e.key, "tls_cert");
         let e = Terminator::load(&dir.join("missing.pem"), &junk).err().unwrap();
         assert_eq!(e.key, "tls_cert");
-        let e = connector(Some(&junk)).err().unwrap();
+        let e = connector(Some(&junk), None).err().unwrap();
         assert_eq!(e.key, "upstream_ca_file");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -75,9 +75,10 @@ class Tansu:
 
 
 class TlsTansu:
-    """Tansu behind haproxy terminating TLS on 127.0.0.1 with a certificate for `localhost`."""
+    """Tansu behind haproxy terminating TLS on 127.0.0.1 with a certificate for `localhost`;
+    with `client_certs`, haproxy requires a client certificate from `ca`."""
 
-    def __init__(self, tmp_path, ca):
+    def __init__(self, tmp_path, ca, client_certs=False):
         self.port = free_port()
         self.tansu = Tansu(tmp_path, advertised=f"tcp://localhost:{self.port}")
         _, _, bundle = ca.issue("broker", dns=["localhost"])
@@ -89,7 +90,7 @@ defaults
     timeout client 10m
     timeout server 10m
 frontend kafka_tls
-    bind 127.0.0.1:{self.port} ssl crt {bundle}
+    bind 127.0.0.1:{self.port} ssl crt {bundle}{f" verify required ca-file {ca.file}" if client_certs else ""}
     default_backend tansu
 backend tansu
     server tansu 127.0.0.1:{self.tansu.port}

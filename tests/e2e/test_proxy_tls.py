@@ -1,7 +1,8 @@
 """The proxy's TLS when something is wrong: a broker certificate from another CA or for another
 name is refused (and no client ever reaches the broker unverified), a plaintext client on a TLS
 listener and a client that never finishes its handshake are reported and let go, a renewed
-certificate is picked up without a restart, and `mskdns check` names a bad TLS key."""
+certificate is picked up without a restart, and `mskdns check` names a bad TLS key. Brokers that
+require a client certificate get the proxy's (`upstream_tls_cert`)."""
 import socket
 import ssl
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import BIN, wait_for
 from pki import CA
-from test_proxy import ADVERTISE, Cluster, bootstrap_of, port_range, proxy_config
+from test_proxy import ADVERTISE, Cluster, TlsTansu, bootstrap_of, port_range, proxy_config
 
 
 @pytest.fixture
@@ -116,3 +117,34 @@ def test_check_names_a_tls_key_that_does_not_load(tmp_path, tls_cluster):
     r = subprocess.run([str(BIN), "check", str(config)], capture_output=True, text=True)
     assert r.returncode != 0
     assert "proxies[0].tls_key" in r.stderr, r.stderr
+
+
+def test_brokers_that_require_a_client_certificate_get_the_proxys(daemon, tls_cluster, tmp_path):
+    from confluent_kafka.admin import AdminClient
+
+    # A second broker, behind a haproxy that insists on a client certificate from the test CA.
+    (tmp_path / "strict").mkdir()
+    strict = TlsTansu(tmp_path / "strict", tls_cluster.ca, client_certs=True)
+    try:
+        tls_cluster.upstream = f"localhost:{strict.port}"
+        d = start(daemon, tmp_path, tls_cluster)
+        client = {"bootstrap.servers": "%s:%d" % bootstrap_of(d), **tls_cluster.confluent}
+        with pytest.raises(Exception):
+            AdminClient(client).list_topics(timeout=5)
+        # TLS 1.3: the broker's demand shows after the handshake, as an alert.
+        assert wait_for(lambda: d.metric("mskdns_proxy_tls_errors_total", kind="session") >= 1)
+        assert "connection closed: TLS: received fatal alert: CertificateRequired" in log_of(d)
+        d.stop()
+
+        cert, key, _ = tls_cluster.ca.issue("proxy-client", client=True)
+        d = start(
+            daemon,
+            tmp_path,
+            tls_cluster,
+            upstream_ca_file=f'upstream_tls_cert = "{cert}"\nupstream_tls_key = "{key}"\nupstream_ca_file',
+        )
+        md = AdminClient({**client, "bootstrap.servers": "%s:%d" % bootstrap_of(d)}).list_topics(timeout=10)
+        assert md.brokers and all(b.host == ADVERTISE for b in md.brokers.values())
+        assert d.metric("mskdns_proxy_tls_errors_total") == 0
+    finally:
+        strict.stop()
