@@ -994,6 +994,29 @@ mod tests {
     }
 
     #[test]
+    fn proxy_tls_keys_come_in_pairs_and_need_upstream_tls() {
+        let base = "[[proxies]]\nlisten = \"127.0.0.1:9098\"\nupstream = \"b:9098\"\nadvertise_host = \"p\"\nbroker_ports = \"9100-9109\"\n";
+        let cases = [
+            ("tls_cert = \"c.pem\"", "proxies[0].tls_key"),
+            ("tls_key = \"k.pem\"", "proxies[0].tls_cert"),
+            ("upstream_tls_cert = \"c.pem\"", "proxies[0].upstream_tls_key"),
+            ("upstream_tls_key = \"k.pem\"", "proxies[0].upstream_tls_cert"),
+            ("upstream_tls = false\nupstream_ca_file = \"ca.pem\"", "proxies[0].upstream_ca_file"),
+            (
+                "upstream_tls = false\nupstream_tls_cert = \"c.pem\"\nupstream_tls_key = \"k.pem\"",
+                "proxies[0].upstream_tls_cert",
+            ),
+            ("handshake_timeout_ms = 0", "proxies[0].handshake_timeout_ms"),
+        ];
+        for (extra, key) in cases {
+            let err = load_str(&format!("{base}{extra}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "`{extra}` gave `{err}`, which does not name {key}");
+        }
+        let c = load_str(base).unwrap();
+        assert!(c.proxies[0].upstream_tls, "TLS towards brokers is the default");
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
