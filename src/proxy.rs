@@ -90,19 +90,7 @@ impl Proxy {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Proxy, ProxyError> {
-        let terminator = match (&cfg.tls_cert, &cfg.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(tls::Terminator::load(cert, key).map_err(|source| ProxyError::Tls { index, source })?)
-            }
-            _ => None,
-        };
-        let connector = match cfg.upstream_tls {
-            true => Some(
-                tls::connector(cfg.upstream_ca_file.as_deref(), upstream_client_cert(cfg))
-                    .map_err(|source| ProxyError::Tls { index, source })?,
-            ),
-            false => None,
-        };
+        let (terminator, connector) = tls_sides(cfg).map_err(|source| ProxyError::Tls { index, source })?;
         let bootstrap =
             bind_listener(cfg.listen).map_err(|source| ProxyError::Bind { index, addr: cfg.listen, source })?;
         let nodes = cfg.state_file.as_ref().map(load_state).unwrap_or_default();
@@ -718,20 +706,22 @@ fn api_name(key: i16) -> &'static str {
     }
 }
 
-fn upstream_client_cert(cfg: &ProxyConfig) -> Option<(&std::path::Path, &std::path::Path)> {
-    Some((cfg.upstream_tls_cert.as_deref()?, cfg.upstream_tls_key.as_deref()?))
+/// A block's TLS towards clients and towards brokers, from its files.
+fn tls_sides(cfg: &ProxyConfig) -> Result<(Option<tls::Terminator>, Option<TlsConnector>), tls::TlsError> {
+    let terminator = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::Terminator::load(cert, key)?),
+        _ => None,
+    };
+    let client_cert = cfg.upstream_tls_cert.as_deref().zip(cfg.upstream_tls_key.as_deref());
+    let connector =
+        if cfg.upstream_tls { Some(tls::connector(cfg.upstream_ca_file.as_deref(), client_cert)?) } else { None };
+    Ok((terminator, connector))
 }
 
 /// Loads every block's TLS files as binding would (for `mskdns check`).
 pub fn check_tls(configs: &[ProxyConfig]) -> Result<(), ProxyError> {
     for (index, cfg) in configs.iter().enumerate() {
-        if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
-            tls::Terminator::load(cert, key).map_err(|source| ProxyError::Tls { index, source })?;
-        }
-        if cfg.upstream_tls {
-            tls::connector(cfg.upstream_ca_file.as_deref(), upstream_client_cert(cfg))
-                .map_err(|source| ProxyError::Tls { index, source })?;
-        }
+        tls_sides(cfg).map_err(|source| ProxyError::Tls { index, source })?;
     }
     Ok(())
 }
