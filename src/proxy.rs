@@ -592,6 +592,7 @@ where
     let bytes =
         metrics::counter!("mskdns_proxy_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_upstream");
     let mut prefix = vec![0u8; frame::REQUEST_PREFIX];
+    let mut by_api: BTreeMap<i16, metrics::Counter> = BTreeMap::new();
     loop {
         let Some(size) = read_size(&mut client).await? else { return Ok(()) };
         let n = frame::frame_size(size, max).map_err(ConnError::ClientFrame)?;
@@ -599,7 +600,12 @@ where
         client.read_exact(&mut prefix[..head]).await?;
         touch(&activity);
         let h = frame::parse_request(&prefix[..head]).map_err(ConnError::ClientFrame)?;
-        metrics::counter!("mskdns_proxy_requests_total", "proxy" => shared.label.clone(), "api_key" => api_name(h.api_key))
+        // The registry is asked once per connection and api key, not once per request.
+        by_api
+            .entry(h.api_key)
+            .or_insert_with(|| {
+                metrics::counter!("mskdns_proxy_requests_total", "proxy" => shared.label.clone(), "api_key" => api_name(h.api_key))
+            })
             .increment(1);
         if h.expects_response {
             // Bounded: with MAX_INFLIGHT unanswered requests, stop reading from the client,
