@@ -23,6 +23,8 @@ pub struct Health {
     serving: AtomicBool,
     problems: Mutex<BTreeMap<String, String>>,
     degraded: Mutex<BTreeMap<String, String>>,
+    /// Parts gone for good (a listener that cannot serve again): /healthz fails.
+    lost: Mutex<BTreeMap<String, String>>,
 }
 
 impl Health {
@@ -38,6 +40,17 @@ impl Health {
     /// Records (or clears) a degradation: still serving, from last known data.
     pub fn set_degraded(&self, component: &str, reason: Option<String>) {
         set(&self.degraded, component, reason);
+    }
+
+    /// Records (or clears) a part of the service that is gone until a restart.
+    pub fn set_lost(&self, component: &str, reason: Option<String>) {
+        set(&self.lost, component, reason);
+    }
+
+    /// `Ok` while every listener is alive, else `Err` with what is gone, one per line.
+    pub fn liveness(&self) -> Result<(), String> {
+        let m = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        if m.is_empty() { Ok(()) } else { Err(m.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()) }
     }
 
     /// `Ok` with `ready` or `degraded` and its reasons, else `Err` with the reasons, one per line.
@@ -79,11 +92,18 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(AdminState { render, health });
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
+    match s.health.liveness() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(lost) => (StatusCode::SERVICE_UNAVAILABLE, lost),
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod catalog;
+pub mod cookie;
 pub mod engine;
 pub mod forward;
 pub mod ratelimit;

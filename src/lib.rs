@@ -5,6 +5,8 @@
 //! - [`dns`]: wire format, the catalog of our own answers, the cache, the upstreams, the listeners.
 //! - [`discovery`]: MSK clusters found through the MSK API; VPC endpoint addresses and subnet AZs from EC2.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`control`]: the file configuration and the discovered clusters, merged; the only writer of
+//!   the engine's snapshots; the configuration in force published on a watch channel.
 //! - [`reload`]: SIGHUP and file changes apply a new configuration, or keep the running one.
 //!
 //! [`Server::bind`] binds everything (port 0 allowed) so the caller can report the real ports,
@@ -13,10 +15,13 @@
 pub mod admin;
 pub mod alloc;
 pub mod config;
+pub mod control;
 #[cfg(feature = "aws")]
 pub mod discovery;
 pub mod dns;
+pub mod limits;
 pub mod names;
+pub mod panic;
 pub mod proxy;
 pub mod reload;
 
@@ -29,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{Health, Render};
 use crate::config::Config;
+use crate::control::Control;
 use crate::dns::Engine;
 use crate::dns::server::{self, Listener, TcpLimits};
 
@@ -47,6 +53,7 @@ pub enum StartError {
 /// Everything bound and built, not yet serving.
 pub struct Server {
     engine: Arc<Engine>,
+    control: Arc<Control>,
     listeners: Vec<Listener>,
     admin: tokio::net::TcpListener,
     tcp_limits: TcpLimits,
@@ -56,8 +63,10 @@ pub struct Server {
     config: Config,
     pub health: Arc<Health>,
     proxies: Vec<proxy::Proxy>,
-    proxy_tasks: TaskTracker,
-    proxy_shutdown: CancellationToken,
+    /// Every task of the daemon, the proxies' included.
+    tasks: TaskTracker,
+    /// The root of every cancellation: the proxies hold child tokens of it.
+    shutdown: CancellationToken,
     /// Discovered clusters read from the snapshot before serving.
     #[cfg(feature = "aws")]
     restored: Vec<discovery::msk::Found>,
@@ -66,7 +75,9 @@ pub struct Server {
 impl Server {
     /// Builds the engine and binds every listener. Must run inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Self, StartError> {
+        panic::install_hook();
         let engine = Engine::from_config(config)?;
+        let control = Control::new(engine.clone(), config.clone());
         let listeners = config
             .dns
             .listen
@@ -82,19 +93,30 @@ impl Server {
             .map_err(|source| StartError::BindAdmin { addr, source })?;
         let tcp_limits = TcpLimits {
             max_connections: config.dns.max_tcp_connections,
+            max_per_client: config.dns.max_tcp_connections_per_client,
             idle_timeout: Duration::from_millis(config.dns.tcp_idle_timeout_ms),
+            write_timeout: Duration::from_millis(config.dns.tcp_write_timeout_ms),
         };
-        let (proxy_tasks, proxy_shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let proxies = proxy::bind_all(&config.proxies, &proxy_tasks, &proxy_shutdown)?;
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let proxies = proxy::bind_all(&config.proxies, &tasks, &shutdown.child_token())?;
         let health: Arc<Health> = Arc::default();
         // A restart with AWS unreachable answers the discovered clusters from the first query.
         #[cfg(feature = "aws")]
         let restored = match &config.discovery.aws {
-            Some(d) => discovery::msk::restore(&engine, &health, d),
+            Some(d) => {
+                let found = discovery::msk::restore(&health, d);
+                if let Err(e) = control.set_discovered(discovery::msk::clusters_of(&found, d.ttl)) {
+                    tracing::error!(error = %e, "cannot apply the restored discovered clusters");
+                }
+                found
+            }
             None => Vec::new(),
         };
+        #[cfg(feature = "aws")]
+        discovery::ec2::restore(&control::EngineEndpoints(engine.clone()), &health, config.ec2_state_dir());
         Ok(Server {
             engine,
+            control,
             listeners,
             admin,
             tcp_limits,
@@ -103,8 +125,8 @@ impl Server {
             config: config.clone(),
             health,
             proxies,
-            proxy_tasks,
-            proxy_shutdown,
+            tasks,
+            shutdown,
             #[cfg(feature = "aws")]
             restored,
         })
@@ -128,11 +150,26 @@ impl Server {
         &self.engine
     }
 
-    /// Serves until `shutdown` fires, then waits a bounded time for misses in flight. With the
-    /// config file's path, SIGHUP and changes to the file reload it.
-    pub async fn run(self, render: Render, shutdown: CancellationToken, config_path: Option<std::path::PathBuf>) {
-        let tasks = TaskTracker::new();
-        let inflight = Arc::new(tokio::sync::Semaphore::new(server::MAX_INFLIGHT_MISSES));
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// Cancelling it stops the daemon (the caller's signal handlers hold it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until [`Server::shutdown_token`] fires, then waits a bounded time for misses in
+    /// flight. With the config file's path, SIGHUP and changes to the file reload it.
+    /// `on_ready` is called once everything serves (and /readyz says so).
+    pub async fn run(self, render: Render, config_path: Option<std::path::PathBuf>, on_ready: impl FnOnce()) {
+        let (tasks, shutdown) = (self.tasks.clone(), self.shutdown.clone());
+        let nofile = server::raise_nofile_limit();
+        let limit = server::inflight_limit(self.config.dns.max_inflight, nofile);
+        metrics::gauge!("mskdns_open_files_limit").set(nofile as f64);
+        metrics::gauge!("mskdns_inflight_limit").set(limit as f64);
+        tracing::info!(open_files = nofile, inflight = limit, "limits");
+        let inflight = Arc::new(tokio::sync::Semaphore::new(limit));
         let mut threads = Vec::new();
         for (listener, l) in self.listeners.into_iter().enumerate() {
             let sock = Arc::new(l.udp);
@@ -146,6 +183,7 @@ impl Server {
                     tasks: tasks.clone(),
                     inflight: inflight.clone(),
                     shutdown: shutdown.clone(),
+                    health: self.health.clone(),
                 };
                 match std::thread::Builder::new().name("mskdns-udp".into()).spawn(move || worker.run()) {
                     Ok(t) => threads.push(t),
@@ -155,18 +193,31 @@ impl Server {
                     }
                 }
             }
-            tasks.spawn(server::serve_tcp(
+            let tcp = server::serve_tcp(
                 self.engine.clone(),
                 l.tcp,
                 listener,
                 self.tcp_limits,
                 shutdown.clone(),
                 tasks.clone(),
-            ));
+            );
+            let (health, shutdown) = (self.health.clone(), shutdown.clone());
+            let addr = self.config.dns.listen.get(listener).copied();
+            tasks.spawn(async move {
+                let ended = panic::guarded(tcp).await;
+                if !shutdown.is_cancelled() {
+                    let why = match ended {
+                        Ok(()) => "the accept loop ended".to_string(),
+                        Err(e) => format!("the accept loop panicked: {e}"),
+                    };
+                    tracing::error!(listener = ?addr, "{why}");
+                    health.set_lost(&format!("dns tcp listener {listener}"), Some(why));
+                }
+            });
         }
         if let Some(path) = config_path {
             tasks.spawn(reload::run(
-                self.engine.clone(),
+                self.control.clone(),
                 path,
                 self.config.clone(),
                 self.health.clone(),
@@ -175,13 +226,20 @@ impl Server {
             ));
         }
         #[cfg(feature = "aws")]
-        tasks.spawn(discovery::ec2::run(self.engine.clone(), self.health.clone(), self.ec2_refresh, shutdown.clone()));
-        #[cfg(feature = "aws")]
-        tasks.spawn(discovery::msk::run(self.engine.clone(), self.health.clone(), self.restored, shutdown.clone()));
+        {
+            let cells = Arc::new(control::EngineEndpoints(self.engine.clone()));
+            let config = self.control.subscribe();
+            tasks.spawn(discovery::ec2::run(cells, config, self.health.clone(), self.ec2_refresh, shutdown.clone()));
+            let to = self.control.discovery_channel(&tasks, shutdown.clone());
+            tasks.spawn(discovery::msk::run(to, self.health.clone(), self.restored, shutdown.clone()));
+        }
         let engine = self.engine.clone();
-        let cache_entries = metrics::gauge!("mskdns_cache_entries");
+        let (cache_entries, cache_bytes) =
+            (metrics::gauge!("mskdns_cache_entries"), metrics::gauge!("mskdns_cache_bytes"));
         let render: Render = Arc::new(move || {
-            cache_entries.set(engine.cache_entries() as f64);
+            let (entries, bytes) = engine.cache_usage();
+            cache_entries.set(entries as f64);
+            cache_bytes.set(bytes as f64);
             render()
         });
         let (health, admin_shutdown) = (self.health.clone(), shutdown.clone());
@@ -193,11 +251,12 @@ impl Server {
             }
         });
         for p in self.proxies {
-            self.proxy_tasks.spawn(p.run());
+            tasks.spawn(p.run());
         }
         #[cfg(feature = "aws")]
-        discovery::ec2::mark_unread(&self.engine.snapshot().catalog, &self.health);
+        discovery::ec2::mark_unread(&control::EngineEndpoints(self.engine.clone()), &self.health);
         self.health.set_serving(true);
+        on_ready();
         tracing::info!(
             clusters = self.engine.snapshot().catalog.cluster_count(),
             upstreams = ?self.engine.upstream_addrs(),
@@ -205,12 +264,10 @@ impl Server {
         );
         shutdown.cancelled().await;
         self.health.set_serving(false);
-        self.proxy_shutdown.cancel();
-        self.proxy_tasks.close();
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         tasks.close();
         let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
-        if tokio::time::timeout(grace, async { tokio::join!(tasks.wait(), self.proxy_tasks.wait()) }).await.is_err() {
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(?grace, "tasks still running at the end of the shutdown grace period");
         }
     }

@@ -102,14 +102,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(addr) = server.admin_addr() {
             println!("listening admin {addr}");
         }
-        println!("ready");
-        // Under systemd (Type=notify): the sockets are bound, queries queue until served.
-        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-            tracing::warn!(error = %e, "cannot tell systemd we are ready");
-        }
-        let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
-        server.run(Arc::new(move || recorder.render()), shutdown, cli.config.clone()).await;
+        let shutdown = server.shutdown_token();
+        // Installed before `ready` is said: a SIGTERM right after it must find the handler.
+        let signals = signals(shutdown.clone())?;
+        tokio::spawn(signals);
+        // `ready` once every listener is served and /readyz can say so.
+        let ready = || {
+            println!("ready");
+            // Under systemd (Type=notify).
+            if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+                tracing::warn!(error = %e, "cannot tell systemd we are ready");
+            }
+        };
+        server.run(Arc::new(move || recorder.render()), cli.config.clone(), ready).await;
         tracing::info!("stopped");
         Ok(())
     })
@@ -160,15 +165,16 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn signals(shutdown: CancellationToken) {
+/// Installs the SIGTERM and SIGINT handlers now; the returned future cancels `shutdown` on either.
+fn signals(shutdown: CancellationToken) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    shutdown.cancel();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    })
 }

@@ -9,6 +9,50 @@
 use std::fmt;
 use std::ops::Range;
 
+/// The longest name in wire form (RFC 1035 2.3.4).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Converts a presentation-form name (`a.b.c` or `a.b.c.`) to lowercase wire form.
+pub fn name_to_wire(name: &str) -> Option<Vec<u8>> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let mut out = Vec::with_capacity(name.len() + 2);
+    if !name.is_empty() {
+        for label in name.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return None;
+            }
+            out.push(label.len() as u8);
+            out.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
+        }
+    }
+    out.push(0);
+    (out.len() <= MAX_NAME_LEN).then_some(out)
+}
+
+/// The cluster key a bootstrap name carries: `(key bytes, provisioned?)`, or why it has none.
+pub fn cluster_key(bootstrap: &str) -> Result<(Vec<u8>, bool), String> {
+    let wire = name_to_wire(bootstrap).ok_or_else(|| format!("`{bootstrap}` is not a DNS name"))?;
+    if let Some(m) = match_serverless(&wire) {
+        return Ok((wire[m.key].to_vec(), false));
+    }
+    if let Some(m) = match_provisioned(&wire) {
+        return Ok((wire[m.key].to_vec(), true));
+    }
+    Err(format!(
+        "`{bootstrap}` is neither an MSK Serverless name (boot-<id>.c<N>.kafka-serverless.<region>.amazonaws.com) \
+         nor a provisioned broker name (b-<n>.<name>.<id>.c<N>.kafka.<region>.amazonaws.com)"
+    ))
+}
+
+/// The first `host` of a bootstrap string (`host:port,host:port`, as GetBootstrapBrokers gives
+/// them) that is an MSK name, lowercase and without a trailing dot.
+pub fn first_msk_host(s: &str) -> Option<String> {
+    s.split(',').map(|hp| hp.trim().rsplit_once(':').map_or(hp.trim(), |(h, _)| h)).find_map(|h| {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        cluster_key(&h).is_ok().then_some(h)
+    })
+}
+
 /// Which broker of a cluster a name designates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -163,11 +207,33 @@ pub fn describe_serverless_key(key: &[u8]) -> String {
     }
 }
 
+/// A cluster's short label for metrics and logs, from its key: serverless `<id>.c<N>.<region>`,
+/// provisioned `<name>.<id>.c<N>.<region>`.
+pub fn cluster_label(key: &[u8], provisioned: bool) -> String {
+    if !provisioned {
+        return describe_serverless_key(key);
+    }
+    // key = wire labels: name, id, cN, kafka, region, amazonaws, com[, cn]
+    let l: Vec<String> = labels(key).map(|(_, l)| String::from_utf8_lossy(l).into_owned()).collect();
+    l.iter().take(3).chain(l.iter().skip(4).take(1)).cloned().collect::<Vec<_>>().join(".")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::wire::name_to_wire;
     use proptest::prelude::*;
+
+    #[test]
+    fn cluster_labels() {
+        let (key, provisioned) = cluster_key("b-1.orders.ab12cd.c3.kafka.eu-west-1.amazonaws.com").unwrap();
+        assert_eq!(cluster_label(&key, provisioned), "orders.ab12cd.c3.eu-west-1");
+        let (key, provisioned) = cluster_key("boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com").unwrap();
+        assert_eq!(cluster_label(&key, provisioned), "abcd1234.c2.us-east-1");
+        assert_eq!(
+            first_msk_host("10.0.0.1:9098, B-2.orders.ab12cd.c3.kafka.eu-west-1.amazonaws.com.:9098").as_deref(),
+            Some("b-2.orders.ab12cd.c3.kafka.eu-west-1.amazonaws.com")
+        );
+    }
 
     fn serverless(name: &str) -> Option<(Role, Vec<u8>)> {
         let w = name_to_wire(name)?;

@@ -11,13 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
 use crate::config::Config;
-use crate::dns::Engine;
+use crate::control::Control;
 
 const HEALTH_KEY: &str = "config";
 
 /// Watches until `shutdown`. `poll` 0: SIGHUP only.
 pub async fn run(
-    engine: Arc<Engine>,
+    control: Arc<Control>,
     path: PathBuf,
     mut running: Config,
     health: Arc<Health>,
@@ -46,7 +46,7 @@ pub async fn run(
             if next.dns.listen != running.dns.listen {
                 return Err("`dns.listen` changed: restart to apply it (nothing was reloaded)".into());
             }
-            engine.reload(&next).map_err(|e| e.to_string())?;
+            control.reload(next.clone()).map_err(|e| e.to_string())?;
             Ok(next)
         });
         match result {

@@ -3,43 +3,132 @@
 //! the AZ of views configured by subnet. Refreshed on an interval; when EC2 fails the last good
 //! addresses stay in service and /readyz reports the service degraded, with the reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::DisplayErrorContext;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::dns::Engine;
-use crate::dns::catalog::{Catalog, EndpointAddr};
+use crate::config::{Config, EndpointAddr};
 
 const HEALTH_KEY: &str = "ec2";
+const STATE_FILE: &str = "ec2.json";
+
+/// The last addresses and AZs read from EC2, kept so that a restart while EC2 is unreachable
+/// answers at once.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Known {
+    pub endpoints: BTreeMap<String, Vec<EndpointAddr>>,
+    pub subnets: BTreeMap<String, Vec<String>>,
+}
+
+/// What EC2 refreshes read and write, and nothing more: the VPC endpoints and subnets the
+/// configuration in force names, and the cells holding their addresses and AZs (set here, read
+/// per query; setting one needs no rebuild). The control plane gives one over the DNS engine.
+pub trait Endpoints: Send + Sync {
+    /// Each VPC endpoint, with its addresses as last set (`None`: never read).
+    fn endpoints(&self) -> Vec<(String, Option<Arc<Vec<EndpointAddr>>>)>;
+    /// Each subnet a view is configured by, with its AZ as last set.
+    fn subnets(&self) -> Vec<(String, Option<Arc<Vec<String>>>)>;
+    fn set_addresses(&self, endpoint: &str, addrs: Vec<EndpointAddr>);
+    fn set_az(&self, subnet: &str, az: Vec<String>);
+}
+
+impl Known {
+    fn of(cells: &dyn Endpoints) -> Self {
+        Known {
+            endpoints: cells.endpoints().into_iter().filter_map(|(id, a)| Some((id, a?.to_vec()))).collect(),
+            subnets: cells.subnets().into_iter().filter_map(|(id, az)| Some((id, az?.to_vec()))).collect(),
+        }
+    }
+}
+
+fn read_state(dir: &Path) -> std::io::Result<Option<Known>> {
+    match std::fs::read(dir.join(STATE_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes atomically: a temporary file, fsync, rename, fsync of the folder.
+fn write_state(dir: &Path, known: &Known) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(known).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Serves the addresses and AZs of the state file until EC2 answers: called before the first
+/// query. Endpoints and subnets the configuration no longer names are ignored.
+pub fn restore(cells: &dyn Endpoints, health: &Health, dir: Option<PathBuf>) {
+    let Some(dir) = dir else { return };
+    let known = match read_state(&dir) {
+        Ok(Some(k)) => k,
+        Ok(None) => return,
+        Err(e) => {
+            metrics::counter!("mskdns_ec2_state_errors_total").increment(1);
+            tracing::error!(error = %e, file = %dir.join(STATE_FILE).display(), "EC2 state file unreadable: ignored");
+            health.set_degraded("ec2.state", Some(format!("state file unreadable, ignored: {e}")));
+            return;
+        }
+    };
+    let mut restored = 0;
+    for (id, _) in cells.endpoints() {
+        if let Some(addrs) = known.endpoints.get(&id) {
+            cells.set_addresses(&id, addrs.clone());
+            restored += 1;
+        }
+    }
+    for (subnet, _) in cells.subnets() {
+        if let Some(az) = known.subnets.get(&subnet) {
+            cells.set_az(&subnet, az.clone());
+        }
+    }
+    if restored > 0 {
+        tracing::info!(endpoints = restored, file = %dir.join(STATE_FILE).display(), "VPC endpoint addresses restored from the state file");
+        health.set_degraded(HEALTH_KEY, Some("serving addresses from the state file until EC2 answers".into()));
+    }
+}
 
 /// Reports every VPC endpoint whose addresses were never read as a readiness problem.
-pub fn mark_unread(catalog: &Catalog, health: &Health) {
-    for e in catalog.endpoints().filter(|e| e.get().is_none()) {
-        health.set_problem(&format!("vpc_endpoint {}", e.id), Some("addresses not read from EC2 yet".into()));
+pub fn mark_unread(cells: &dyn Endpoints, health: &Health) {
+    for (id, _) in cells.endpoints().into_iter().filter(|e| e.1.is_none()) {
+        health.set_problem(&format!("vpc_endpoint {id}"), Some("addresses not read from EC2 yet".into()));
     }
 }
 
 /// Refreshes until `shutdown`, following the configuration in force (a reload may add or drop
 /// endpoints). EC2 is not called, and no AWS client is built, while nothing needs it.
-pub async fn run(engine: Arc<Engine>, health: Arc<Health>, every: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    cells: Arc<dyn Endpoints>,
+    config: watch::Receiver<Arc<Config>>,
+    health: Arc<Health>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     let duration = metrics::histogram!("mskdns_ec2_refresh_duration_seconds");
     let mut client = None;
     let mut reported: Vec<String> = Vec::new();
+    let mut written: Option<Known> = None;
     loop {
-        let snapshot = engine.snapshot();
-        let catalog = &snapshot.catalog;
-        let subnets: Vec<String> = catalog.views().iter().filter_map(|v| v.subnet.clone()).collect();
-        for gone in reported.iter().filter(|id| !catalog.endpoints().any(|e| &&e.id == id)) {
+        let subnets: Vec<String> = cells.subnets().into_iter().map(|s| s.0).collect();
+        let ids: Vec<String> = cells.endpoints().into_iter().map(|e| e.0).collect();
+        for gone in reported.iter().filter(|id| !ids.contains(id)) {
             health.set_problem(&format!("vpc_endpoint {gone}"), None);
         }
-        reported = catalog.endpoints().map(|e| e.id.clone()).collect();
-        mark_unread(catalog, &health);
+        reported = ids.clone();
+        mark_unread(cells.as_ref(), &health);
         if reported.is_empty() && subnets.is_empty() {
             health.set_degraded(HEALTH_KEY, None);
             tokio::select! {
@@ -55,8 +144,23 @@ pub async fn run(engine: Arc<Engine>, health: Arc<Health>, every: Duration, shut
             }
         };
         let started = Instant::now();
-        match refresh(client, catalog, &subnets).await {
-            Ok(()) => health.set_degraded(HEALTH_KEY, None),
+        match refresh(client, cells.as_ref(), ids, &subnets).await {
+            Ok(()) => {
+                health.set_degraded(HEALTH_KEY, None);
+                let known = Known::of(cells.as_ref());
+                let dir = config.borrow().ec2_state_dir();
+                if let Some(dir) = dir
+                    && written.as_ref() != Some(&known)
+                {
+                    match write_state(&dir, &known) {
+                        Ok(()) => written = Some(known),
+                        Err(e) => {
+                            metrics::counter!("mskdns_ec2_state_errors_total").increment(1);
+                            tracing::warn!(error = %e, dir = %dir.display(), "cannot write the EC2 state file");
+                        }
+                    }
+                }
+            }
             Err((operation, message)) => {
                 metrics::counter!("mskdns_ec2_errors_total", "operation" => operation).increment(1);
                 tracing::warn!(operation, error = %message, "EC2 refresh failed; keeping the last known addresses");
@@ -67,13 +171,13 @@ pub async fn run(engine: Arc<Engine>, health: Arc<Health>, every: Duration, shut
             }
         }
         duration.record(started.elapsed().as_secs_f64());
-        for e in catalog.endpoints() {
-            let problem = match e.get() {
+        for (id, addrs) in cells.endpoints() {
+            let problem = match addrs {
                 None => Some("addresses not read from EC2 yet".into()),
                 Some(a) if a.is_empty() => Some("EC2 lists no addresses for it".into()),
                 Some(_) => None,
             };
-            health.set_problem(&format!("vpc_endpoint {}", e.id), problem);
+            health.set_problem(&format!("vpc_endpoint {id}"), problem);
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -84,8 +188,7 @@ pub async fn run(engine: Arc<Engine>, health: Arc<Health>, every: Duration, shut
 
 type Failure = (&'static str, String);
 
-async fn refresh(client: &Client, catalog: &Catalog, subnets: &[String]) -> Result<(), Failure> {
-    let ids: Vec<String> = catalog.endpoints().map(|e| e.id.clone()).collect();
+async fn refresh(client: &Client, cells: &dyn Endpoints, ids: Vec<String>, subnets: &[String]) -> Result<(), Failure> {
     if !ids.is_empty() {
         let fail = |e| ("DescribeVpcEndpoints", format!("{}", DisplayErrorContext(e)));
         let mut enis_of: HashMap<String, Vec<String>> = HashMap::new();
@@ -114,15 +217,15 @@ async fn refresh(client: &Client, catalog: &Catalog, subnets: &[String]) -> Resu
                 }
             }
         }
-        for e in catalog.endpoints() {
-            let Some(enis) = enis_of.get(&e.id) else { continue };
+        for (id, now) in cells.endpoints() {
+            let Some(enis) = enis_of.get(&id) else { continue };
             let mut addrs: Vec<EndpointAddr> = enis.iter().filter_map(|n| addrs_of.get(n)).flatten().cloned().collect();
             addrs.sort_by(|a, b| (&a.az, a.ip).cmp(&(&b.az, b.ip)));
-            metrics::gauge!("mskdns_vpc_endpoint_addresses", "endpoint" => e.id.clone()).set(addrs.len() as f64);
-            if e.get().as_deref() != Some(&addrs) {
-                tracing::info!(endpoint = %e.id, addresses = ?addrs.iter().map(|a| a.ip).collect::<Vec<_>>(), "VPC endpoint addresses");
+            metrics::gauge!("mskdns_vpc_endpoint_addresses", "endpoint" => id.clone()).set(addrs.len() as f64);
+            if now.as_deref() != Some(&addrs) {
+                tracing::info!(endpoint = %id, addresses = ?addrs.iter().map(|a| a.ip).collect::<Vec<_>>(), "VPC endpoint addresses");
             }
-            e.set(addrs);
+            cells.set_addresses(&id, addrs);
         }
     }
     if !subnets.is_empty() {
@@ -131,8 +234,8 @@ async fn refresh(client: &Client, catalog: &Catalog, subnets: &[String]) -> Resu
         for s in out.subnets() {
             let az: Vec<String> =
                 [s.availability_zone(), s.availability_zone_id()].into_iter().flatten().map(str::to_owned).collect();
-            for v in catalog.views().iter().filter(|v| v.subnet.as_deref() == s.subnet_id()) {
-                v.set_az(az.clone());
+            if let Some(id) = s.subnet_id() {
+                cells.set_az(id, az);
             }
         }
     }

@@ -1,6 +1,6 @@
 //! MSK cluster discovery: ListClustersV2 in each account and region, the tag that selects a
 //! cluster and the tag (or rule) that gives its target, GetBootstrapBrokers for its names (and
-//! so its cluster key). The result feeds the engine as extra `[[clusters]]` entries; explicit
+//! so its cluster key). The result goes to the control plane as extra `[[clusters]]` entries; explicit
 //! ones win.
 //!
 //! What AWS said last is kept: a failed listing keeps every cluster of that account and region,
@@ -8,19 +8,24 @@
 //! snapshot file that the next start reads before AWS answers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_sdk_kafka::Client;
-use aws_sdk_kafka::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_kafka::types::{Cluster, ClusterState, ClusterType};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::config::{AwsDiscoveryConfig, ClusterConfig, cluster_key, parse_target};
-use crate::dns::Engine;
+use crate::config::{AwsDiscoveryConfig, ClusterConfig, parse_target};
+use crate::control::Discovered;
+use crate::names::cluster_key;
+
+mod aws;
+mod state;
+
+pub use aws::*;
+pub use state::*;
 
 const HEALTH_KEY: &str = "discovery.aws";
 const SNAPSHOT_FILE: &str = "discovery-aws.json";
@@ -67,393 +72,6 @@ pub struct Skipped {
     /// Its tags no longer select it (or give no usable target): it leaves at once.
     #[serde(skip)]
     pub deselected: bool,
-}
-
-/// A failed AWS call, classified for the error metric.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ApiError {
-    pub operation: &'static str,
-    pub kind: &'static str,
-    pub message: String,
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} failed ({}): {}", self.operation, self.kind, self.message)
-    }
-}
-
-fn api_error<E, R>(operation: &'static str, e: SdkError<E, R>) -> ApiError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let kind = match &e {
-        SdkError::TimeoutError(_) => "timeout",
-        SdkError::DispatchFailure(d) if d.is_timeout() => "timeout",
-        SdkError::DispatchFailure(_) => "connect",
-        SdkError::ResponseError(_) => "response",
-        SdkError::ServiceError(s) => match s.err().code() {
-            Some("ThrottlingException" | "TooManyRequestsException" | "Throttling" | "RequestLimitExceeded") => {
-                "throttling"
-            }
-            Some("AccessDeniedException" | "ForbiddenException" | "UnauthorizedException" | "AccessDenied") => {
-                "access_denied"
-            }
-            Some("NotFoundException") => "not_found",
-            Some("BadRequestException") => "bad_request",
-            _ => "service",
-        },
-        _ => "other",
-    };
-    // The error's own chain, not DisplayErrorContext: that ends with the Debug form of the
-    // raw response, whole bodies included, which has no place in a log line or /readyz.
-    let mut message = match &e {
-        SdkError::ServiceError(s) => match (s.err().code(), s.err().message()) {
-            (Some(c), Some(m)) => format!("{c}: {m}"),
-            (Some(c), None) => c.to_owned(),
-            _ => String::new(),
-        },
-        _ => String::new(),
-    };
-    if message.is_empty() {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        let mut parts: Vec<String> = Vec::new();
-        while let Some(err) = source {
-            let text = err.to_string();
-            if !parts.iter().any(|p| p.contains(&text)) {
-                parts.push(text);
-            }
-            source = err.source();
-        }
-        message = parts.join(": ");
-    }
-    ApiError { operation, kind, message }
-}
-
-/// How clusters are chosen and what they resolve to, for one account.
-#[derive(Debug, Clone)]
-pub struct Rules {
-    pub tag: String,
-    pub tag_value: Option<String>,
-    pub target_tag: String,
-    /// The default target and the key it was configured under.
-    pub default_target: Option<(String, String)>,
-    pub scope: String,
-}
-
-impl Rules {
-    pub fn for_account(d: &AwsDiscoveryConfig, account: Option<usize>) -> Rules {
-        let own = account.and_then(|i| {
-            d.accounts[i].default_target.clone().map(|t| (t, format!("discovery.aws.accounts[{i}].default_target")))
-        });
-        Rules {
-            tag: d.tag.clone(),
-            tag_value: d.tag_value.clone(),
-            target_tag: d.target_tag.clone(),
-            default_target: own
-                .or_else(|| d.default_target.clone().map(|t| (t, "discovery.aws.default_target".to_owned()))),
-            scope: match account {
-                Some(i) => format!("accounts[{i}]"),
-                None => "default".into(),
-            },
-        }
-    }
-
-    /// Whether the tags select the cluster.
-    fn selects(&self, tags: &HashMap<String, String>) -> bool {
-        match (tags.get(&self.tag), &self.tag_value) {
-            (None, _) => false,
-            (Some(v), Some(want)) => v == want,
-            (Some(_), None) => true,
-        }
-    }
-
-    /// The target text and where it came from.
-    fn target(&self, tags: &HashMap<String, String>) -> Result<(String, String), String> {
-        if let Some(t) = tags.get(&self.target_tag) {
-            parse_target(t).map_err(|m| format!("tag {}: {m}", self.target_tag))?;
-            return Ok((t.trim().to_owned(), format!("tag {}", self.target_tag)));
-        }
-        self.default_target.clone().ok_or_else(|| format!("no tag {} and no default_target", self.target_tag))
-    }
-}
-
-/// One account and region's listing.
-#[derive(Debug, Default)]
-pub struct Listing {
-    pub found: Vec<Found>,
-    pub skipped: Vec<Skipped>,
-    /// Calls that failed for single clusters (the listing itself succeeded).
-    pub errors: Vec<ApiError>,
-}
-
-/// Lists one account and region. `bootstraps` remembers each ARN's bootstrap name: it never
-/// changes for a cluster, so GetBootstrapBrokers is called once per cluster, not per refresh.
-pub async fn list(
-    client: &Client,
-    region: &str,
-    rules: &Rules,
-    bootstraps: &mut HashMap<String, String>,
-    now: u64,
-) -> Result<Listing, ApiError> {
-    let mut listing = Listing::default();
-    let mut pages = client.list_clusters_v2().into_paginator().send();
-    let mut clusters: Vec<Cluster> = Vec::new();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| api_error("ListClustersV2", e))?;
-        clusters.extend(page.cluster_info_list().iter().cloned());
-    }
-    for mut c in clusters {
-        let Some(arn) = c.cluster_arn().map(str::to_owned) else { continue };
-        if c.tags().is_none() {
-            // Some listings leave the tags out: ask for the cluster itself.
-            match client.describe_cluster_v2().cluster_arn(&arn).send().await {
-                Ok(out) => {
-                    if let Some(info) = out.cluster_info {
-                        c = info;
-                    }
-                }
-                Err(e) => {
-                    listing.errors.push(api_error("DescribeClusterV2", e));
-                    continue;
-                }
-            }
-        }
-        let name = c.cluster_name().unwrap_or_default().to_owned();
-        let skip = |reason: String| Skipped { arn: arn.clone(), name: name.clone(), reason, deselected: false };
-        let deselect = |reason: String| Skipped { deselected: true, ..skip(reason) };
-        let empty = HashMap::new();
-        let tags = c.tags().unwrap_or(&empty);
-        if !rules.selects(tags) {
-            let want = match &rules.tag_value {
-                Some(v) => format!("{}={v}", rules.tag),
-                None => rules.tag.clone(),
-            };
-            listing.skipped.push(deselect(format!("not tagged {want}")));
-            continue;
-        }
-        let state = c.state().cloned();
-        if matches!(state, Some(ClusterState::Deleting | ClusterState::Failed)) {
-            listing.skipped.push(skip(format!("state {}", state.as_ref().map(|s| s.as_str()).unwrap_or("?"))));
-            continue;
-        }
-        let (target, target_from) = match rules.target(tags) {
-            Ok(t) => t,
-            Err(m) => {
-                listing.skipped.push(deselect(m));
-                continue;
-            }
-        };
-        let bootstrap = match bootstraps.get(&arn) {
-            Some(b) => b.clone(),
-            None => match client.get_bootstrap_brokers().cluster_arn(&arn).send().await {
-                Ok(out) => {
-                    let strings = [
-                        out.bootstrap_broker_string_sasl_iam(),
-                        out.bootstrap_broker_string_tls(),
-                        out.bootstrap_broker_string_sasl_scram(),
-                        out.bootstrap_broker_string(),
-                        out.bootstrap_broker_string_vpc_connectivity_sasl_iam(),
-                        out.bootstrap_broker_string_vpc_connectivity_tls(),
-                        out.bootstrap_broker_string_vpc_connectivity_sasl_scram(),
-                    ];
-                    match strings.into_iter().flatten().find_map(first_host) {
-                        Some(b) => {
-                            bootstraps.insert(arn.clone(), b.clone());
-                            b
-                        }
-                        None => {
-                            listing.skipped.push(skip("GetBootstrapBrokers returned no MSK broker name".into()));
-                            continue;
-                        }
-                    }
-                }
-                Err(e) => {
-                    let e = api_error("GetBootstrapBrokers", e);
-                    listing.skipped.push(skip(e.to_string()));
-                    // A cluster still being created has no brokers yet: not a failure of ours.
-                    if state != Some(ClusterState::Creating) {
-                        listing.errors.push(e);
-                    }
-                    continue;
-                }
-            },
-        };
-        let kind = match c.cluster_type() {
-            Some(ClusterType::Serverless) => "serverless",
-            Some(ClusterType::Provisioned) => "provisioned",
-            _ if bootstrap.contains(".kafka-serverless.") => "serverless",
-            _ => "provisioned",
-        };
-        listing.found.push(Found {
-            account: arn.split(':').nth(4).unwrap_or_default().to_owned(),
-            region: region.to_owned(),
-            kind: kind.into(),
-            name,
-            bootstrap,
-            target,
-            target_from,
-            scope: rules.scope.clone(),
-            last_seen: now,
-            arn,
-        });
-    }
-    Ok(listing)
-}
-
-/// The first `host` of `host:port,host:port` that is an MSK name.
-fn first_host(s: &str) -> Option<String> {
-    s.split(',').map(|hp| hp.trim().rsplit_once(':').map_or(hp.trim(), |(h, _)| h)).find_map(|h| {
-        let h = h.trim_end_matches('.').to_ascii_lowercase();
-        cluster_key(&h).is_ok().then_some(h)
-    })
-}
-
-/// Merges one scope's (account, region) fresh listing into what was known: the listed clusters
-/// replace that scope's old entries; one no longer listed stays until `grace` has passed since
-/// it was last seen.
-pub fn merge(known: &[Found], scope: &str, region: &str, fresh: Vec<Found>, now: u64, grace: u64) -> Vec<Found> {
-    let mut out: Vec<Found> = known.iter().filter(|f| f.scope != scope || f.region != region).cloned().collect();
-    for old in known.iter().filter(|f| f.scope == scope && f.region == region) {
-        if fresh.iter().any(|f| f.arn == old.arn) {
-            continue;
-        }
-        if now.saturating_sub(old.last_seen) < grace {
-            out.push(old.clone());
-        } else {
-            tracing::info!(arn = %old.arn, bootstrap = %old.bootstrap, "cluster gone from AWS past the grace period: no longer served");
-        }
-    }
-    out.extend(fresh);
-    out.sort_by(|a, b| a.arn.cmp(&b.arn));
-    out
-}
-
-/// Removes the clusters AWS still lists but no longer selects (untagged, or state DELETING):
-/// the operator's decision, applied at once.
-pub fn drop_deselected(known: Vec<Found>, skipped: &[Skipped]) -> Vec<Found> {
-    known
-        .into_iter()
-        .filter(|f| {
-            let deselected = skipped.iter().any(|s| s.deselected && s.arn == f.arn);
-            if deselected {
-                tracing::info!(arn = %f.arn, "cluster no longer selected by its tags: no longer served");
-            }
-            !deselected
-        })
-        .collect()
-}
-
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    version: u32,
-    written: u64,
-    clusters: Vec<Found>,
-}
-
-/// Reads the snapshot; `Ok(None)` when there is none yet.
-pub fn load_snapshot(dir: &Path) -> Result<Option<Vec<Found>>, String> {
-    let path = dir.join(SNAPSHOT_FILE);
-    let text = match std::fs::read(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let file: SnapshotFile = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    if file.version != SNAPSHOT_VERSION {
-        return Err(format!("{}: version {} (this build reads {SNAPSHOT_VERSION})", path.display(), file.version));
-    }
-    Ok(Some(file.clusters))
-}
-
-/// Writes the snapshot atomically: a temporary file, fsync, rename, fsync of the folder.
-pub fn write_snapshot(dir: &Path, clusters: &[Found]) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let file = SnapshotFile { version: SNAPSHOT_VERSION, written: unix_now(), clusters: clusters.to_vec() };
-    let text = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!(".{SNAPSHOT_FILE}.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&text)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// Builds the MSK clients: one per account and region, with the account's role assumed.
-pub struct Clients {
-    base: Option<aws_config::SdkConfig>,
-    built: HashMap<(Option<String>, Option<String>, String), Client>,
-}
-
-impl Default for Clients {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clients {
-    pub fn new() -> Self {
-        Clients { base: None, built: HashMap::new() }
-    }
-
-    async fn base(&mut self) -> &aws_config::SdkConfig {
-        if self.base.is_none() {
-            self.base = Some(aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await);
-        }
-        self.base.as_ref().expect("just set")
-    }
-
-    /// The (scope, region, rules) to list, each with its client.
-    pub async fn scopes(&mut self, d: &AwsDiscoveryConfig) -> Vec<(Rules, String, Client)> {
-        let base = self.base().await.clone();
-        let default_region = base.region().map(|r| r.to_string());
-        let accounts: Vec<Option<usize>> =
-            if d.accounts.is_empty() { vec![None] } else { (0..d.accounts.len()).map(Some).collect() };
-        let mut out = Vec::new();
-        for account in accounts {
-            let a = account.map(|i| &d.accounts[i]);
-            let mut regions = a.map(|a| a.regions.clone()).unwrap_or_default();
-            if regions.is_empty() {
-                regions = d.regions.clone();
-            }
-            if regions.is_empty() {
-                regions.extend(default_region.clone());
-            }
-            let role = a.and_then(|a| a.role_arn.clone());
-            let external = a.and_then(|a| a.external_id.clone());
-            for region in regions {
-                let key = (role.clone(), external.clone(), region.clone());
-                let client = match self.built.get(&key) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let mut conf = aws_sdk_kafka::config::Builder::from(&base)
-                            .region(aws_sdk_kafka::config::Region::new(region.clone()));
-                        if let Some(role) = &role {
-                            let mut b = aws_config::sts::AssumeRoleProvider::builder(role.clone())
-                                .session_name("mskdns-discovery")
-                                .configure(&base);
-                            if let Some(x) = &external {
-                                b = b.external_id(x.clone());
-                            }
-                            conf = conf.credentials_provider(b.build().await);
-                        }
-                        let client = Client::from_conf(conf.build());
-                        self.built.insert(key, client.clone());
-                        client
-                    }
-                };
-                out.push((Rules::for_account(d, account), region, client));
-            }
-        }
-        out
-    }
 }
 
 /// One full pass over every account and region.
@@ -514,34 +132,13 @@ pub async fn pass_over(
     result
 }
 
-/// The clusters to hand the engine.
-pub fn clusters_of(found: &[Found], ttl: u32) -> Vec<ClusterConfig> {
-    found.iter().filter_map(|f| f.cluster(ttl)).collect()
-}
-
-/// Delay before the next pass: the interval spread by ±jitter after a success; after
-/// `failures` failures in a row, 1 s doubling up to the cap (with full jitter), never more than
-/// the interval.
-pub fn next_delay(d: &AwsDiscoveryConfig, failures: u32, unit: f64) -> Duration {
-    let every = d.refresh_secs as f64;
-    let secs = if failures == 0 {
-        every * (1.0 + d.jitter * (2.0 * unit - 1.0))
-    } else {
-        let cap = (d.max_backoff_secs as f64).min(every);
-        let exp = 2f64.powi(failures.min(30) as i32 - 1).min(cap);
-        exp * (0.5 + 0.5 * unit)
-    };
-    Duration::from_secs_f64(secs.max(0.1))
-}
-
-/// Reads the snapshot of `d.state_dir()` into the engine and returns it; an unreadable one is
+/// Reads the snapshot of `d.state_dir()` (the caller puts it in force); an unreadable one is
 /// logged, counted and shown on /readyz, and discovery starts from nothing.
-pub fn restore(engine: &Engine, health: &Health, d: &AwsDiscoveryConfig) -> Vec<Found> {
+pub fn restore(health: &Health, d: &AwsDiscoveryConfig) -> Vec<Found> {
     let Some(dir) = d.state_dir() else { return Vec::new() };
     match load_snapshot(&dir) {
         Ok(Some(found)) => {
             tracing::info!(clusters = found.len(), dir = %dir.display(), "discovered clusters restored from the snapshot");
-            apply(engine, &found, d.ttl);
             metrics::gauge!("mskdns_clusters", "source" => "discovery").set(found.len() as f64);
             found
         }
@@ -555,22 +152,23 @@ pub fn restore(engine: &Engine, health: &Health, d: &AwsDiscoveryConfig) -> Vec<
     }
 }
 
-/// Runs until `shutdown`, following reloads of `[discovery.aws]`. `restored`: what [`restore`]
-/// read at start.
-pub async fn run(engine: Arc<Engine>, health: Arc<Health>, restored: Vec<Found>, shutdown: CancellationToken) {
+/// Runs until `shutdown`, following reloads of `[discovery.aws]` (read from the configuration in
+/// force on every pass) and publishing what it finds on `to`. `restored`: what [`restore`] read
+/// at start, already in force.
+pub async fn run(to: Discovered, health: Arc<Health>, restored: Vec<Found>, shutdown: CancellationToken) {
+    let settings = || to.config.borrow().discovery.aws.clone();
     let mut clients = Clients::new();
     let mut bootstraps: HashMap<String, String> = HashMap::new();
-    let mut loaded_from: Option<PathBuf> = engine.file_config().discovery.aws.and_then(|d| d.state_dir());
+    let mut loaded_from: Option<PathBuf> = settings().and_then(|d| d.state_dir());
+    let mut published = settings().map(|d| clusters_of(&restored, d.ttl)).unwrap_or_default();
     let mut known: Vec<Found> = restored;
     let mut failures = 0u32;
     let duration = metrics::histogram!("mskdns_discovery_refresh_duration_seconds");
     loop {
-        let Some(d) = engine.file_config().discovery.aws.clone() else {
-            if !engine.discovered().is_empty() {
+        let Some(d) = settings() else {
+            if !published.is_empty() {
                 tracing::info!("discovery.aws removed from the configuration: discovered clusters dropped");
-                if let Err(e) = engine.set_discovered(Vec::new()) {
-                    tracing::error!(error = %e, "cannot apply the cluster map");
-                }
+                publish(&to, &mut published, Vec::new()).await;
             }
             known.clear();
             health.set_degraded(HEALTH_KEY, None);
@@ -584,7 +182,8 @@ pub async fn run(engine: Arc<Engine>, health: Arc<Health>, restored: Vec<Found>,
         if loaded_from != state_dir {
             loaded_from = state_dir.clone();
             if known.is_empty() {
-                known = restore(&engine, &health, &d);
+                known = restore(&health, &d);
+                publish(&to, &mut published, clusters_of(&known, d.ttl)).await;
             }
         }
         for f in &known {
@@ -621,7 +220,7 @@ pub async fn run(engine: Arc<Engine>, health: Arc<Health>, restored: Vec<Found>,
                 }
             }
             known = p.clusters;
-            apply(&engine, &known, d.ttl);
+            publish(&to, &mut published, clusters_of(&known, d.ttl)).await;
             if let Some(dir) = &state_dir {
                 match write_snapshot(dir, &known) {
                     Ok(()) => health.set_degraded("discovery.aws.snapshot", None),
@@ -645,14 +244,10 @@ pub async fn run(engine: Arc<Engine>, health: Arc<Health>, restored: Vec<Found>,
     }
 }
 
-/// Hands the clusters to the engine, unless they are what it has.
-fn apply(engine: &Engine, found: &[Found], ttl: u32) {
-    let clusters = clusters_of(found, ttl);
-    if *engine.discovered() == clusters {
-        return;
-    }
-    if let Err(e) = engine.set_discovered(clusters) {
-        tracing::error!(error = %e, "cannot apply the discovered clusters; the previous map stays");
+/// Sends the clusters to the control plane, unless they are what it was sent last.
+async fn publish(to: &Discovered, last: &mut Vec<ClusterConfig>, clusters: Vec<ClusterConfig>) {
+    if *last != clusters && to.found.send(clusters.clone()).await.is_ok() {
+        *last = clusters;
     }
 }
 
@@ -692,9 +287,11 @@ pub fn report(p: Pass, file: &[ClusterConfig]) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_sdk_kafka::Client;
     use aws_sdk_kafka::operation::describe_cluster_v2::DescribeClusterV2Output;
     use aws_sdk_kafka::operation::get_bootstrap_brokers::{GetBootstrapBrokersError, GetBootstrapBrokersOutput};
     use aws_sdk_kafka::operation::list_clusters_v2::ListClustersV2Output;
+    use aws_sdk_kafka::types::{Cluster, ClusterState, ClusterType};
     use aws_smithy_mocks::{RuleMode, mock, mock_client};
 
     /// What the MSK API answers when throttling (restJson1: the error type in the body).

@@ -9,15 +9,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use hickory_proto::rr::{Name, RData, Record};
-use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
-use hickory_proto::serialize::txt::Parser;
 use ipnet::IpNet;
 
+use super::cache::Cache;
 use super::forward::{Forwarder, Settings};
-use super::wire::{self, Query, Response, Section};
-use crate::config::{AzAffinity, ClusterConfig, Config, UnknownClusters, ZoneConfig};
+use super::wire::{self, Query, Response};
+use crate::config::{AzAffinity, ClusterConfig, Config, UnknownClusters};
 use crate::names;
+use zone::{Zone, load_zone, suffix_offset};
+
+mod explain;
+mod zone;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -53,13 +55,7 @@ impl Addrs {
     }
 }
 
-/// One private address of a VPC endpoint and the AZ of its network interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointAddr {
-    pub ip: IpAddr,
-    pub az: String,
-    pub az_id: Option<String>,
-}
+pub use crate::config::EndpointAddr;
 
 /// A VPC endpoint's addresses as last read from EC2 (kept when a refresh fails).
 #[derive(Debug)]
@@ -124,20 +120,12 @@ impl View {
     pub fn set_az(&self, az: Vec<String>) {
         self.az.store((!az.is_empty()).then(|| Arc::new(az)));
     }
-}
 
-/// A zone loaded from a master file, by lowercase wire name.
-#[derive(Debug)]
-struct Zone {
-    origin: Vec<u8>,
-    /// The SOA's type..rdata with its TTL set to the negative-caching TTL (RFC 2308 section 5).
-    soa_tail: Option<RecordTail>,
-    /// Names with their records as (type, tail); empty non-terminals map to nothing.
-    names: HashMap<Box<[u8]>, Vec<(u16, RecordTail)>>,
+    /// The clients' AZ (names and/or ids), once known.
+    pub fn az(&self) -> Option<Arc<Vec<String>>> {
+        self.az.load_full()
+    }
 }
-
-/// A record's type, class, TTL, RDLENGTH and RDATA: everything after its owner name.
-type RecordTail = Vec<u8>;
 
 /// What the catalog did with a query.
 pub enum Local<'c> {
@@ -149,6 +137,8 @@ pub enum Local<'c> {
     UnknownCluster,
     /// A cluster whose VPC endpoint addresses are not known yet: SERVFAIL was written.
     Unavailable,
+    /// A class other than IN for one of our names: REFUSED was written.
+    Refused,
     /// To be forwarded: the default upstreams, or a cluster's own resolvers (that cluster given).
     Forward(&'c Forwarder, Option<&'c Cluster>),
 }
@@ -163,6 +153,10 @@ pub struct Catalog {
     unknown: UnknownClusters,
     serial: u32,
     default_forwarder: Arc<Forwarder>,
+    /// The clusters' own resolvers, one forwarder per distinct setting.
+    forwarders: Vec<Arc<Forwarder>>,
+    /// Every forwarder's answers, bounded together.
+    cache: Arc<Cache>,
     endpoints: HashMap<String, Arc<Endpoint>>,
 }
 
@@ -178,17 +172,44 @@ impl Catalog {
         let timeout = Duration::from_millis(config.dns.upstream_timeout_ms);
         let settings =
             Settings { addrs: config.effective_upstreams()?, attempt_timeout: timeout, cache: config.cache.clone() };
-        let default_forwarder = match previous {
-            Some(p) if p.default_forwarder.settings == settings => p.default_forwarder.clone(),
-            _ => Arc::new(Forwarder::new(settings)),
+        // One cache for all forwarders, kept across reloads while its bounds stay the same.
+        let cache = match previous {
+            Some(p) if p.cache.bounds == Cache::bounds_of(&config.cache) => p.cache.clone(),
+            _ => Cache::new(&config.cache),
         };
+        let same_cache = |p: &Catalog| Arc::ptr_eq(&p.cache, &cache);
+        let default_forwarder = match previous {
+            Some(p) if p.default_forwarder.settings == settings && same_cache(p) => p.default_forwarder.clone(),
+            _ => Arc::new(Forwarder::new(settings, cache.clone())),
+        };
+        // Cluster resolvers by their settings: kept (with their cached answers) when unchanged.
+        let mut forwarders: Vec<Arc<Forwarder>> = match previous {
+            Some(p) if same_cache(p) => p.forwarders.clone(),
+            _ => Vec::new(),
+        };
+        let used_forwarders = std::cell::RefCell::new(Vec::new());
         let mut endpoints: HashMap<String, Arc<Endpoint>> = HashMap::new();
         if let Some(p) = previous {
             // Only those still used are kept: see the retain below.
             endpoints.extend(p.endpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         let mut build = |c: &ClusterConfig, origin: String| -> Option<(Box<[u8]>, Arc<Cluster>)> {
-            cluster_entry(c, origin, &mut endpoints, timeout, config)
+            let mut forwarder = |settings: Settings| {
+                let f = match forwarders.iter().find(|f| f.settings == settings) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = Arc::new(Forwarder::new(settings, cache.clone()));
+                        forwarders.push(f.clone());
+                        f
+                    }
+                };
+                let mut used = used_forwarders.borrow_mut();
+                if !used.iter().any(|u| Arc::ptr_eq(u, &f)) {
+                    used.push(f.clone());
+                }
+                f
+            };
+            cluster_entry(c, origin, &mut endpoints, &mut forwarder, timeout, config)
         };
         let top: HashMap<_, _> = config
             .clusters
@@ -245,6 +266,8 @@ impl Catalog {
             .filter_map(|c| c.vpc_endpoint.as_deref())
             .collect();
         endpoints.retain(|id, _| used.contains(id.as_str()));
+        // Only those still used are kept for the next rebuild.
+        let forwarders = used_forwarders.into_inner();
         let zones = config
             .zones
             .iter()
@@ -263,6 +286,8 @@ impl Catalog {
             unknown: config.dns.unknown_clusters,
             serial,
             default_forwarder,
+            forwarders,
+            cache,
             endpoints,
         })
     }
@@ -273,6 +298,10 @@ impl Catalog {
 
     pub fn default_forwarder(&self) -> &Forwarder {
         &self.default_forwarder
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
     }
 
     /// Every VPC endpoint any cluster targets, once each.
@@ -314,6 +343,10 @@ impl Catalog {
         } else {
             for zone in &self.zones {
                 if let Some(apex) = suffix_offset(lc, &zone.origin) {
+                    if !is_in_class(q) {
+                        Response::new(out, q, wire::RCODE_REFUSED, false).finish(q, limit, max_payload);
+                        return Local::Refused;
+                    }
                     zone.answer(q, lc, apex, out).finish(q, limit, max_payload);
                     return Local::Zone;
                 }
@@ -330,103 +363,50 @@ impl Catalog {
             }
             return Local::Forward(&self.default_forwarder, None);
         };
-        if let (None, Target::Forward(f)) = (broker, &cluster.target) {
-            return Local::Forward(f, Some(cluster));
+        // Only class IN exists for these names: another class is not ours to answer (as nsd and
+        // unbound answer a class they hold no zone for).
+        if !is_in_class(q) {
+            Response::new(out, q, wire::RCODE_REFUSED, false).finish(q, limit, max_payload);
+            return Local::Refused;
         }
-        cluster.count_answer();
-        let mut r = Response::new(out, q, wire::RCODE_NOERROR, true);
-        let any = match (broker.and_then(|b| cluster.brokers.get(&b)), &cluster.target) {
-            (Some(addrs), _) | (None, Target::Addresses(addrs) | Target::Proxy(addrs)) => write_addrs(
-                &mut r,
-                q,
-                addrs.v4.iter().map(|a| IpAddr::V4(*a)).chain(addrs.v6.iter().map(|a| IpAddr::V6(*a))),
-                cluster.ttl,
-            ),
-            (None, Target::Endpoint(e)) => match e.get() {
-                Some(addrs) => write_endpoint(&mut r, q, &addrs, cluster.ttl, view),
+        // A broker with its own addresses, else the cluster's target (a provisioned broker of a
+        // cluster with a `forward` target is forwarded like every other name of that cluster).
+        let source = match (broker.and_then(|b| cluster.brokers.get(&b)), &cluster.target) {
+            (Some(addrs), _) | (None, Target::Addresses(addrs) | Target::Proxy(addrs)) => Source::Fixed(addrs),
+            (None, Target::Endpoint(e)) => Source::Endpoint(e),
+            (None, Target::Forward(f)) => return Local::Forward(f, Some(cluster)),
+        };
+        let any = match source {
+            Source::Fixed(addrs) => {
+                cluster.count_answer();
+                let mut r = Response::new(out, q, wire::RCODE_NOERROR, true);
+                let any = write_addrs(
+                    &mut r,
+                    q,
+                    addrs.v4.iter().map(|a| IpAddr::V4(*a)).chain(addrs.v6.iter().map(|a| IpAddr::V6(*a))),
+                    cluster.ttl,
+                );
+                (r, any)
+            }
+            Source::Endpoint(e) => match e.get() {
+                Some(addrs) => {
+                    cluster.count_answer();
+                    let mut r = Response::new(out, q, wire::RCODE_NOERROR, true);
+                    let any = write_endpoint(&mut r, q, &addrs, cluster.ttl, view);
+                    (r, any)
+                }
                 None => {
                     Response::new(out, q, wire::RCODE_SERVFAIL, false).finish(q, limit, max_payload);
                     return Local::Unavailable;
                 }
             },
-            (None, Target::Forward(_)) => unreachable!("returned above"),
         };
+        let (mut r, any) = any;
         if !any {
             r.soa_at_suffix(apex, cluster.ttl, self.serial);
         }
         r.finish(q, limit, max_payload);
         Local::Cluster
-    }
-
-    /// Which view, cluster and target answer `name` for a client, and why.
-    pub fn explain(&self, name: &str, client: IpAddr, listener: Option<usize>) -> String {
-        let mut out = String::new();
-        let Some(lc) = wire::name_to_wire(name) else { return format!("{name}: not a DNS name\n") };
-        let fqdn = wire::wire_to_string(&lc);
-        out += &format!("name:    {fqdn}\n");
-        let (key, what) = if let Some(m) = names::match_serverless(&lc) {
-            let role = match m.role {
-                names::Role::Bootstrap => "bootstrap name".to_string(),
-                names::Role::Broker(b) => format!("broker b{b}"),
-            };
-            (m.key.clone(), format!("MSK Serverless {role} of cluster {}", names::describe_serverless_key(&lc[m.key])))
-        } else if let Some(m) = names::match_provisioned(&lc) {
-            (
-                m.key.clone(),
-                format!("MSK provisioned broker b-{} of cluster {}", m.broker, wire::wire_to_string(&lc[m.key])),
-            )
-        } else {
-            if let Some(z) = self.zones.iter().find(|z| suffix_offset(&lc, &z.origin).is_some()) {
-                out += &format!("answer:  from the zone file for {}\n", wire::wire_to_string(&z.origin));
-            } else {
-                out +=
-                    &format!("answer:  not an MSK name: forwarded to {:?} (cached)\n", self.default_forwarder.addrs());
-            }
-            return out;
-        };
-        out += &format!("matched: {what}\n");
-        let listener_view = listener.and_then(|l| self.by_listener.get(l).copied()).filter(|v| *v != 0);
-        let view = match listener_view {
-            Some(v) => &self.views[v],
-            None => self.view(usize::MAX, client),
-        };
-        let reason = if listener_view.is_some() { "chosen by the listener" } else { "chosen by the client address" };
-        if view.name == "default" {
-            out += &format!("view:    default ({})\n", view.selector);
-        } else {
-            out += &format!("view:    {} ({reason}; it is selected by {})\n", view.name, view.selector);
-        }
-        let Some(c) = view.clusters.get(&lc[key]) else {
-            let fate = match self.unknown {
-                UnknownClusters::Forward => format!("forwarded to {:?}", self.default_forwarder.addrs()),
-                UnknownClusters::Nxdomain => "answered NXDOMAIN (dns.unknown_clusters = \"nxdomain\")".into(),
-            };
-            out += &format!("cluster: not configured in this view: {fate}\n");
-            return out;
-        };
-        out += &format!("cluster: {} (configured at {}), ttl {}\n", c.label, c.origin, c.ttl);
-        let broker = names::match_provisioned(&lc).and_then(|m| c.brokers.get(&m.broker.value));
-        let target = match (broker, &c.target) {
-            (Some(a), _) => format!("this broker's own addresses: {}", a.describe()),
-            (None, Target::Addresses(a)) => format!("addresses {}", a.describe()),
-            (None, Target::Proxy(a)) => format!("the Kafka proxy at {}", a.describe()),
-            (None, Target::Forward(f)) => format!("forwarded to the cluster's own resolvers {:?} (cached)", f.addrs()),
-            (None, Target::Endpoint(e)) => {
-                let az = view.az.load_full().map(|a| a.join("/"));
-                let now = match e.get() {
-                    Some(a) => a.iter().map(|x| format!("{} ({})", x.ip, x.az)).collect::<Vec<_>>().join(", "),
-                    None => "read from EC2 at run time".into(),
-                };
-                format!(
-                    "VPC endpoint {}: {now}; AZ affinity {:?}{}",
-                    e.id,
-                    view.affinity,
-                    az.map(|a| format!(" for clients in {a}")).unwrap_or_default()
-                )
-            }
-        };
-        out += &format!("target:  {target}\n");
-        out
     }
 }
 
@@ -434,17 +414,13 @@ fn cluster_entry(
     c: &ClusterConfig,
     origin: String,
     endpoints: &mut HashMap<String, Arc<Endpoint>>,
+    forwarder: &mut dyn FnMut(Settings) -> Arc<Forwarder>,
     timeout: Duration,
     config: &Config,
 ) -> Option<(Box<[u8]>, Arc<Cluster>)> {
     // validate() already proved the name parses.
-    let (key, provisioned) = crate::config::cluster_key(&c.bootstrap).ok()?;
-    let label = if provisioned {
-        let w = wire::wire_to_string(&key);
-        w.split('.').take(3).chain(w.split('.').skip(4).take(1)).collect::<Vec<_>>().join(".")
-    } else {
-        names::describe_serverless_key(&key)
-    };
+    let (key, provisioned) = crate::names::cluster_key(&c.bootstrap).ok()?;
+    let label = names::cluster_label(&key, provisioned);
     let target = if let Some(id) = &c.vpc_endpoint {
         let e = endpoints.entry(id.clone()).or_insert_with(|| {
             Arc::new(Endpoint {
@@ -456,11 +432,7 @@ fn cluster_entry(
         Target::Endpoint(e.clone())
     } else if !c.forward.is_empty() {
         let addrs = c.forward.iter().map(|u| u.0).collect();
-        Target::Forward(Arc::new(Forwarder::new(Settings {
-            addrs,
-            attempt_timeout: timeout,
-            cache: config.cache.clone(),
-        })))
+        Target::Forward(forwarder(Settings { addrs, attempt_timeout: timeout, cache: config.cache.clone() }))
     } else if !c.proxy.is_empty() {
         Target::Proxy(Addrs::new(&c.proxy))
     } else {
@@ -469,6 +441,12 @@ fn cluster_entry(
     let brokers = c.brokers.iter().filter_map(|(b, a)| Some((b.parse().ok()?, Addrs::new(a)))).collect();
     let answers = metrics::counter!("mskdns_cluster_answers_total", "cluster" => label.clone());
     Some((key.into(), Arc::new(Cluster { label, origin, target, brokers, ttl: c.ttl, answers })))
+}
+
+/// Where a cluster name's addresses come from.
+enum Source<'a> {
+    Fixed(&'a Addrs),
+    Endpoint(&'a Endpoint),
 }
 
 /// A/AAAA (and ANY) for the question's family; returns whether any record was written.
@@ -481,8 +459,13 @@ fn write_addrs(r: &mut Response<'_>, q: &Query<'_>, ips: impl Iterator<Item = Ip
     any
 }
 
+/// IN, or ANY (which our IN records answer).
+fn is_in_class(q: &Query<'_>) -> bool {
+    q.qclass == wire::CLASS_IN || q.qclass == wire::CLASS_ANY
+}
+
 fn wanted(q: &Query<'_>, ip: &IpAddr) -> bool {
-    q.qclass == wire::CLASS_IN
+    is_in_class(q)
         && match ip {
             IpAddr::V4(_) => matches!(q.qtype, wire::TYPE_A | wire::TYPE_ANY),
             IpAddr::V6(_) => matches!(q.qtype, wire::TYPE_AAAA | wire::TYPE_ANY),
@@ -508,106 +491,11 @@ fn write_endpoint(r: &mut Response<'_>, q: &Query<'_>, addrs: &[EndpointAddr], t
     }
 }
 
-/// Offset in `lc` where `origin` starts on a label boundary, if `lc` is at or below it.
-fn suffix_offset(lc: &[u8], origin: &[u8]) -> Option<usize> {
-    if lc.len() < origin.len() || !lc.ends_with(origin) {
-        return None;
-    }
-    let want = lc.len() - origin.len();
-    let mut pos = 0;
-    while pos < want {
-        pos += 1 + lc[pos] as usize;
-    }
-    (pos == want).then_some(pos)
-}
-
-impl Zone {
-    fn answer<'b>(&self, q: &Query<'_>, lc: &[u8], apex: usize, out: &'b mut Vec<u8>) -> Response<'b> {
-        let Some(rrs) = self.names.get(lc) else {
-            let mut r = Response::new(out, q, wire::RCODE_NXDOMAIN, true);
-            self.soa(&mut r, apex);
-            return r;
-        };
-        let mut r = Response::new(out, q, wire::RCODE_NOERROR, true);
-        let cname = rrs.iter().find(|(t, _)| *t == wire::TYPE_CNAME);
-        let mut any = false;
-        match cname {
-            Some((_, tail)) if q.qtype != wire::TYPE_CNAME => {
-                r.record_at_qname(Section::Answer, tail);
-                any = true;
-            }
-            _ => {
-                for (t, tail) in rrs {
-                    if *t == q.qtype || (q.qtype == wire::TYPE_ANY && *t != wire::TYPE_SOA) {
-                        r.record_at_qname(Section::Answer, tail);
-                        any = true;
-                    }
-                }
-            }
-        }
-        if !any {
-            self.soa(&mut r, apex);
-        }
-        r
-    }
-
-    fn soa(&self, r: &mut Response<'_>, apex: usize) {
-        if let Some(tail) = &self.soa_tail {
-            r.record_at_suffix(Section::Authority, apex, tail);
-        }
-    }
-}
-
-fn load_zone(z: &ZoneConfig) -> Result<Zone, String> {
-    let text = std::fs::read_to_string(&z.file).map_err(|e| e.to_string())?;
-    let origin = match &z.origin {
-        Some(o) => Some(Name::from_ascii(o).map_err(|e| format!("origin: {e}"))?),
-        None => None,
-    };
-    let (origin, sets) = Parser::new(text, Some(z.file.clone()), origin).parse().map_err(|e| e.to_string())?;
-    let origin_wire = wire::name_to_wire(&origin.to_ascii()).ok_or("origin is not a DNS name")?;
-    let mut zone = Zone { origin: origin_wire, soa_tail: None, names: HashMap::new() };
-    for set in sets.values() {
-        for rec in set.records_without_rrsigs() {
-            let name = wire::name_to_wire(&rec.name.to_ascii()).ok_or("record name too long")?;
-            if suffix_offset(&name, &zone.origin).is_none() {
-                return Err(format!("{} is outside the zone {}", rec.name, origin));
-            }
-            let mut tail = encode_tail(rec)?;
-            if let RData::SOA(soa) = &rec.data
-                && name == zone.origin
-            {
-                let neg = rec.ttl.min(soa.minimum);
-                wire::put32(&mut tail, 4, neg);
-                zone.soa_tail = Some(tail.clone());
-            }
-            zone.names.entry(name.clone().into()).or_default().push((u16::from(rec.record_type()), tail));
-            // Every name between a record and the origin exists (empty non-terminals: NODATA).
-            let mut pos = 0;
-            while pos < name.len() - zone.origin.len() {
-                pos += 1 + name[pos] as usize;
-                zone.names.entry(name[pos..].into()).or_default();
-            }
-        }
-    }
-    Ok(zone)
-}
-
-/// A record's bytes after its owner name, with no name compression inside RDATA.
-fn encode_tail(rec: &Record) -> Result<Vec<u8>, String> {
-    let mut buf = Vec::new();
-    let mut enc = BinEncoder::new(&mut buf);
-    enc.set_name_encoding(NameEncoding::Uncompressed);
-    rec.emit(&mut enc).map_err(|e| e.to_string())?;
-    let owner_end = wire::skip_name(&buf, 0).ok_or("record did not encode")?;
-    Ok(buf.split_off(owner_end))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::RecordType;
+    use hickory_proto::rr::{Name, RData, RecordType};
 
     const A: &str = "boot-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com";
 
@@ -685,6 +573,40 @@ mod tests {
         assert_eq!(ips(&ask(&c, &p(2), RecordType::A).unwrap()), ["10.5.0.2"]);
         assert_eq!(ips(&ask(&c, &p(3), RecordType::A).unwrap()), ["10.5.0.100"]);
         assert!(ask(&c, "b-1.orders.ffff.c3.kafka.us-east-1.amazonaws.com.", RecordType::A).is_none());
+    }
+
+    #[test]
+    fn every_target_kind_answers_serverless_and_provisioned_names() {
+        let p = "b-1.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com";
+        for target in [
+            "addresses = [\"10.5.0.1\"]",
+            "proxy = [\"10.5.0.2\"]",
+            "vpc_endpoint = \"vpce-9\"",
+            "forward = [\"127.0.0.1:9\"]",
+        ] {
+            let c = catalog(&format!(
+                "[[clusters]]\nbootstrap = \"{p}\"\n{target}\n[[clusters]]\nbootstrap = \"boot-cccc.c1.kafka-serverless.us-east-1.amazonaws.com\"\n{target}\n\
+                 [[clusters]]\nbootstrap = \"b-1.withbrokers.ab12cd.c3.kafka.us-east-1.amazonaws.com\"\n{target}\nbrokers = {{ \"2\" = [\"10.6.0.2\"] }}\n"
+            ));
+            for name in [
+                p.to_string(),
+                "b-7.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com".into(),
+                "b0001-cccc.c1.kafka-serverless.us-east-1.amazonaws.com".into(),
+                "b-1.withbrokers.ab12cd.c3.kafka.us-east-1.amazonaws.com".into(),
+            ] {
+                for t in [RecordType::A, RecordType::AAAA, RecordType::TXT] {
+                    let m = ask(&c, &name, t);
+                    if target.starts_with("forward") {
+                        assert!(m.is_none(), "{target} {name}: forwarded to the cluster's resolver");
+                    } else {
+                        assert!(m.is_some(), "{target} {name}");
+                    }
+                }
+            }
+            // A broker with its own addresses is answered from them whatever the target.
+            let m = ask(&c, "b-2.withbrokers.ab12cd.c3.kafka.us-east-1.amazonaws.com", RecordType::A).unwrap();
+            assert_eq!(ips(&m), ["10.6.0.2"], "{target}");
+        }
     }
 
     #[test]

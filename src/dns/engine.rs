@@ -10,10 +10,11 @@ use ipnet::IpNet;
 
 use super::cache;
 use super::catalog::{Catalog, Local};
+use super::cookie::{self, Cookies};
 use super::ratelimit::{RateLimiter, Verdict};
 use super::upstream::Question;
 use super::wire::{self, Query, Reject, Response};
-use crate::config::{ClusterConfig, Config};
+use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -55,6 +56,7 @@ struct Outcomes {
     refused: metrics::Counter,
     formerr: metrics::Counter,
     notimp: metrics::Counter,
+    notauth: metrics::Counter,
     badvers: metrics::Counter,
     dropped: metrics::Counter,
     rate_limited: metrics::Counter,
@@ -62,6 +64,7 @@ struct Outcomes {
     cache_hits: metrics::Counter,
     cache_misses: metrics::Counter,
     prefetches: metrics::Counter,
+    panics: metrics::Counter,
 }
 
 impl Outcomes {
@@ -78,6 +81,7 @@ impl Outcomes {
             refused: o("refused"),
             formerr: o("formerr"),
             notimp: o("notimp"),
+            notauth: o("notauth"),
             badvers: o("badvers"),
             dropped: o("dropped"),
             rate_limited: o("rate_limited"),
@@ -85,27 +89,9 @@ impl Outcomes {
             cache_hits: metrics::counter!("mskdns_cache_hits_total"),
             cache_misses: metrics::counter!("mskdns_cache_misses_total"),
             prefetches: metrics::counter!("mskdns_cache_prefetches_total"),
+            panics: metrics::counter!("mskdns_panics_total", "where" => "dns"),
         }
     }
-}
-
-/// `config` with the discovered clusters added after its own, skipping any whose cluster key
-/// the file (or an earlier discovered entry) already has.
-pub fn merge_discovered(config: &Config, discovered: &[ClusterConfig]) -> Config {
-    if discovered.is_empty() {
-        return config.clone();
-    }
-    let mut seen: std::collections::HashSet<Vec<u8>> =
-        config.clusters.iter().filter_map(|c| crate::config::cluster_key(&c.bootstrap).ok().map(|k| k.0)).collect();
-    let mut merged = config.clone();
-    for c in discovered {
-        if let Ok((key, _)) = crate::config::cluster_key(&c.bootstrap)
-            && seen.insert(key)
-        {
-            merged.clusters.push(c.clone());
-        }
-    }
-    merged
 }
 
 /// Everything a reload replaces, swapped as one.
@@ -114,13 +100,14 @@ pub struct Snapshot {
     allow: Vec<IpNet>,
     max_payload: u16,
     rate_limit: Option<RateLimiter>,
+    rate_limit_exempt: Vec<IpNet>,
+    cookies: Cookies,
 }
 
 pub struct Engine {
     current: ArcSwap<Snapshot>,
     outcomes: Outcomes,
-    /// What the snapshot is built from: the file's configuration and the discovered clusters.
-    sources: std::sync::Mutex<(Config, Arc<Vec<ClusterConfig>>)>,
+    panic_count: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,41 +122,17 @@ impl Engine {
         Ok(Arc::new(Engine {
             current: ArcSwap::from_pointee(snapshot),
             outcomes: Outcomes::new(),
-            sources: std::sync::Mutex::new((config.clone(), Arc::default())),
+            panic_count: Default::default(),
         }))
     }
 
-    /// Applies a new configuration (with the discovered clusters in force); on error the
-    /// running one stays untouched.
-    pub fn reload(&self, config: &Config) -> Result<(), EngineError> {
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let merged = merge_discovered(config, &sources.1);
-        let next = Snapshot::new(&merged, Some(&self.current.load().catalog))?;
+    /// Builds a snapshot of `config` (reusing what the running one can give: cluster resolvers
+    /// and their cache) and swaps it in between two queries; on error the running one stays.
+    /// The control plane (crate::control) is the only caller: it merges the sources first.
+    pub fn apply(&self, config: &Config) -> Result<(), EngineError> {
+        let next = Snapshot::new(config, Some(&self.current.load().catalog))?;
         self.current.store(Arc::new(next));
-        sources.0 = config.clone();
         Ok(())
-    }
-
-    /// Replaces the discovered clusters. Clusters in the file (by cluster key) win over them;
-    /// a view's own entries win as they do over the file's top-level clusters.
-    pub fn set_discovered(&self, clusters: Vec<ClusterConfig>) -> Result<(), EngineError> {
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let clusters = Arc::new(clusters);
-        let merged = merge_discovered(&sources.0, &clusters);
-        let next = Snapshot::new(&merged, Some(&self.current.load().catalog))?;
-        self.current.store(Arc::new(next));
-        sources.1 = clusters;
-        Ok(())
-    }
-
-    /// The configuration file's contents in force (without the discovered clusters).
-    pub fn file_config(&self) -> Config {
-        self.sources.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
-    }
-
-    /// The discovered clusters in force.
-    pub fn discovered(&self) -> Arc<Vec<ClusterConfig>> {
-        self.sources.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
 
     /// The configuration in force now.
@@ -181,8 +144,17 @@ impl Engine {
         self.current.load().catalog.default_forwarder().addrs()
     }
 
-    pub fn cache_entries(&self) -> u64 {
-        self.current.load().catalog.default_forwarder().entries()
+    /// Entries and bytes of the answer cache (all forwarders together).
+    pub fn cache_usage(&self) -> (u64, u64) {
+        let snap = self.current.load();
+        let c = snap.catalog.cache();
+        c.settle();
+        (c.entry_count(), c.weighted_bytes())
+    }
+
+    /// Whether `client` is in `dns.allow` (checked before any work is done for it).
+    pub fn allows(&self, client: IpAddr) -> bool {
+        self.current.load().allowed(client.to_canonical())
     }
 
     /// The longest a miss can take to resolve or fail.
@@ -190,22 +162,63 @@ impl Engine {
         self.current.load().catalog.default_forwarder().deadline()
     }
 
-    /// Answers what can be answered without waiting on the network.
+    /// Answers what can be answered without waiting on the network. A panic on the way is
+    /// answered SERVFAIL, counted and logged: it never takes the listener down.
     pub fn handle(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+        match crate::panic::catch(|| self.answer_now(pkt, from, out)) {
+            Ok(h) => h,
+            Err(e) => self.panicked(pkt, from, out, &e),
+        }
+    }
+
+    /// Panics caught while answering since the start.
+    pub fn panics(&self) -> u64 {
+        self.panic_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn panicked(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, e: &crate::panic::Caught) -> Handled {
+        self.outcomes.panics.increment(1);
+        self.panic_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = crate::panic::catch(|| Query::parse(pkt).ok().map(|q| wire::wire_to_string(q.name())))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "(unparsed)".into());
+        tracing::error!(query = %name, client = %from.client, panic = %e, "panic while answering a query: SERVFAIL sent, the listener goes on");
+        crate::panic::catch(|| self.servfail_packet(pkt, from.transport, out)).unwrap_or(Handled::Drop)
+    }
+
+    fn answer_now(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
         let snap = self.current.load();
         let client = from.client.to_canonical();
         let q = match Query::parse(pkt) {
             Ok(q) => q,
             Err(reject) => return self.reject(&snap, reject, client, out),
         };
-        let limit = snap.limit(&q, from.transport);
-        if !snap.allowed(client) {
-            self.outcomes.refused.increment(1);
-            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, snap.max_payload);
-            return Handled::Reply;
+        let allowed = snap.allowed(client);
+        let h = self.answer_query(&snap, &q, allowed, client, from, out);
+        if allowed && matches!(h, Handled::Reply | Handled::ReplyAndPrefetch) {
+            snap.add_cookie(&q, client, out);
         }
+        h
+    }
+
+    fn answer_query(
+        &self,
+        snap: &Snapshot,
+        q: &Query<'_>,
+        allowed: bool,
+        client: IpAddr,
+        from: Origin,
+        out: &mut Vec<u8>,
+    ) -> Handled {
+        let q = *q;
+        let limit = snap.limit(&q, from.transport);
+        // Every UDP answer counts, REFUSED too, unless the client proved its address with a
+        // valid server cookie or is exempt (loopback cannot be spoofed from the network).
         if from.transport == Transport::Udp
             && let Some(rl) = &snap.rate_limit
+            && !snap.rate_limit_exempt.iter().any(|n| n.contains(&client))
+            && !(allowed && q.cookie.is_some_and(|c| snap.cookies.valid(c, client, cookie::now())))
         {
             match rl.check(client) {
                 Verdict::Send => {}
@@ -219,6 +232,21 @@ impl Engine {
                     return Handled::Reply;
                 }
             }
+        }
+        if !allowed {
+            self.outcomes.refused.increment(1);
+            Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, snap.max_payload);
+            return Handled::Reply;
+        }
+        if q.tsig.is_some() {
+            // No keys are configured here, so no signature can be checked (RFC 8945 5.2).
+            if wire::tsig_badkey(out, &q, snap.max_payload) {
+                self.outcomes.notauth.increment(1);
+            } else {
+                self.outcomes.formerr.increment(1);
+                wire::header_only(out, q.id, q.flags(), wire::RCODE_FORMERR);
+            }
+            return Handled::Reply;
         }
         if q.edns.is_some_and(|e| e.version > 0) {
             self.outcomes.badvers.increment(1);
@@ -250,6 +278,10 @@ impl Engine {
                 self.outcomes.servfail.increment(1);
                 return Handled::Reply;
             }
+            Local::Refused => {
+                self.outcomes.refused.increment(1);
+                return Handled::Reply;
+            }
             Local::Forward(f, _) => f,
         };
         if q.qtype == wire::TYPE_ANY {
@@ -260,9 +292,9 @@ impl Engine {
             r.finish(&q, limit, snap.max_payload);
             return Handled::Reply;
         }
-        let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
+        let mut kb = [0u8; cache::KEY_MAX];
         let now = Instant::now();
-        if let Some(answer) = forwarder.cached(cache::key_into(&mut kb, lc, &q), now) {
+        if let Some(answer) = forwarder.cached(cache::key_into(&mut kb, forwarder.id(), lc, &q), now) {
             self.outcomes.cache_hits.increment(1);
             self.outcomes.cache_hit.increment(1);
             answer.serve(&q, out, now, limit, snap.max_payload);
@@ -299,13 +331,18 @@ impl Engine {
     /// near its expiry; the client already has its answer, so nothing is sent.
     pub async fn prefetch(&self, pkt: &[u8], from: Origin) {
         let mut out = Vec::new();
-        self.lookup(pkt, from, &mut out, true).await;
+        if let Err(e) = crate::panic::guarded(self.lookup(pkt, from, &mut out, true)).await {
+            self.panicked(pkt, from, &mut out, &e);
+        }
     }
 
     /// Resolves a packet that [`Engine::handle`] called a miss: one upstream query per key
     /// however many clients ask at once; SERVFAIL if the upstreams fail.
     pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
-        self.lookup(pkt, from, out, false).await
+        match crate::panic::guarded(self.lookup(pkt, from, out, false)).await {
+            Ok(h) => h,
+            Err(e) => self.panicked(pkt, from, out, &e),
+        }
     }
 
     async fn lookup(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, refresh: bool) -> Handled {
@@ -321,8 +358,8 @@ impl Engine {
                 Local::Forward(f, c) => (f, c),
                 _ => return Handled::Reply,
             };
-        let mut kb = [0u8; wire::MAX_NAME_LEN + 5];
-        let key: cache::Key = cache::key_into(&mut kb, lc, &q).into();
+        let mut kb = [0u8; cache::KEY_MAX];
+        let key: cache::Key = cache::key_into(&mut kb, forwarder.id(), lc, &q).into();
         let question = Question {
             lc_name: lc,
             qtype: q.qtype,
@@ -352,12 +389,13 @@ impl Engine {
                 if let Some(stale) = forwarder.stale(&key, Instant::now()) {
                     self.outcomes.stale.increment(1);
                     stale.serve_stale(&q, out, limit, snap.max_payload);
-                    return Handled::Reply;
+                } else {
+                    self.outcomes.servfail.increment(1);
+                    Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
                 }
-                self.outcomes.servfail.increment(1);
-                Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
             }
         }
+        snap.add_cookie(&q, client, out);
         Handled::Reply
     }
 
@@ -381,11 +419,23 @@ impl Snapshot {
                 let d = &config.dns;
                 RateLimiter::new(d.rate_limit, d.rate_limit_slip, d.rate_limit_ipv4_prefix, d.rate_limit_ipv6_prefix)
             }),
+            rate_limit_exempt: config.dns.rate_limit_exempt.clone(),
+            cookies: Cookies::new(config.dns.cookie_secret.map(|s| s.0)),
         })
+    }
+
+    /// Adds our server cookie to a response whose query carried a client cookie (RFC 7873 5.2).
+    fn add_cookie(&self, q: &Query<'_>, client: IpAddr, out: &mut Vec<u8>) {
+        if let Some(c) = q.cookie {
+            let server = self.cookies.server_cookie(&c[..8], client, cookie::now());
+            wire::append_cookie(out, c, &server);
+        }
     }
 
     fn limit(&self, q: &Query<'_>, transport: Transport) -> usize {
         match transport {
+            // Room for the COOKIE option added at the end.
+            Transport::Udp if q.cookie.is_some() => q.udp_limit(self.max_payload) - cookie::OPTION_LEN,
             Transport::Udp => q.udp_limit(self.max_payload),
             Transport::Tcp => u16::MAX as usize,
         }
@@ -393,5 +443,128 @@ impl Snapshot {
 
     fn allowed(&self, client: IpAddr) -> bool {
         self.allow.iter().any(|n| n.contains(&client))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, MessageType, Query as HQuery, ResponseCode};
+    use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
+
+    const BOOT: &str = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com.";
+
+    fn config(upstream: &str) -> Config {
+        Config::parse_toml(&format!(
+            r#"
+            [dns]
+            listen = ["127.0.0.1:0"]
+            upstreams = ["{upstream}"]
+            allow = ["127.0.0.0/8"]
+            rate_limit = 0
+            [[clusters]]
+            bootstrap = "{}"
+            addresses = ["10.1.0.10", "10.1.1.10"]
+            "#,
+            BOOT.trim_end_matches('.')
+        ))
+        .unwrap()
+    }
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::new(4242, MessageType::Query, hickory_proto::op::OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(HQuery::query(Name::from_ascii(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    fn from(client: &str) -> Origin {
+        Origin { client: client.parse().unwrap(), listener: 0, transport: Transport::Udp }
+    }
+
+    fn a_records(out: &[u8]) -> (ResponseCode, Vec<String>) {
+        let m = Message::from_vec(out).unwrap();
+        assert_eq!(m.metadata.id, 4242);
+        let ips = m
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.to_string()),
+                _ => None,
+            })
+            .collect();
+        (m.metadata.response_code, ips)
+    }
+
+    #[test]
+    fn a_cluster_name_is_answered_from_the_snapshot_and_an_applied_one_replaces_it() {
+        let c = config("127.0.0.1:9");
+        let engine = Engine::from_config(&c).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(engine.handle(&query(BOOT, RecordType::A), from("127.0.0.1"), &mut out), Handled::Reply);
+        assert_eq!(a_records(&out), (ResponseCode::NoError, vec!["10.1.0.10".into(), "10.1.1.10".into()]));
+
+        let mut next = c.clone();
+        next.clusters[0].addresses = vec!["10.2.0.1".parse().unwrap()];
+        engine.apply(&next).unwrap();
+        out.clear();
+        engine.handle(&query(BOOT, RecordType::A), from("127.0.0.1"), &mut out);
+        assert_eq!(a_records(&out).1, ["10.2.0.1"]);
+    }
+
+    #[test]
+    fn strangers_are_refused_and_garbage_gets_formerr_or_nothing() {
+        let engine = Engine::from_config(&config("127.0.0.1:9")).unwrap();
+        let mut out = Vec::new();
+        let h = engine.handle(&query(BOOT, RecordType::A), from("192.0.2.1"), &mut out);
+        assert!(!engine.allows("192.0.2.1".parse().unwrap()));
+        assert_eq!(h, Handled::Reply);
+        assert_eq!(a_records(&out), (ResponseCode::Refused, vec![]), "refused, no addresses");
+        // A stranger's garbage gets nothing at all, not even FORMERR.
+        out.clear();
+        assert_eq!(engine.handle(&[0xff; 12], from("192.0.2.1"), &mut out), Handled::Drop);
+        for garbage in [&b""[..], &[0u8; 5], &[0xff; 12], &query(BOOT, RecordType::A)[..20]] {
+            out.clear();
+            match engine.handle(garbage, from("127.0.0.1"), &mut out) {
+                Handled::Drop => {}
+                Handled::Reply => {
+                    assert_eq!(Message::from_vec(&out).unwrap().metadata.response_code, ResponseCode::FormErr)
+                }
+                h => panic!("{garbage:?}: {h:?}"),
+            }
+        }
+        assert_eq!(engine.panics(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_resolved_upstream_once_then_served_from_the_cache() {
+        // An upstream answering every A query with 192.0.2.7, counting what it is asked.
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let upstream = sock.local_addr().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = Message::new(q.metadata.id, MessageType::Response, q.metadata.op_code);
+                r.metadata.recursion_available = true;
+                r.add_queries(q.queries.clone());
+                let name = q.queries[0].name().clone();
+                r.add_answer(Record::from_rdata(name, 300, RData::A(A::new(192, 0, 2, 7))));
+                sock.send_to(&r.to_vec().unwrap(), peer).await.unwrap();
+            }
+        });
+        let engine = Engine::from_config(&config(&upstream.to_string())).unwrap();
+        let pkt = query("www.example.org.", RecordType::A);
+        let mut out = Vec::new();
+        assert_eq!(engine.handle(&pkt, from("127.0.0.1"), &mut out), Handled::Miss);
+        assert_eq!(engine.resolve(&pkt, from("127.0.0.1"), &mut out).await, Handled::Reply);
+        assert_eq!(a_records(&out), (ResponseCode::NoError, vec!["192.0.2.7".into()]));
+        out.clear();
+        assert_eq!(engine.handle(&pkt, from("127.0.0.1"), &mut out), Handled::Reply, "cached");
+        assert_eq!(a_records(&out).1, ["192.0.2.7"]);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -10,7 +10,9 @@ use super::upstream::{Question, Upstreams};
 use crate::config::CacheConfig;
 
 pub struct Forwarder {
-    cache: Cache,
+    cache: Arc<Cache>,
+    /// This forwarder's key prefix in the shared cache.
+    id: u32,
     inflight: Inflight,
     upstreams: Upstreams,
     /// What it was built from: a reload with the same settings keeps this forwarder and its cache.
@@ -25,9 +27,11 @@ pub struct Settings {
 }
 
 impl Forwarder {
-    pub fn new(settings: Settings) -> Self {
+    /// A forwarder whose answers go into the shared `cache`.
+    pub fn new(settings: Settings, cache: Arc<Cache>) -> Self {
         Forwarder {
-            cache: cache::build(&settings.cache),
+            id: cache.forwarder_id(),
+            cache,
             inflight: Inflight::default(),
             upstreams: Upstreams::new(&settings.addrs, settings.attempt_timeout, settings.cache.clone()),
             settings,
@@ -67,8 +71,9 @@ impl Forwarder {
         }
     }
 
-    pub fn entries(&self) -> u64 {
-        self.cache.entry_count()
+    /// This forwarder's prefix for [`cache::key_into`].
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     pub fn addrs(&self) -> Vec<std::net::SocketAddr> {

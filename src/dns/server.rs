@@ -14,9 +14,42 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::engine::{Engine, Handled, Origin, Transport};
+use crate::limits::PerClient;
 
-/// Misses being resolved at once; past this a query gets SERVFAIL at once, not a queue.
+/// Misses being resolved at once at most; past the limit a query gets SERVFAIL at once, not a
+/// queue. Each holds a socket, so the limit also follows the open-file limit: see [`inflight_limit`].
 pub const MAX_INFLIGHT_MISSES: usize = 16_384;
+/// File descriptors kept for everything but misses: listeners, the admin endpoint, logs, AWS calls.
+const FD_RESERVE: u64 = 64;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain system calls with a valid pointer to a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            } else {
+                tracing::warn!(error = %io::Error::last_os_error(), soft = lim.rlim_cur, hard = lim.rlim_max, "cannot raise the open-file limit");
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Misses in flight at once: `configured` (0: automatic), never more than half the file
+/// descriptors left after [`FD_RESERVE`] (the other half is for TCP clients and proxies),
+/// at most [`MAX_INFLIGHT_MISSES`], at least 1.
+pub fn inflight_limit(configured: usize, nofile: u64) -> usize {
+    let by_fds = (nofile.saturating_sub(FD_RESERVE) / 2).max(1) as usize;
+    let wanted = if configured == 0 { MAX_INFLIGHT_MISSES } else { configured };
+    wanted.min(by_fds).max(1)
+}
 const UDP_RECV_BUFFER: usize = 8 << 20;
 
 /// A UDP socket (served by one or more threads) and a TCP listener on the same address and port.
@@ -72,14 +105,18 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// TCP limits: connections at once, and how long a connection may sit idle or stall mid-message.
+/// TCP limits: connections at once (in all and per client address), how long a connection may
+/// go without completing a query, and how long writing one answer may take.
 #[derive(Debug, Clone, Copy)]
 pub struct TcpLimits {
     pub max_connections: usize,
+    pub max_per_client: usize,
     pub idle_timeout: Duration,
+    pub write_timeout: Duration,
 }
 
 /// Accepts TCP connections until `shutdown`; each serves length-prefixed queries in order.
+/// Clients outside `dns.allow` are closed at accept, before anything is read.
 pub async fn serve_tcp(
     engine: Arc<Engine>,
     listener: TcpListener,
@@ -89,7 +126,11 @@ pub async fn serve_tcp(
     tasks: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let rejected = metrics::counter!("mskdns_tcp_connections_rejected_total");
+    let per_client: Arc<PerClient> = Arc::default();
+    let rejected =
+        |reason: &'static str| metrics::counter!("mskdns_tcp_connections_rejected_total", "reason" => reason);
+    let (over_limit, over_client, not_allowed) = (rejected("limit"), rejected("per_client"), rejected("not_allowed"));
+    let active = metrics::gauge!("mskdns_tcp_connections_active");
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -103,22 +144,33 @@ pub async fn serve_tcp(
             },
             _ = shutdown.cancelled() => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            rejected.increment(1);
+        let client = peer.ip().to_canonical();
+        if !engine.allows(client) {
+            not_allowed.increment(1);
+            continue;
+        }
+        let Some(slot) = per_client.take(client, limits.max_per_client) else {
+            over_client.increment(1);
             continue;
         };
-        let (engine, shutdown) = (engine.clone(), shutdown.clone());
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            over_limit.increment(1);
+            continue;
+        };
+        let (engine, shutdown, active) = (engine.clone(), shutdown.clone(), active.clone());
+        active.increment(1.0);
         tasks.spawn(async move {
             let _ = stream.set_nodelay(true);
             tokio::select! {
-                r = tcp_connection(&engine, stream, peer, index, limits.idle_timeout) => {
+                r = tcp_connection(&engine, stream, peer, index, limits) => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, %peer, "tcp connection ended");
                     }
                 }
                 _ = shutdown.cancelled() => {}
             }
-            drop(permit);
+            active.decrement(1.0);
+            drop((permit, slot));
         });
     }
 }
@@ -128,20 +180,23 @@ async fn tcp_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     listener: usize,
-    idle: Duration,
+    limits: TcpLimits,
 ) -> io::Result<()> {
     let from = Origin { client: peer.ip(), listener, transport: Transport::Tcp };
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(4096);
     let mut framed = Vec::with_capacity(4098);
     loop {
-        let len = match tokio::time::timeout(idle, stream.read_u16()).await {
+        // Only a complete query moves the deadline: a trickle of bytes or empty messages does not.
+        let deadline = tokio::time::Instant::now() + limits.idle_timeout;
+        let len = match tokio::time::timeout_at(deadline, stream.read_u16()).await {
+            Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::InvalidData, "zero-length message")),
             Ok(Ok(len)) => len as usize,
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Ok(()),
         };
-        tokio::time::timeout(idle, stream.read_exact(&mut buf[..len]))
+        tokio::time::timeout_at(deadline, stream.read_exact(&mut buf[..len]))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
         let pkt = &buf[..len];
@@ -158,7 +213,9 @@ async fn tcp_connection(
             framed.clear();
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
             framed.extend_from_slice(&out);
-            stream.write_all(&framed).await?;
+            tokio::time::timeout(limits.write_timeout, stream.write_all(&framed))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read its answers"))??;
         }
     }
 }

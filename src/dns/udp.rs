@@ -39,6 +39,7 @@ pub struct Worker {
     pub tasks: TaskTracker,
     pub inflight: Arc<Semaphore>,
     pub shutdown: CancellationToken,
+    pub health: Arc<crate::admin::Health>,
 }
 
 struct Batch {
@@ -71,8 +72,38 @@ impl Batch {
     }
 }
 
+/// Restarts of one receive thread's loop after a panic outside the per-packet guard, before the
+/// listener is given up (and /healthz fails).
+const MAX_RESTARTS: u32 = 100;
+
 impl Worker {
+    /// Serves until shutdown. The per-packet work is guarded in [`Engine::handle`]; should the
+    /// batch loop itself panic, it is restarted with fresh buffers.
     pub fn run(self) {
+        let panics = metrics::counter!("mskdns_panics_total", "where" => "udp_loop");
+        let mut restarts = 0;
+        loop {
+            match crate::panic::catch(|| self.serve()) {
+                Ok(()) => return,
+                Err(e) if restarts < MAX_RESTARTS => {
+                    restarts += 1;
+                    panics.increment(1);
+                    tracing::error!(listener = self.listener, panic = %e, "UDP receive loop panicked; restarting it");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tracing::error!(listener = self.listener, panic = %e, "UDP receive loop keeps panicking; giving it up");
+                    self.health.set_lost(
+                        &format!("dns udp listener {} thread {}", self.listener, self.index),
+                        Some(format!("panicked {MAX_RESTARTS} times: {e}")),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn serve(&self) {
         if self.index > 0 {
             let param = libc::sched_param { sched_priority: 0 };
             // SAFETY: plain system call on the calling thread (pid 0) with a valid parameter.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::cache::{Answer, BadResponse};
+use super::cache::{Answer, BadResponse, answers};
 use super::wire;
 use crate::config::CacheConfig;
 
@@ -20,6 +20,9 @@ pub enum UpstreamError {
     Timeout { upstream: SocketAddr },
     #[error("upstream {upstream}: {source}")]
     Io { upstream: SocketAddr, source: std::io::Error },
+    /// Out of file descriptors or buffers here: says nothing about the upstream.
+    #[error("upstream {upstream}: local resources exhausted: {source}")]
+    Local { upstream: SocketAddr, source: std::io::Error },
     #[error("upstream {upstream}: response {source}")]
     Bad { upstream: SocketAddr, source: BadResponse },
     #[error("upstream {upstream}: answered rcode {rcode}")]
@@ -34,6 +37,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout { .. } => "timeout",
             UpstreamError::Io { .. } => "io",
+            UpstreamError::Local { .. } => "local",
             UpstreamError::Bad { source, .. } => source.kind(),
             UpstreamError::Failed { .. } => "rcode",
             UpstreamError::Exhausted => "exhausted",
@@ -49,7 +53,10 @@ struct Server {
     down: AtomicBool,
     probing: AtomicBool,
     latency: metrics::Histogram,
-    errors: [metrics::Counter; 7],
+    errors: [metrics::Counter; 8],
+    /// Datagrams on an attempt's socket that were not its answer (wrong id or question, a query,
+    /// too short): ignored.
+    ignored: metrics::Counter,
     up: metrics::Gauge,
     srtt: metrics::Gauge,
 }
@@ -109,7 +116,21 @@ impl Server {
     }
 }
 
-const ERROR_KINDS: [&str; 7] = ["timeout", "io", "malformed", "mismatch", "extended_rcode", "rcode", "exhausted"];
+const ERROR_KINDS: [&str; 8] =
+    ["timeout", "io", "local", "malformed", "mismatch", "extended_rcode", "rcode", "exhausted"];
+
+impl UpstreamError {
+    /// An I/O error of an attempt: EMFILE, ENFILE, ENOBUFS and ENOMEM are this host's limits, not
+    /// the upstream's failure, and never mark it down.
+    fn io(upstream: SocketAddr, source: std::io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                UpstreamError::Local { upstream, source }
+            }
+            _ => UpstreamError::Io { upstream, source },
+        }
+    }
+}
 
 pub struct Upstreams {
     servers: Vec<Arc<Server>>,
@@ -143,6 +164,7 @@ impl Upstreams {
                     up,
                     srtt: metrics::gauge!("mskdns_upstream_srtt_seconds", "upstream" => label.clone()),
                     latency: metrics::histogram!("mskdns_upstream_duration_seconds", "upstream" => label.clone()),
+                    ignored: metrics::counter!("mskdns_upstream_ignored_datagrams_total", "upstream" => label.clone()),
                     errors: ERROR_KINDS.map(
                         |k| metrics::counter!("mskdns_upstream_errors_total", "upstream" => label.clone(), "kind" => k),
                     ),
@@ -254,7 +276,7 @@ impl Upstreams {
 /// socket each time the retransmission timer fires, the timer doubling each time.
 async fn ask(server: &Server, query: &[u8], limits: &CacheConfig) -> Result<Answer, UpstreamError> {
     let upstream = server.addr;
-    let io = |source| UpstreamError::Io { upstream, source };
+    let io = |source| UpstreamError::io(upstream, source);
     let bind: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
     let sock = UdpSocket::bind(bind).await.map_err(io)?;
     sock.connect(upstream).await.map_err(io)?;
@@ -273,12 +295,16 @@ async fn ask(server: &Server, query: &[u8], limits: &CacheConfig) -> Result<Answ
             }
         };
         let resp = &buf[..n];
-        if n >= wire::HEADER_LEN && wire::is_truncated(wire::be16(resp, 2)) && resp[..2] == query[..2] {
+        // Only our answer (id and question) may end the attempt: a stray or spoofed datagram,
+        // however malformed, is ignored and the real answer still awaited.
+        if !answers(resp, query) {
+            server.ignored.increment(1);
+            continue;
+        }
+        if wire::is_truncated(wire::be16(resp, 2)) {
             return ask_tcp(upstream, query, limits).await;
         }
         match Answer::from_upstream(resp, query, limits, Instant::now()) {
-            // A stray or spoofed datagram: keep waiting for the real answer.
-            Err(BadResponse::Mismatch) => continue,
             Err(source) => return Err(UpstreamError::Bad { upstream, source }),
             Ok(a) => return usable(upstream, a),
         }
@@ -286,7 +312,7 @@ async fn ask(server: &Server, query: &[u8], limits: &CacheConfig) -> Result<Answ
 }
 
 async fn ask_tcp(upstream: SocketAddr, query: &[u8], limits: &CacheConfig) -> Result<Answer, UpstreamError> {
-    let io = |source| UpstreamError::Io { upstream, source };
+    let io = |source| UpstreamError::io(upstream, source);
     let mut s = TcpStream::connect(upstream).await.map_err(io)?;
     let mut framed = Vec::with_capacity(query.len() + 2);
     framed.extend_from_slice(&(query.len() as u16).to_be_bytes());

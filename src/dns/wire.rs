@@ -5,9 +5,9 @@
 //! output buffer. hickory-proto does the rare, rich work (zone files, record encoding, tests).
 
 pub const HEADER_LEN: usize = 12;
-pub const MAX_NAME_LEN: usize = 255;
+pub use crate::names::{MAX_NAME_LEN, name_to_wire};
 /// The payload we advertise and send at most over UDP with EDNS (the DNS flag day 2020 value).
-pub const DEFAULT_EDNS_PAYLOAD: u16 = 1232;
+pub const DEFAULT_EDNS_PAYLOAD: u16 = crate::config::DEFAULT_UDP_PAYLOAD;
 /// The limit for UDP answers to clients without EDNS (RFC 1035 4.2.1).
 pub const CLASSIC_UDP_PAYLOAD: usize = 512;
 
@@ -17,10 +17,12 @@ pub const TYPE_CNAME: u16 = 5;
 pub const TYPE_SOA: u16 = 6;
 pub const TYPE_AAAA: u16 = 28;
 pub const TYPE_OPT: u16 = 41;
+pub const TYPE_TSIG: u16 = 250;
 pub const TYPE_IXFR: u16 = 251;
 pub const TYPE_AXFR: u16 = 252;
 pub const TYPE_ANY: u16 = 255;
 pub const CLASS_IN: u16 = 1;
+pub const CLASS_ANY: u16 = 255;
 
 pub const RCODE_NOERROR: u8 = 0;
 pub const RCODE_FORMERR: u8 = 1;
@@ -28,6 +30,9 @@ pub const RCODE_SERVFAIL: u8 = 2;
 pub const RCODE_NXDOMAIN: u8 = 3;
 pub const RCODE_NOTIMP: u8 = 4;
 pub const RCODE_REFUSED: u8 = 5;
+pub const RCODE_NOTAUTH: u8 = 9;
+/// TSIG error BADKEY (RFC 8945 5.2): the key is not known here.
+const TSIG_BADKEY: u16 = 17;
 /// Extended RCODE 16 (RFC 6891): its upper 8 bits travel in the OPT record.
 pub const RCODE_BADVERS: u16 = 16;
 
@@ -58,6 +63,10 @@ pub struct Query<'a> {
     pub qtype: u16,
     pub qclass: u16,
     pub edns: Option<Edns>,
+    /// A TSIG record (the last of the additional section), whole: we hold no keys.
+    pub tsig: Option<&'a [u8]>,
+    /// The data of the OPT record's COOKIE option (RFC 7873): client cookie, then server cookie.
+    pub cookie: Option<&'a [u8]>,
 }
 
 /// Why a packet is not a query we answer normally.
@@ -108,12 +117,25 @@ impl<'a> Query<'a> {
         let qclass = be16(pkt, qend - 2);
         let mut pos = qend;
         for _ in 0..(be16(pkt, 6) as usize + be16(pkt, 8) as usize) {
-            pos = skip_rr(pkt, pos).ok_or(formerr)?.end;
+            let rr = skip_rr(pkt, pos).ok_or(formerr)?;
+            // OPT and TSIG belong in the additional section only (RFC 6891 6.1.1, RFC 8945 5.1).
+            if rr.rtype == TYPE_OPT || rr.rtype == TYPE_TSIG {
+                return Err(formerr);
+            }
+            pos = rr.end;
         }
         let mut edns = None;
-        for _ in 0..be16(pkt, 10) {
+        let mut tsig = None;
+        let mut cookie = None;
+        let arcount = be16(pkt, 10);
+        for i in 0..arcount {
             let rr = skip_rr(pkt, pos).ok_or(formerr)?;
-            if rr.rtype == TYPE_OPT {
+            if rr.rtype == TYPE_TSIG {
+                if i + 1 != arcount {
+                    return Err(formerr);
+                }
+                tsig = Some(&pkt[pos..rr.end]);
+            } else if rr.rtype == TYPE_OPT {
                 // One OPT, owned by the root (RFC 6891 6.1.1).
                 if edns.is_some() || rr.name_end != pos + 1 || pkt[pos] != 0 {
                     return Err(formerr);
@@ -124,15 +146,37 @@ impl<'a> Query<'a> {
                     version: (ttl >> 16) as u8,
                     dnssec_ok: ttl as u16 & EDNS_DO != 0,
                 });
+                // Options: code, length, data. A COOKIE option is a client cookie (8 bytes),
+                // maybe with a server cookie (8 to 32 bytes): any other length is FORMERR
+                // (RFC 7873 5.2.2), as is an option running past the record.
+                let mut at = rr.rdata;
+                while at < rr.end {
+                    if at + 4 > rr.end {
+                        return Err(formerr);
+                    }
+                    let (code, len) = (be16(pkt, at), be16(pkt, at + 2) as usize);
+                    let data = pkt.get(at + 4..at + 4 + len).filter(|_| at + 4 + len <= rr.end).ok_or(formerr)?;
+                    if code == super::cookie::OPTION_CODE && cookie.is_none() {
+                        if len != 8 && !(16..=40).contains(&len) {
+                            return Err(formerr);
+                        }
+                        cookie = Some(data);
+                    }
+                    at += 4 + len;
+                }
             }
             pos = rr.end;
         }
-        Ok(Query { id, flags, question: &pkt[HEADER_LEN..qend], qtype, qclass, edns })
+        Ok(Query { id, flags, question: &pkt[HEADER_LEN..qend], qtype, qclass, edns, tsig, cookie })
     }
 
     /// The question name in wire form, in the case the client sent it.
     pub fn name(&self) -> &'a [u8] {
         &self.question[..self.question.len() - 4]
+    }
+
+    pub fn flags(&self) -> u16 {
+        self.flags
     }
 
     pub fn recursion_desired(&self) -> bool {
@@ -397,6 +441,20 @@ pub fn push_opt(buf: &mut Vec<u8>, payload: u16, dnssec_ok: bool, ext_rcode: u8)
     put16(buf, 10, ar);
 }
 
+/// Adds a COOKIE option (the client's cookie and our server cookie) to the OPT record that
+/// ends `buf`, as [`push_opt`] wrote it; does nothing when `buf` does not end with one.
+pub fn append_cookie(buf: &mut Vec<u8>, client_cookie: &[u8], server_cookie: &[u8; 16]) {
+    let n = buf.len();
+    if n < HEADER_LEN + 11 || buf[n - 11] != 0 || be16(buf, n - 10) != TYPE_OPT || be16(buf, n - 2) != 0 {
+        return;
+    }
+    put16(buf, n - 2, super::cookie::OPTION_LEN as u16);
+    buf.extend_from_slice(&super::cookie::OPTION_CODE.to_be_bytes());
+    buf.extend_from_slice(&(super::cookie::COOKIE_LEN as u16).to_be_bytes());
+    buf.extend_from_slice(&client_cookie[..8]);
+    buf.extend_from_slice(server_cookie);
+}
+
 /// A header-only answer (FORMERR, NOTIMP) for a packet whose question we could not read.
 pub fn header_only(buf: &mut Vec<u8>, id: u16, query_flags: u16, rcode: u8) {
     buf.clear();
@@ -411,6 +469,44 @@ pub fn badvers(buf: &mut Vec<u8>, q: &Query<'_>, max_payload: u16) {
     Response::new(buf, q, (RCODE_BADVERS & 0xf) as u8, false);
     put16(buf, 6, 0);
     push_opt(buf, max_payload, q.dnssec_ok(), (RCODE_BADVERS >> 4) as u8);
+}
+
+/// NOTAUTH with an unsigned TSIG record saying BADKEY (RFC 8945 5.2.1), for a signed query:
+/// mskdns holds no keys. Returns false, writing nothing, when the TSIG record cannot be echoed
+/// (a compressed key or algorithm name, or RDATA too short): answer FORMERR then.
+pub fn tsig_badkey(buf: &mut Vec<u8>, q: &Query<'_>, max_payload: u16) -> bool {
+    let Some(rr) = q.tsig else { return false };
+    let Some(owner) = question_name_len(rr) else { return false };
+    // Owner, type, class, TTL, RDLENGTH, then the algorithm name.
+    let rdata = owner + 10;
+    let Some(alg) = rr.get(rdata..).and_then(question_name_len) else { return false };
+    // Time signed (6), fudge (2), MAC size (2), MAC, original id (2), error (2), other (2).
+    let fixed = rdata + alg;
+    let Some(mac_len) = rr.get(fixed + 8..fixed + 10).map(|b| be16(b, 0) as usize) else { return false };
+    let orig_id_at = fixed + 10 + mac_len;
+    if rr.len() < orig_id_at + 6 {
+        return false;
+    }
+    let Response { buf, .. } = Response::new(buf, q, RCODE_NOTAUTH, false);
+    if let Some(e) = q.edns {
+        push_opt(buf, max_payload, e.dnssec_ok, 0);
+    }
+    buf.extend_from_slice(&rr[..owner]);
+    buf.extend_from_slice(&TYPE_TSIG.to_be_bytes());
+    buf.extend_from_slice(&CLASS_ANY.to_be_bytes());
+    buf.extend_from_slice(&0u32.to_be_bytes());
+    let rdlen_at = buf.len();
+    buf.extend_from_slice(&[0, 0]);
+    buf.extend_from_slice(&rr[rdata..fixed + 8]);
+    buf.extend_from_slice(&0u16.to_be_bytes());
+    buf.extend_from_slice(&rr[orig_id_at..orig_id_at + 2]);
+    buf.extend_from_slice(&TSIG_BADKEY.to_be_bytes());
+    buf.extend_from_slice(&0u16.to_be_bytes());
+    let rdlen = (buf.len() - rdlen_at - 2) as u16;
+    put16(buf, rdlen_at, rdlen);
+    let ar = be16(buf, 10) + 1;
+    put16(buf, 10, ar);
+    true
 }
 
 /// Header flags a forwarded answer keeps from upstream: the RCODE and, when allowed, AD.
@@ -454,23 +550,6 @@ pub fn build_upstream_query(
     buf.extend_from_slice(&qtype.to_be_bytes());
     buf.extend_from_slice(&qclass.to_be_bytes());
     push_opt(buf, DEFAULT_EDNS_PAYLOAD, dnssec_ok, 0);
-}
-
-/// Converts a presentation-form name (`a.b.c` or `a.b.c.`) to lowercase wire form.
-pub fn name_to_wire(name: &str) -> Option<Vec<u8>> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    let mut out = Vec::with_capacity(name.len() + 2);
-    if !name.is_empty() {
-        for label in name.split('.') {
-            if label.is_empty() || label.len() > 63 {
-                return None;
-            }
-            out.push(label.len() as u8);
-            out.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
-        }
-    }
-    out.push(0);
-    (out.len() <= MAX_NAME_LEN).then_some(out)
 }
 
 /// Presentation form of a wire name, for logs and `explain`.

@@ -11,6 +11,10 @@ pub const METADATA: i16 = 3;
 pub const FIND_COORDINATOR: i16 = 10;
 pub const API_VERSIONS: i16 = 18;
 pub const DESCRIBE_CLUSTER: i16 = 60;
+pub const DESCRIBE_CONFIGS: i16 = 32;
+pub const DESCRIBE_QUORUM: i16 = 55;
+pub const SHARE_FETCH: i16 = 78;
+pub const SHARE_ACKNOWLEDGE: i16 = 79;
 
 /// How many bytes of a request are read before it is forwarded: enough for the header and a
 /// Produce request's transactional id and acks (both strings are at most 32767 bytes).
@@ -62,8 +66,10 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], FrameError> {
-        let s = self.b.get(self.at..self.at + n).ok_or(FrameError::Truncated)?;
-        self.at += n;
+        // Lengths come from the client: `at + n` must not overflow (a varint of 2^64-1).
+        let end = self.at.checked_add(n).ok_or(FrameError::Truncated)?;
+        let s = self.b.get(self.at..end).ok_or(FrameError::Truncated)?;
+        self.at = end;
         Ok(s)
     }
     fn i16(&mut self) -> Result<i16, FrameError> {
@@ -172,6 +178,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn huge_varint_lengths_are_truncation_not_overflow() {
+        // Produce v9 (flexible): api key, version, correlation id, client id, then tagged fields
+        // claiming one field of 2^64-1 bytes, or a transactional id of that length.
+        let head = [&PRODUCE.to_be_bytes()[..], &9i16.to_be_bytes(), &1i32.to_be_bytes(), &[0, 0]].concat();
+        let max = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        let tagged = [&head[..], &[1, 0], &max].concat();
+        assert_eq!(parse_request(&tagged), Err(FrameError::Truncated));
+        let txn = [&head[..], &[0], &max].concat();
+        assert_eq!(parse_request(&txn), Err(FrameError::Truncated));
     }
 
     #[test]

@@ -4,12 +4,15 @@
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, FetchResponse, FindCoordinatorResponse,
-    MetadataResponse, ProduceResponse, ResponseHeader,
+    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, DescribeConfigsResponse, FetchResponse,
+    FindCoordinatorResponse, MetadataResponse, ProduceResponse, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
 
-use super::frame::{API_VERSIONS, DESCRIBE_CLUSTER, FETCH, FIND_COORDINATOR, METADATA, PRODUCE};
+use super::frame::{
+    API_VERSIONS, DESCRIBE_CLUSTER, DESCRIBE_CONFIGS, DESCRIBE_QUORUM, FETCH, FIND_COORDINATOR, METADATA, PRODUCE,
+    SHARE_ACKNOWLEDGE, SHARE_FETCH,
+};
 
 /// Where the rewriter gets a port for an upstream broker.
 pub trait Ports {
@@ -21,7 +24,7 @@ pub trait Ports {
 /// Whether responses to this request are decoded at all.
 pub fn needs_rewrite(api_key: i16, version: i16) -> bool {
     match api_key {
-        METADATA | FIND_COORDINATOR | DESCRIBE_CLUSTER | API_VERSIONS => true,
+        METADATA | FIND_COORDINATOR | DESCRIBE_CLUSTER | API_VERSIONS | DESCRIBE_CONFIGS => true,
         // KIP-951: NodeEndpoints (leader hints) from Produce v10 and Fetch v16.
         PRODUCE => version >= 10,
         FETCH => version >= 16,
@@ -37,9 +40,34 @@ pub fn supported(api_key: i16) -> Option<(i16, i16)> {
         DESCRIBE_CLUSTER => DescribeClusterResponse::VERSIONS,
         PRODUCE => ProduceResponse::VERSIONS,
         FETCH => FetchResponse::VERSIONS,
+        DESCRIBE_CONFIGS => DescribeConfigsResponse::VERSIONS,
+        // Listener endpoints from v2 on, which the proxy does not rewrite.
+        DESCRIBE_QUORUM => return Some((0, 1)),
+        // Share groups (KIP-932) name node endpoints in their responses: not offered.
+        SHARE_FETCH | SHARE_ACKNOWLEDGE => return Some((1, 0)),
         _ => return None,
     };
     Some((r.min, r.max))
+}
+
+/// Requests the proxy refuses (the connection is closed): versions ApiVersions did not offer
+/// whose answers would carry upstream addresses.
+pub fn refused(api_key: i16, version: i16) -> bool {
+    match supported(api_key) {
+        Some((min, max)) if matches!(api_key, DESCRIBE_QUORUM | SHARE_FETCH | SHARE_ACKNOWLEDGE | DESCRIBE_CONFIGS) => {
+            !(min..=max).contains(&version)
+        }
+        _ => false,
+    }
+}
+
+/// Broker configs whose values are upstream addresses: masked (null and sensitive, as Kafka
+/// shows secrets) in DescribeConfigs responses.
+fn is_address_config(name: &str) -> bool {
+    matches!(
+        name,
+        "listeners" | "advertised.listeners" | "controller.quorum.voters" | "controller.quorum.bootstrap.servers"
+    ) || name.ends_with(".advertised.listeners")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +89,33 @@ pub struct Rewritten {
     pub addresses: usize,
     /// Brokers left out because no port was free.
     pub dropped: usize,
+    /// Leader hints left out of a streamed response because the rewritten ones did not fit the
+    /// broker's bytes (hints.rs).
+    pub unfit: usize,
+}
+
+/// Points one broker address at `advertise` and the port of ours for `node`; false (counted in
+/// `dropped`) when no port is free, and the caller leaves the broker out.
+pub(super) fn swap(
+    ports: &dyn Ports,
+    advertise: &StrBytes,
+    node: i32,
+    host: &mut StrBytes,
+    port: &mut i32,
+    done: &mut Rewritten,
+) -> bool {
+    match ports.port_for(node, host.as_str(), *port) {
+        Some(p) => {
+            *host = advertise.clone();
+            *port = i32::from(p);
+            done.addresses += 1;
+            true
+        }
+        None => {
+            done.dropped += 1;
+            false
+        }
+    }
 }
 
 /// Rewrites one response `message` (after the size prefix). `Ok(None)`: forward it unchanged.
@@ -81,18 +136,7 @@ pub fn rewrite(
     })?;
     let mut done = Rewritten::default();
     let swap = |node: i32, host: &mut StrBytes, port: &mut i32, done: &mut Rewritten| -> bool {
-        match ports.port_for(node, host.as_str(), *port) {
-            Some(p) => {
-                *host = advertise.clone();
-                *port = i32::from(p);
-                done.addresses += 1;
-                true
-            }
-            None => {
-                done.dropped += 1;
-                false
-            }
-        }
+        swap(ports, advertise, node, host, port, done)
     };
     macro_rules! decode {
         ($t:ty) => {{
@@ -143,6 +187,26 @@ pub fn rewrite(
                 return Ok((None, done));
             }
             m.node_endpoints.retain_mut(|e| swap(e.node_id.0, &mut e.host, &mut e.port, &mut done));
+            Box::new(move |out| encode_checked(&m, out, version))
+        }
+        DESCRIBE_CONFIGS => {
+            let mut m = decode!(DescribeConfigsResponse);
+            let mut masked = 0;
+            for c in m.results.iter_mut().flat_map(|r| r.configs.iter_mut()) {
+                if is_address_config(&c.name) {
+                    c.value = None;
+                    c.is_sensitive = true;
+                    masked += 1;
+                }
+                for syn in c.synonyms.iter_mut().filter(|s| is_address_config(&s.name)) {
+                    syn.value = None;
+                    masked += 1;
+                }
+            }
+            if masked == 0 {
+                return Ok((None, done));
+            }
+            done.addresses += masked;
             Box::new(move |out| encode_checked(&m, out, version))
         }
         API_VERSIONS => {
@@ -201,7 +265,7 @@ fn coordinator_unavailable(error: &mut i16, node: &mut BrokerId, host: &mut StrB
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
     use kafka_protocol::messages::find_coordinator_response::Coordinator;
@@ -211,7 +275,7 @@ mod tests {
     use std::sync::Mutex;
 
     /// Ports handed out from 9100 in order of first sight; `limit` of them at most.
-    struct TestPorts {
+    pub(crate) struct TestPorts {
         given: Mutex<BTreeMap<i32, (u16, String)>>,
         limit: usize,
     }
@@ -232,18 +296,18 @@ mod tests {
         }
     }
 
-    fn ports(limit: usize) -> TestPorts {
+    pub(crate) fn ports(limit: usize) -> TestPorts {
         TestPorts { given: Mutex::default(), limit }
     }
 
-    fn message<T: Encodable>(api: ApiKey, version: i16, body: &T) -> Bytes {
+    pub(crate) fn message<T: Encodable>(api: ApiKey, version: i16, body: &T) -> Bytes {
         let mut b = BytesMut::new();
         ResponseHeader::default().with_correlation_id(41).encode(&mut b, api.response_header_version(version)).unwrap();
         body.encode(&mut b, version).unwrap();
         b.freeze()
     }
 
-    fn decoded<T: Decodable>(api: ApiKey, version: i16, out: BytesMut) -> T {
+    pub(crate) fn decoded<T: Decodable>(api: ApiKey, version: i16, out: BytesMut) -> T {
         let size = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
         assert_eq!(size, out.len() - 4);
         let mut b = out.freeze().slice(4..);
@@ -254,7 +318,7 @@ mod tests {
         t
     }
 
-    fn adv() -> StrBytes {
+    pub(crate) fn adv() -> StrBytes {
         StrBytes::from_static_str("kafka-proxy.internal")
     }
 
@@ -285,7 +349,7 @@ mod tests {
                 ],
                 "v{v}"
             );
-            assert_eq!(done, Rewritten { addresses: 3, dropped: 0 });
+            assert_eq!(done, Rewritten { addresses: 3, dropped: 0, unfit: 0 });
             // A broker that appears in a later response gets the next port; the others keep theirs.
             let m = MetadataResponse::default().with_brokers(vec![broker(523), broker(1), broker(1000)]);
             let (out, _) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p).unwrap();
@@ -303,7 +367,7 @@ mod tests {
         let back: MetadataResponse = decoded(ApiKey::Metadata, 12, out.unwrap());
         assert_eq!(back.brokers.len(), 2);
         assert!(back.brokers.iter().all(|b| b.host.as_str() == "kafka-proxy.internal"));
-        assert_eq!(done, Rewritten { addresses: 2, dropped: 1 });
+        assert_eq!(done, Rewritten { addresses: 2, dropped: 1, unfit: 0 });
     }
 
     #[test]
@@ -387,6 +451,53 @@ mod tests {
         let seen: Vec<(i16, i16, i16)> =
             back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
         assert_eq!(seen, [(0, 3, 13), (3, 0, 13), (10, 0, 6), (19, 0, 7)]);
+    }
+
+    #[test]
+    fn endpoints_the_proxy_cannot_rewrite_are_never_offered_and_listener_configs_are_masked() {
+        use kafka_protocol::messages::api_versions_response::ApiVersion;
+        use kafka_protocol::messages::describe_configs_response::{
+            DescribeConfigsResourceResult, DescribeConfigsResult,
+        };
+        let k = |key: i16, min: i16, max: i16| {
+            ApiVersion::default().with_api_key(key).with_min_version(min).with_max_version(max)
+        };
+        let m = ApiVersionsResponse::default().with_api_keys(vec![
+            k(32, 0, 4),
+            k(55, 0, 2),
+            k(78, 0, 1),
+            k(79, 0, 1),
+            k(12, 0, 4),
+        ]);
+        let (out, _) = rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1)).unwrap();
+        let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, out.unwrap());
+        let seen: Vec<(i16, i16, i16)> =
+            back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        assert_eq!(seen, [(32, 1, 4), (55, 0, 1), (12, 0, 4)]);
+        assert!(refused(DESCRIBE_QUORUM, 2) && !refused(DESCRIBE_QUORUM, 1));
+        assert!(refused(SHARE_FETCH, 0) && refused(SHARE_ACKNOWLEDGE, 1) && refused(DESCRIBE_CONFIGS, 0));
+        assert!(!refused(DESCRIBE_CONFIGS, 4) && !refused(METADATA, 12));
+
+        let cfg = |name: &str, value: &str| {
+            DescribeConfigsResourceResult::default()
+                .with_name(StrBytes::from_string(name.into()))
+                .with_value(Some(StrBytes::from_string(value.into())))
+        };
+        let m =
+            DescribeConfigsResponse::default().with_results(vec![DescribeConfigsResult::default().with_configs(vec![
+                cfg("advertised.listeners", "CLIENT_IAM://b-1.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com:9098"),
+                cfg("listeners", "CLIENT_IAM://10.0.0.5:9098"),
+                cfg("log.retention.ms", "604800000"),
+            ])]);
+        for v in 1..=4 {
+            let (out, done) =
+                rewrite(DESCRIBE_CONFIGS, v, message(ApiKey::DescribeConfigs, v, &m), &adv(), &ports(1)).unwrap();
+            assert_eq!(done.addresses, 2);
+            let back: DescribeConfigsResponse = decoded(ApiKey::DescribeConfigs, v, out.unwrap());
+            let c = &back.results[0].configs;
+            assert!(c[0].value.is_none() && c[0].is_sensitive && c[1].value.is_none());
+            assert_eq!(c[2].value.as_deref(), Some("604800000"));
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ def free_port():
 class Daemon:
     """mskdns started from a TOML config; reads the bound addresses it prints on stdout."""
 
-    def __init__(self, config_text, tmp_path, env=None, name="mskdns.toml"):
+    def __init__(self, config_text, tmp_path, env=None, name="mskdns.toml", preexec_fn=None):
         assert BIN.exists(), f"{BIN} is missing: build with cargo build first"
         self.config = tmp_path / name
         self.config.write_text(config_text)
@@ -51,6 +51,7 @@ class Daemon:
             stderr=self.log,
             text=True,
             env={**os.environ, "RUST_LOG": "mskdns=debug", **(env or {})},
+            preexec_fn=preexec_fn,
         )
         self.dns = []
         self.proxies = []

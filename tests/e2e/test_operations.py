@@ -131,7 +131,7 @@ def test_any_is_answered_per_rfc8482(daemon, nsd):
 def test_rate_limit_per_client(daemon, nsd):
     """A client over its limit gets drops and truncated answers; another is unaffected."""
     d = daemon(config(nsd.port, "10.1.0.10", 0).replace(
-        "[admin]", "rate_limit = 20\nrate_limit_ipv4_prefix = 32\n\n[admin]"))
+        "[admin]", "rate_limit = 20\nrate_limit_ipv4_prefix = 32\nrate_limit_exempt = []\n\n[admin]"))
     loud = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     loud.bind(("127.0.0.2", 0))
     loud.settimeout(0.5)

@@ -218,6 +218,11 @@ def test_confluent_kafka_through_the_proxy(daemon, cluster, tmp_path):
     assert d.metric("mskdns_proxy_rewrites_total", api_key="Metadata") >= 1
     assert d.metric("mskdns_proxy_rewrites_total", api_key="FindCoordinator") >= 1
     assert d.metric("mskdns_proxy_port_allocations_total") >= 1
+    # Every request is counted under the API's own name.
+    for api in ("ApiVersions", "Metadata", "Produce", "Fetch", "FindCoordinator", "JoinGroup", "OffsetCommit"):
+        assert d.metric("mskdns_proxy_requests_total", api_key=api) >= 1, api
+    assert d.metric("mskdns_proxy_requests_total", api_key="other") == 0
+    assert d.metric("mskdns_proxy_requests_total", api_key="unknown") == 0
     state = json.loads((tmp_path / "proxy-state.json").read_text())
     assert all(first <= n["port"] <= last for n in state["nodes"].values())
     assert all(n["upstream"] == cluster.upstream for n in state["nodes"].values())
@@ -293,6 +298,30 @@ def test_tls_client_hello_on_the_plaintext_listener_is_reported(daemon, tansu, t
     assert "TLS ClientHello arrived on a plaintext listener" in d.log.read()
 
 
+def test_a_plaintext_broker_behind_upstream_tls_is_named_at_once(daemon, tansu, tmp_path):
+    """upstream_tls left at its default (true) before a plaintext broker: the log says so when the
+    handshake fails, well before handshake_timeout_ms, and requests are counted by API name."""
+    first, last = port_range()
+    config = proxy_config(tmp_path, tansu, first, last).replace("upstream_tls = false\n", "")
+    d = daemon(config.replace("broker_ports", "handshake_timeout_ms = 8000\nbroker_ports"))
+    host, port = bootstrap_of(d)
+
+    def log():
+        d.log.seek(0)
+        return d.log.read()
+
+    with socket.create_connection((host, port), timeout=15) as s:
+        # ApiVersions v0, correlation id 1, no client id.
+        s.sendall((10).to_bytes(4, "big") + b"\x00\x12\x00\x00\x00\x00\x00\x01\xff\xff")
+        # Tansu reads the ClientHello as the start of a huge frame and waits: the hint comes
+        # after two seconds, long before the handshake timeout.
+        assert wait_for(lambda: "does not seem to speak TLS" in log(), timeout=5), log()[-2000:]
+        assert "set upstream_tls = false" in log()
+        assert d.metric("mskdns_proxy_tls_errors_total", side="upstream") == 0
+        assert s.recv(10) == b""
+    assert wait_for(lambda: d.metric("mskdns_proxy_tls_errors_total", side="upstream") == 1, timeout=5)
+
+
 def test_oversized_frames_and_half_sent_requests_leave_nothing_behind(daemon, tansu, tmp_path):
     first, last = port_range()
     d = daemon(proxy_config(tmp_path, tansu, first, last).replace('broker_ports', 'max_frame_bytes = 4096\nbroker_ports'))
@@ -308,8 +337,10 @@ def test_oversized_frames_and_half_sent_requests_leave_nothing_behind(daemon, ta
         s = socket.create_connection((host, port), timeout=5)
         s.sendall((100).to_bytes(4, "big") + b"\x00\x12\x00\x03\x00\x00")
         s.close()
-    assert wait_for(lambda: active() == 0, timeout=5), active()
-    assert d.metric("mskdns_proxy_connections_total") == 51
+    # The last connections may still wait in the accept queue when the active gauge reads 0:
+    # wait for all 51 to have been accepted, and then for none to be left.
+    total = lambda: d.metric("mskdns_proxy_connections_total")
+    assert wait_for(lambda: total() == 51 and active() == 0, timeout=5), (total(), active())
     d.log.seek(0)
     assert "over the limit of 4096" in d.log.read()
 

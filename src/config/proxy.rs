@@ -1,0 +1,213 @@
+//! `[[proxies]]`: the Kafka proxy's listeners, upstream, TLS and limits.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::ConfigError;
+use super::dns::default_allow;
+
+/// A Kafka-aware proxy: clients bootstrap from `listen`; every upstream broker gets its own port
+/// from `broker_ports` on `advertise_host`, and responses are rewritten to name those.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The bootstrap listener (port 0 allowed: the bound port is printed).
+    pub listen: SocketAddr,
+    /// The cluster's bootstrap `host:port`.
+    pub upstream: String,
+    /// The host clients are told to connect to for every broker.
+    pub advertise_host: String,
+    /// `first-last`: one port per upstream broker, allocated as brokers appear.
+    pub broker_ports: PortRange,
+    /// Where the broker listeners bind; default: `listen`'s address.
+    #[serde(default)]
+    pub broker_bind: Option<IpAddr>,
+    /// The node id → port map, kept across restarts so clients' cached metadata stays valid.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// A broker absent from metadata this long gives its port back.
+    #[serde(default = "default_broker_grace")]
+    pub broker_grace_secs: u64,
+    /// Largest frame accepted either way (Kafka's socket.request.max.bytes default: 100 MiB).
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: u32,
+    /// A connection with no traffic either way this long is closed (Kafka's default: 10 min).
+    #[serde(default = "default_proxy_idle")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "default_proxy_connect")]
+    pub connect_timeout_ms: u64,
+    /// Client connections at most, over all of this proxy's listeners.
+    #[serde(default = "default_proxy_connections")]
+    pub max_connections: usize,
+    /// TLS towards clients: the certificate chain (PEM) every listener presents. With `tls_key`;
+    /// without both, the listeners are plaintext. Re-read when the files change.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, SEC1 or PKCS#1) of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS towards the brokers (MSK's 9094, 9096 and 9098 listeners): SNI is each broker's own
+    /// name and its certificate is verified. `false` only for a plaintext listener (9092).
+    #[serde(default = "default_true")]
+    pub upstream_tls: bool,
+    /// CA certificates (PEM) the brokers' certificates must chain to; default: the system's.
+    #[serde(default)]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// The certificate chain (PEM) presented to brokers that ask for one (MSK's mutual-TLS
+    /// authentication); every client of this proxy then reaches the brokers as this identity.
+    #[serde(default)]
+    pub upstream_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `upstream_tls_cert`.
+    #[serde(default)]
+    pub upstream_tls_key: Option<PathBuf>,
+    /// A TLS handshake on either side must finish within this.
+    #[serde(default = "default_proxy_handshake")]
+    pub handshake_timeout_ms: u64,
+    /// Client networks served; others are closed at accept (default: loopback and private ranges).
+    #[serde(default = "default_allow")]
+    pub allow: Vec<IpNet>,
+    /// Client connections one address may hold at once.
+    #[serde(default = "default_proxy_per_client")]
+    pub max_connections_per_client: usize,
+    /// A client must send its first request (after its TLS handshake) within this; no broker
+    /// connection is opened before.
+    #[serde(default = "default_first_request")]
+    pub first_request_timeout_ms: u64,
+}
+
+fn default_proxy_per_client() -> usize {
+    256
+}
+fn default_first_request() -> u64 {
+    5_000
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_proxy_handshake() -> u64 {
+    10_000
+}
+
+fn default_broker_grace() -> u64 {
+    3600
+}
+fn default_max_frame() -> u32 {
+    100 * 1024 * 1024
+}
+fn default_proxy_idle() -> u64 {
+    600
+}
+fn default_proxy_connect() -> u64 {
+    10_000
+}
+fn default_proxy_connections() -> usize {
+    10_000
+}
+
+/// `first-last`, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, p: u16) -> bool {
+        (self.first..=self.last).contains(&p)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not a port range (first-last, e.g. 9100-9199)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if first == 0 || last < first {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}-{}", self.first, self.last))
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+pub(super) fn validate_proxies(proxies: &[ProxyConfig]) -> Result<(), ConfigError> {
+    for (i, p) in proxies.iter().enumerate() {
+        let key = |k: &str| format!("proxies[{i}].{k}");
+        match p.upstream.rsplit_once(':') {
+            Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => return Err(ConfigError::invalid(key("upstream"), format!("`{}` is not host:port", p.upstream))),
+        }
+        if p.advertise_host.is_empty() || p.advertise_host.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(key("advertise_host"), "must be a host name or address"));
+        }
+        if p.max_frame_bytes < 1024 {
+            return Err(ConfigError::invalid(key("max_frame_bytes"), "must be at least 1024"));
+        }
+        if p.max_connections == 0 {
+            return Err(ConfigError::invalid(key("max_connections"), "must be at least 1"));
+        }
+        if p.max_connections_per_client == 0 {
+            return Err(ConfigError::invalid(key("max_connections_per_client"), "must be at least 1"));
+        }
+        if p.first_request_timeout_ms == 0 {
+            return Err(ConfigError::invalid(key("first_request_timeout_ms"), "must be at least 1"));
+        }
+        match (&p.tls_cert, &p.tls_key) {
+            (Some(_), None) => return Err(ConfigError::invalid(key("tls_key"), "is needed with tls_cert")),
+            (None, Some(_)) => return Err(ConfigError::invalid(key("tls_cert"), "is needed with tls_key")),
+            _ => {}
+        }
+        match (&p.upstream_tls_cert, &p.upstream_tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(key("upstream_tls_key"), "is needed with upstream_tls_cert"));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(key("upstream_tls_cert"), "is needed with upstream_tls_key"));
+            }
+            _ => {}
+        }
+        if !p.upstream_tls {
+            let set = [
+                ("upstream_ca_file", p.upstream_ca_file.is_some()),
+                ("upstream_tls_cert", p.upstream_tls_cert.is_some()),
+            ];
+            if let Some((k, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(ConfigError::invalid(key(k), "is set but upstream_tls is false"));
+            }
+        }
+        if p.handshake_timeout_ms == 0 || p.connect_timeout_ms == 0 {
+            let k = if p.handshake_timeout_ms == 0 { "handshake_timeout_ms" } else { "connect_timeout_ms" };
+            return Err(ConfigError::invalid(key(k), "must be at least 1"));
+        }
+        if p.broker_ports.contains(p.listen.port()) {
+            return Err(ConfigError::invalid(key("broker_ports"), "includes the bootstrap listener's port"));
+        }
+        for (j, q) in proxies.iter().enumerate().take(i) {
+            let overlap = p.broker_ports.first <= q.broker_ports.last && q.broker_ports.first <= p.broker_ports.last;
+            if overlap {
+                return Err(ConfigError::invalid(key("broker_ports"), format!("overlaps proxies[{j}].broker_ports")));
+            }
+            if p.state_file.is_some() && p.state_file == q.state_file {
+                return Err(ConfigError::invalid(key("state_file"), format!("is proxies[{j}]'s too")));
+            }
+        }
+    }
+    Ok(())
+}

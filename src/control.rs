@@ -1,0 +1,235 @@
+//! The control plane: what the daemon serves is built from two sources, the configuration file
+//! and the clusters discovery found. This module holds both, merges them (the file wins by
+//! cluster key), is the only writer of the DNS engine's snapshots, and publishes the merged
+//! configuration in force on a `watch` channel for everything else that follows it (discovery
+//! reads its settings there, the proxy will read the served clusters). Discovery sources
+//! publish what they found on a channel ([`Control::discovery_channel`]) and never see the
+//! engine.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ClusterConfig, Config};
+use crate::dns::Engine;
+use crate::dns::engine::EngineError;
+
+/// `config` with the discovered clusters added after its own, skipping any whose cluster key
+/// the file (or an earlier discovered entry) already has.
+pub fn merge_discovered(config: &Config, discovered: &[ClusterConfig]) -> Config {
+    if discovered.is_empty() {
+        return config.clone();
+    }
+    let key = |c: &ClusterConfig| crate::names::cluster_key(&c.bootstrap).ok().map(|k| k.0);
+    let mut seen: HashSet<Vec<u8>> = config.clusters.iter().filter_map(key).collect();
+    let mut merged = config.clone();
+    merged.clusters.extend(discovered.iter().filter(|c| key(c).is_some_and(|k| seen.insert(k))).cloned());
+    merged
+}
+
+struct Sources {
+    file: Config,
+    discovered: Arc<Vec<ClusterConfig>>,
+}
+
+pub struct Control {
+    engine: Arc<Engine>,
+    sources: Mutex<Sources>,
+    published: watch::Sender<Arc<Config>>,
+}
+
+impl Control {
+    /// Takes over `engine`, built from `file`.
+    pub fn new(engine: Arc<Engine>, file: Config) -> Arc<Control> {
+        let (published, _) = watch::channel(Arc::new(file.clone()));
+        Arc::new(Control { engine, sources: Mutex::new(Sources { file, discovered: Arc::default() }), published })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The configuration in force, and its changes: the file's, with the discovered clusters.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.published.subscribe()
+    }
+
+    /// The configuration file's contents in force (without the discovered clusters).
+    pub fn file_config(&self) -> Config {
+        self.lock().file.clone()
+    }
+
+    /// The discovered clusters in force.
+    pub fn discovered(&self) -> Arc<Vec<ClusterConfig>> {
+        self.lock().discovered.clone()
+    }
+
+    /// A new file configuration; on error (the engine cannot be built from it) nothing changes.
+    pub fn reload(&self, file: Config) -> Result<(), EngineError> {
+        let mut s = self.lock();
+        self.apply(&file, &s.discovered)?;
+        s.file = file;
+        Ok(())
+    }
+
+    /// Replaces the discovered clusters. Clusters in the file (by cluster key) win over them; a
+    /// view's own entries win as they do over the file's top-level clusters.
+    pub fn set_discovered(&self, clusters: Vec<ClusterConfig>) -> Result<(), EngineError> {
+        let mut s = self.lock();
+        if *s.discovered == clusters {
+            return Ok(());
+        }
+        let clusters = Arc::new(clusters);
+        self.apply(&s.file, &clusters)?;
+        s.discovered = clusters;
+        Ok(())
+    }
+
+    /// Where discovery sources publish: each message replaces the discovered clusters. Applied
+    /// here, in one place: a map the engine cannot take is logged and counted, and the previous
+    /// one stays.
+    pub fn discovery_channel(self: &Arc<Self>, tasks: &TaskTracker, shutdown: CancellationToken) -> Discovered {
+        let (tx, mut rx) = mpsc::channel::<Vec<ClusterConfig>>(4);
+        let control = self.clone();
+        tasks.spawn(async move {
+            loop {
+                let clusters = tokio::select! {
+                    c = rx.recv() => match c { Some(c) => c, None => return },
+                    _ = shutdown.cancelled() => return,
+                };
+                if let Err(e) = control.set_discovered(clusters) {
+                    metrics::counter!("mskdns_discovery_apply_errors_total").increment(1);
+                    tracing::error!(error = %e, "cannot apply the discovered clusters; the previous map stays");
+                }
+            }
+        });
+        Discovered { config: self.subscribe(), found: tx }
+    }
+
+    fn apply(&self, file: &Config, discovered: &[ClusterConfig]) -> Result<(), EngineError> {
+        let merged = merge_discovered(file, discovered);
+        self.engine.apply(&merged)?;
+        self.published.send_replace(Arc::new(merged));
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sources> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a discovery source holds: the configuration in force (its own settings are read there
+/// on every pass, so a reload applies), and the channel its findings go to.
+#[derive(Clone)]
+pub struct Discovered {
+    pub config: watch::Receiver<Arc<Config>>,
+    pub found: mpsc::Sender<Vec<ClusterConfig>>,
+}
+
+/// The EC2 cells of the engine's snapshot in force (its VPC endpoints' addresses, its views'
+/// AZs), for the EC2 refresh. A rebuild carries the cells over, so setting one never rebuilds.
+#[cfg(feature = "aws")]
+pub struct EngineEndpoints(pub Arc<Engine>);
+
+#[cfg(feature = "aws")]
+impl crate::discovery::ec2::Endpoints for EngineEndpoints {
+    fn endpoints(&self) -> Vec<(String, Option<Arc<Vec<crate::config::EndpointAddr>>>)> {
+        self.0.snapshot().catalog.endpoints().map(|e| (e.id.clone(), e.get())).collect()
+    }
+
+    fn subnets(&self) -> Vec<(String, Option<Arc<Vec<String>>>)> {
+        let snap = self.0.snapshot();
+        let mut out: Vec<(String, Option<Arc<Vec<String>>>)> = Vec::new();
+        for v in snap.catalog.views() {
+            if let Some(s) = &v.subnet
+                && !out.iter().any(|o| &o.0 == s)
+            {
+                out.push((s.clone(), v.az()));
+            }
+        }
+        out
+    }
+
+    fn set_addresses(&self, endpoint: &str, addrs: Vec<crate::config::EndpointAddr>) {
+        if let Some(e) = self.0.snapshot().catalog.endpoints().find(|e| e.id == endpoint) {
+            e.set(addrs);
+        }
+    }
+
+    fn set_az(&self, subnet: &str, az: Vec<String>) {
+        for v in self.0.snapshot().catalog.views().iter().filter(|v| v.subnet.as_deref() == Some(subnet)) {
+            v.set_az(az.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(bootstrap: &str, ip: &str) -> ClusterConfig {
+        crate::config::parse_target(&format!("addresses={ip}"))
+            .map(|c| ClusterConfig { bootstrap: bootstrap.into(), ..c })
+            .unwrap()
+    }
+
+    const A: &str = "boot-aaaa1111.c1.kafka-serverless.us-east-1.amazonaws.com";
+    const B: &str = "boot-bbbb2222.c1.kafka-serverless.us-east-1.amazonaws.com";
+
+    fn control() -> Arc<Control> {
+        let mut file = Config::default();
+        file.dns.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        file.dns.upstreams = vec!["127.0.0.1:9".parse().unwrap()];
+        file.clusters = vec![cluster(A, "10.0.0.1")];
+        Control::new(Engine::from_config(&file).unwrap(), file)
+    }
+
+    #[test]
+    fn the_file_wins_by_cluster_key_and_every_change_is_published() {
+        let c = control();
+        let mut rx = c.subscribe();
+        c.set_discovered(vec![cluster(A, "10.9.9.9"), cluster(B, "10.0.0.2")]).unwrap();
+        assert!(rx.has_changed().unwrap());
+        let now = rx.borrow_and_update().clone();
+        let seen: Vec<_> = now.clusters.iter().map(|c| (c.bootstrap.as_str(), c.addresses[0].to_string())).collect();
+        assert_eq!(seen, [(A, "10.0.0.1".to_string()), (B, "10.0.0.2".to_string())]);
+        assert_eq!(c.engine().snapshot().catalog.cluster_count(), 2);
+
+        // A reload keeps the discovered clusters; the file's own stay the file's.
+        let mut file = c.file_config();
+        file.clusters.clear();
+        c.reload(file).unwrap();
+        let now = rx.borrow_and_update().clone();
+        assert_eq!(now.clusters.iter().map(|c| c.bootstrap.as_str()).collect::<Vec<_>>(), [A, B]);
+        assert_eq!(now.clusters[0].addresses[0].to_string(), "10.9.9.9");
+        assert!(c.file_config().clusters.is_empty());
+        assert_eq!(c.discovered().len(), 2);
+    }
+
+    #[test]
+    fn the_same_discovered_map_twice_rebuilds_nothing() {
+        let c = control();
+        let mut rx = c.subscribe();
+        c.set_discovered(vec![cluster(B, "10.0.0.2")]).unwrap();
+        rx.borrow_and_update();
+        c.set_discovered(vec![cluster(B, "10.0.0.2")]).unwrap();
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn discovery_publishes_on_its_channel() {
+        let c = control();
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let d = c.discovery_channel(&tasks, shutdown.clone());
+        let mut rx = d.config.clone();
+        d.found.send(vec![cluster(B, "10.0.0.2")]).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();
+        assert_eq!(rx.borrow().clusters.len(), 2);
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+}

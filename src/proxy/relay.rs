@@ -1,0 +1,352 @@
+//! One client connection's two directions: requests forwarded as they arrive (only their header
+//! read), responses paired with their request and rewritten when they carry broker addresses.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::mpsc;
+
+use super::frame::{self, FrameError, RequestHeader};
+use super::{ConnError, Shared, hints, rewrite};
+
+/// Requests in flight per connection before the proxy stops reading from the client.
+const MAX_INFLIGHT: usize = 1024;
+/// acks=0 correlation ids remembered per connection, in case a broker answers them.
+const MAX_ACKS0: usize = 1024;
+/// Read-ahead and write buffer per direction of a connection.
+const BUFFER: usize = 64 * 1024;
+
+pub(super) async fn relay<CR, CW, SR, SW>(shared: &Arc<Shared>, cr: CR, cw: CW, sr: SR, sw: SW) -> Result<(), ConnError>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let (tx, rx) = mpsc::channel::<RequestHeader>(MAX_INFLIGHT);
+    let acks0: Arc<Mutex<VecDeque<i32>>> = Arc::default();
+    let idle = Duration::from_secs(shared.cfg.idle_timeout_secs);
+    let activity = Arc::new(Mutex::new(Instant::now()));
+    // Bounded both ways: BUFFER bytes read ahead and BUFFER bytes waiting to be written per
+    // direction; a slow reader on one side stops the proxy reading from the other.
+    let requests = requests(
+        shared,
+        BufReader::with_capacity(BUFFER, cr),
+        BufWriter::with_capacity(BUFFER, sw),
+        tx,
+        acks0.clone(),
+        activity.clone(),
+    );
+    let responses = responses(
+        shared,
+        BufReader::with_capacity(BUFFER, sr),
+        BufWriter::with_capacity(BUFFER, cw),
+        rx,
+        acks0,
+        activity.clone(),
+    );
+    let watchdog = async {
+        loop {
+            let last = *activity.lock().unwrap_or_else(|e| e.into_inner());
+            let left = idle.saturating_sub(last.elapsed());
+            if left.is_zero() {
+                return Err::<(), _>(ConnError::Idle(idle));
+            }
+            tokio::time::sleep(left).await;
+        }
+    };
+    tokio::select! {
+        r = requests => r,
+        r = responses => r,
+        r = watchdog => r,
+        _ = shared.shutdown.cancelled() => Ok(()),
+    }
+}
+
+fn touch(activity: &Mutex<Instant>) {
+    *activity.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+}
+
+/// Reads a size prefix; `Ok(None)` at a clean end of stream.
+async fn read_size<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<[u8; 4]>> {
+    let mut size = [0u8; 4];
+    match r.read_exact(&mut size[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    r.read_exact(&mut size[1..]).await?;
+    Ok(Some(size))
+}
+
+/// Streams exactly `n` bytes from `r` to `w` (straight from `r`'s buffer); the peer closing
+/// before that is an error.
+pub(super) async fn copy_exact<R, W>(r: &mut BufReader<R>, w: &mut W, n: u64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if n > 0 && tokio::io::copy_buf(&mut r.take(n), w).await? < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Writes out what `w` holds unless the next frame is already complete in `r`'s buffer: then it
+/// is forwarded first and both leave in one write. Flushing whenever the next frame is not all
+/// there means the proxy never waits to read while holding bytes the peer is waiting for.
+async fn flush_unless_more<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &BufReader<R>,
+    w: &mut W,
+) -> std::io::Result<()> {
+    let buf = r.buffer();
+    let ready = buf.len() >= 4 && {
+        let size = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        size >= 0 && buf.len() - 4 >= size as usize
+    };
+    if ready { Ok(()) } else { w.flush().await }
+}
+
+/// Client → upstream: each request's header is read, noted in the FIFO, and the request is
+/// forwarded; bodies past the first [`frame::REQUEST_PREFIX`] bytes are streamed, not held.
+async fn requests<R, W>(
+    shared: &Shared,
+    mut client: BufReader<R>,
+    mut server: W,
+    fifo: mpsc::Sender<RequestHeader>,
+    acks0: Arc<Mutex<VecDeque<i32>>>,
+    activity: Arc<Mutex<Instant>>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = shared.cfg.max_frame_bytes;
+    let bytes =
+        metrics::counter!("mskdns_proxy_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_upstream");
+    let mut prefix = vec![0u8; frame::REQUEST_PREFIX];
+    let mut by_api: BTreeMap<i16, metrics::Counter> = BTreeMap::new();
+    loop {
+        let Some(size) = read_size(&mut client).await? else { return Ok(()) };
+        let n = frame::frame_size(size, max).map_err(ConnError::ClientFrame)?;
+        let head = n.min(frame::REQUEST_PREFIX);
+        client.read_exact(&mut prefix[..head]).await?;
+        touch(&activity);
+        let h = frame::parse_request(&prefix[..head]).map_err(ConnError::ClientFrame)?;
+        if rewrite::refused(h.api_key, h.api_version) {
+            return Err(ConnError::Refused(api_name(h.api_key), h.api_version));
+        }
+        // The registry is asked once per connection and api key, not once per request.
+        by_api
+            .entry(h.api_key)
+            .or_insert_with(|| {
+                metrics::counter!("mskdns_proxy_requests_total", "proxy" => shared.label.clone(), "api_key" => api_name(h.api_key))
+            })
+            .increment(1);
+        if h.expects_response {
+            // Bounded: with MAX_INFLIGHT unanswered requests, stop reading from the client,
+            // after sending on what is held (the answers that free the FIFO need it).
+            let closed = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+            match fifo.try_send(h) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(h)) => {
+                    server.flush().await?;
+                    fifo.send(h).await.map_err(|_| closed())?;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed().into()),
+            }
+        } else {
+            // Remembered (the most recent ones) in case the broker answers anyway.
+            let mut q = acks0.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() == MAX_ACKS0 {
+                q.pop_front();
+            }
+            q.push_back(h.correlation_id);
+        }
+        server.write_all(&size).await?;
+        server.write_all(&prefix[..head]).await?;
+        copy_exact(&mut client, &mut server, (n - head) as u64).await?;
+        flush_unless_more(&client, &mut server).await?;
+        bytes.increment(4 + n as u64);
+    }
+}
+
+/// Upstream → client: each response is matched with the oldest request waiting; those that
+/// carry broker addresses are rewritten, the rest streamed through unchanged.
+async fn responses<R, W>(
+    shared: &Arc<Shared>,
+    mut server: BufReader<R>,
+    mut client: W,
+    mut fifo: mpsc::Receiver<RequestHeader>,
+    acks0: Arc<Mutex<VecDeque<i32>>>,
+    activity: Arc<Mutex<Instant>>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = shared.cfg.max_frame_bytes;
+    let bytes =
+        metrics::counter!("mskdns_proxy_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_client");
+    let acks0_dropped =
+        metrics::counter!("mskdns_proxy_acks0_responses_dropped_total", "proxy" => shared.label.clone());
+    loop {
+        let Some(size) = read_size(&mut server).await? else { return Ok(()) };
+        let n = frame::frame_size(size, max).map_err(ConnError::UpstreamFrame)?;
+        let mut corr = [0u8; 4];
+        if n < 4 {
+            return Err(ConnError::UpstreamFrame(FrameError::Truncated));
+        }
+        server.read_exact(&mut corr).await?;
+        touch(&activity);
+        let got = i32::from_be_bytes(corr);
+        // Some brokers answer acks=0 Produce requests: the client expects nothing, so the
+        // answer is dropped, not treated as a broken stream.
+        let answered_acks0 = {
+            let mut q = acks0.lock().unwrap_or_else(|e| e.into_inner());
+            q.iter().position(|&c| c == got).map(|i| q.drain(..=i).count())
+        };
+        if answered_acks0.is_some() {
+            acks0_dropped.increment(1);
+            copy_exact(&mut server, &mut tokio::io::sink(), (n - 4) as u64).await?;
+            bytes.increment(4 + n as u64);
+            continue;
+        }
+        let want = fifo.try_recv().map_err(|_| ConnError::Unexpected)?;
+        if got != want.correlation_id {
+            return Err(ConnError::Correlation { got, want: want.correlation_id });
+        }
+        if hints::streamed(want.api_key, want.api_version, n) {
+            let (api, version) = (want.api_key, want.api_version);
+            let done =
+                hints::forward(api, version, &mut server, &mut client, n, corr, &shared.advertise, shared).await?;
+            count_rewrite(shared, api, &done);
+        } else if rewrite::needs_rewrite(want.api_key, want.api_version) {
+            let mut message = BytesMut::with_capacity(n);
+            message.extend_from_slice(&corr);
+            message.resize(n, 0);
+            server.read_exact(&mut message[4..]).await?;
+            let message: Bytes = message.freeze();
+            let (out, done) =
+                rewrite::rewrite(want.api_key, want.api_version, message.clone(), &shared.advertise, shared)?;
+            count_rewrite(shared, want.api_key, &done);
+            match out {
+                Some(out) => client.write_all(&out).await?,
+                None => {
+                    client.write_all(&size).await?;
+                    client.write_all(&message).await?;
+                }
+            }
+        } else {
+            client.write_all(&size).await?;
+            client.write_all(&corr).await?;
+            copy_exact(&mut server, &mut client, (n - 4) as u64).await?;
+        }
+        flush_unless_more(&server, &mut client).await?;
+        bytes.increment(4 + n as u64);
+    }
+}
+
+fn count_rewrite(shared: &Shared, api_key: i16, done: &rewrite::Rewritten) {
+    if done.addresses > 0 || done.dropped > 0 || done.unfit > 0 {
+        metrics::counter!("mskdns_proxy_rewrites_total", "proxy" => shared.label.clone(), "api_key" => api_name(api_key))
+            .increment(1);
+    }
+    if done.unfit > 0 {
+        metrics::counter!("mskdns_proxy_leader_hints_unfit_total", "proxy" => shared.label.clone())
+            .increment(done.unfit as u64);
+    }
+}
+
+/// The API's name as Kafka spells it (`Produce`, `DescribeQuorum`, …), for metric labels.
+fn api_name(key: i16) -> String {
+    match kafka_protocol::messages::ApiKey::try_from(key) {
+        Ok(k) => format!("{k:?}"),
+        Err(_) => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::Proxy;
+    use crate::proxy::ports::tests::config;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    /// A Heartbeat v4 request (flexible header: api key, version, correlation id, null client
+    /// id, no tags) with an empty body, as the client sends it.
+    fn heartbeat(correlation_id: i32) -> Vec<u8> {
+        let mut m = vec![0, 12, 0, 4];
+        m.extend_from_slice(&correlation_id.to_be_bytes());
+        m.extend_from_slice(&[0xff, 0xff, 0]);
+        let mut f = (m.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&m);
+        f
+    }
+
+    fn shared(idle_secs: u64) -> (Arc<Shared>, TaskTracker, CancellationToken) {
+        let mut cfg = config(60);
+        cfg.idle_timeout_secs = idle_secs;
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let p = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
+        (p.shared, tasks, shutdown)
+    }
+
+    #[tokio::test]
+    async fn requests_go_up_as_they_came_and_answers_come_back_in_order() {
+        let (shared, _tasks, _stop) = shared(60);
+        let (mut client, proxy_client) = duplex(1 << 16);
+        let (proxy_server, mut broker) = duplex(1 << 16);
+        let (cr, cw) = tokio::io::split(proxy_client);
+        let (sr, sw) = tokio::io::split(proxy_server);
+        let relay = tokio::spawn(async move { relay(&shared, cr, cw, sr, sw).await });
+
+        client.write_all(&[heartbeat(1), heartbeat(2)].concat()).await.unwrap();
+        let mut got = vec![0u8; 2 * heartbeat(1).len()];
+        broker.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [heartbeat(1), heartbeat(2)].concat(), "forwarded byte for byte");
+        // The broker answers both (size, correlation id, header tags, error code, tags).
+        for id in [1i32, 2] {
+            let mut r = vec![0, 0, 0, 8];
+            r.extend_from_slice(&id.to_be_bytes());
+            r.extend_from_slice(&[0, 0, 0, 0]);
+            broker.write_all(&r).await.unwrap();
+        }
+        let mut back = [0u8; 24];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back[4..8], &1i32.to_be_bytes());
+        assert_eq!(&back[16..20], &2i32.to_be_bytes());
+        // An answer nobody asked for ends the connection.
+        broker.write_all(&[0, 0, 0, 8, 0, 0, 0, 9, 0, 0, 0, 0]).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert!(matches!(ended, Err(ConnError::Unexpected)), "{ended:?}");
+    }
+
+    /// The idle timer on tokio's paused clock: a connection silent for idle_timeout_secs ends;
+    /// every request moves the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idle_for_the_timeout_ends_and_traffic_moves_the_deadline() {
+        let (shared, _tasks, _stop) = shared(600);
+        let (mut client, proxy_client) = duplex(1 << 16);
+        let (proxy_server, mut broker) = duplex(1 << 16);
+        let (cr, cw) = tokio::io::split(proxy_client);
+        let (sr, sw) = tokio::io::split(proxy_server);
+        let started = Instant::now();
+        let relay = tokio::spawn(async move { relay(&shared, cr, cw, sr, sw).await });
+        tokio::time::sleep(Duration::from_secs(500)).await;
+        client.write_all(&heartbeat(1)).await.unwrap();
+        let mut got = vec![0u8; heartbeat(1).len()];
+        broker.read_exact(&mut got).await.unwrap();
+        let ended = relay.await.unwrap();
+        assert!(matches!(ended, Err(ConnError::Idle(_))), "{ended:?}");
+        let lasted = started.elapsed();
+        assert!(lasted >= Duration::from_secs(1100) && lasted < Duration::from_secs(1110), "{lasted:?}");
+    }
+}
