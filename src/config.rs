@@ -56,7 +56,7 @@ pub struct Config {
     pub views: Vec<ViewConfig>,
     pub aws: AwsConfig,
     pub discovery: DiscoveryConfig,
-    pub proxies: Vec<ProxyConfig>,
+    pub proxies: Vec<ProxyBlock>,
     pub reload: ReloadConfig,
 }
 
@@ -307,7 +307,38 @@ mod tests {
             assert!(err.contains(key), "`{extra}` gave `{err}`, which does not name {key}");
         }
         let c = load_str(base).unwrap();
-        assert!(c.proxies[0].upstream_tls, "TLS towards brokers is the default");
+        assert!(c.proxies[0].ports().unwrap().upstream_tls, "TLS towards brokers is the default");
+    }
+
+    #[test]
+    fn proxy_modes() {
+        let sni = "[[proxies]]\nmode = \"sni\"\nlisten = [\"127.0.0.1:9098\", \"127.0.0.1:9094\"]\n";
+        let c = load_str(sni).unwrap();
+        let s = c.proxies[0].sni().unwrap();
+        assert_eq!(s.listen.addrs().len(), 2);
+        assert_eq!(s.client_hello_max_bytes, 16384);
+        let one = load_str("[[proxies]]\nmode = \"sni\"\nlisten = \"127.0.0.1:9098\"\n").unwrap();
+        assert_eq!(one.proxies[0].sni().unwrap().listen.addrs().len(), 1);
+        let ports = "[[proxies]]\nlisten = \"127.0.0.1:9098\"\nupstream = \"b:9098\"\nadvertise_host = \"p\"\nbroker_ports = \"9100-9109\"\n";
+        let p = load_str(&format!("{ports}mode = \"ports\"\nport_assignment = \"node_id\"\n")).unwrap();
+        assert_eq!(p.proxies[0].ports().unwrap().port_assignment, PortAssignment::NodeId);
+        let cases = [
+            (format!("{sni}upstream = \"b:9098\"\n"), "upstream"),
+            ("[[proxies]]\nmode = \"tunnel\"\nlisten = \"127.0.0.1:1\"\n".to_string(), "mode"),
+            (format!("{sni}allow_endpoints = [\"vpce-0abc\"]\n"), "proxies[0].allow_endpoints"),
+            (format!("{sni}proxy_protocol = true\nallow_endpoints = [\"eni-0abc\"]\n"), "proxies[0].allow_endpoints"),
+            (format!("{sni}client_hello_max_bytes = 10\n"), "proxies[0].client_hello_max_bytes"),
+            (format!("{sni}connect_timeout_ms = 0\n"), "proxies[0].connect_timeout_ms"),
+            ("[[proxies]]\nmode = \"sni\"\nlisten = []\n".to_string(), "proxies[0].listen"),
+            (format!("{ports}advertise_host = \"p\"\n"), "advertise_host"),
+            (format!("{ports}port_assignment = \"node_id\"\nstate_file = \"/tmp/s\"\n"), "proxies[0].state_file"),
+            (format!("{ports}allow_endpoints = [\"vpce-1\"]\n"), "proxies[0].allow_endpoints"),
+            (format!("{ports}client_hello_max_bytes = 1000\n"), "client_hello_max_bytes"),
+        ];
+        for (text, key) in cases {
+            let err = load_str(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");
+        }
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub struct Server {
     ec2_refresh: Duration,
     config: Config,
     pub health: Arc<Health>,
-    proxies: Vec<proxy::Proxy>,
+    proxies: Vec<proxy::Bound>,
     /// Every task of the daemon, the proxies' included.
     tasks: TaskTracker,
     /// The root of every cancellation: the proxies hold child tokens of it.
@@ -98,7 +98,7 @@ impl Server {
             write_timeout: Duration::from_millis(config.dns.tcp_write_timeout_ms),
         };
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let proxies = proxy::bind_all(&config.proxies, &tasks, &shutdown.child_token())?;
+        let proxies = proxy::bind_all(&config.proxies, &engine, &tasks, &shutdown.child_token())?;
         let health: Arc<Health> = Arc::default();
         // A restart with AWS unreachable answers the discovered clusters from the first query.
         #[cfg(feature = "aws")]
@@ -137,9 +137,10 @@ impl Server {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
-    /// Each `[[proxies]]` block's bootstrap address, as bound.
+    /// Each `[[proxies]]` block's client-facing addresses, as bound (a bootstrap listener, or
+    /// every SNI listener).
     pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
-        self.proxies.iter().filter_map(|p| p.local_addr()).collect()
+        self.proxies.iter().flat_map(|p| p.local_addrs()).collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {

@@ -1,8 +1,9 @@
 //! The grammar of Amazon MSK broker names and the cluster keys they carry.
 //!
 //! Serverless: `boot-<id>` or `b<digits>-<id>`, then `c<digits>`, then
-//! `kafka-serverless.<region>.amazonaws.com[.cn]`. Provisioned:
-//! `b-<n>.<name>.<id>.c<digits>.kafka.<region>.amazonaws.com[.cn]`.
+//! `kafka-serverless.<region>.<partition>`. Provisioned:
+//! `b-<n>[.<auth>].<name>.<id>.c<digits>.kafka.<region>.<partition>`. Partitions:
+//! `amazonaws.com`, `amazonaws.com.cn`, `amazonaws.eu`.
 //! The matchers read a lowercase wire-form name and return byte offsets into it, so the
 //! per-query path neither allocates nor copies; config strings go through the same code.
 
@@ -137,9 +138,13 @@ fn digits(s: &[u8]) -> Option<BrokerNumber> {
     Some(BrokerNumber { value, digits: s.len() as u8 })
 }
 
-/// `amazonaws.com` or `amazonaws.com.cn`, then the root: the rest of the name after the region.
+/// The partition's domain, then the root: the rest of the name after the region. `amazonaws.com`
+/// (with GovCloud), `amazonaws.com.cn` (China), `amazonaws.eu` (European Sovereign Cloud).
 fn is_aws_tail(wire: &[u8], pos: usize) -> bool {
-    matches!(wire.get(pos..), Some(b"\x09amazonaws\x03com\x00") | Some(b"\x09amazonaws\x03com\x02cn\x00"))
+    matches!(
+        wire.get(pos..),
+        Some(b"\x09amazonaws\x03com\x00") | Some(b"\x09amazonaws\x03com\x02cn\x00") | Some(b"\x09amazonaws\x02eu\x00")
+    )
 }
 
 /// Matches `boot-<id>` / `b<digits>-<id>` `.c<N>.kafka-serverless.<region>.amazonaws.com[.cn]`.
@@ -169,11 +174,28 @@ pub fn match_serverless(wire: &[u8]) -> Option<ServerlessMatch> {
     Some(ServerlessMatch { role, key: 1 + prefix..wire.len(), apex })
 }
 
-/// Matches `b-<n>.<name>.<id>.c<N>.kafka.<region>.amazonaws.com[.cn]`.
+/// Matches `b-<n>[.<auth>].<name>.<id>.c<N>.kafka.<region>.<partition>`, where `<auth>` (`iam`,
+/// `scram` or `tls`) marks the multi-VPC private connectivity names (ports 14001+); they share the
+/// cluster key of the cluster's other names. `b-<n>-public` (public access) and `z-<n>`
+/// (ZooKeeper) do not match: public DNS answers them.
 pub fn match_provisioned(wire: &[u8]) -> Option<ProvisionedMatch> {
     let mut it = labels(wire);
     let (_, first) = it.next()?;
     let broker = digits(first.strip_prefix(b"b-")?)?;
+    let after_broker = it.pos;
+    if let Some(m) = provisioned_rest(wire, after_broker, broker) {
+        return Some(m);
+    }
+    let (_, auth) = labels(&wire[after_broker..]).next()?;
+    if !matches!(auth, b"iam" | b"scram" | b"tls") {
+        return None;
+    }
+    provisioned_rest(wire, after_broker + 1 + auth.len(), broker)
+}
+
+/// `<name>.<id>.c<N>.kafka.<region>.<partition>` from `pos` to the end of `wire`.
+fn provisioned_rest(wire: &[u8], pos: usize, broker: BrokerNumber) -> Option<ProvisionedMatch> {
+    let mut it = Labels { wire, pos };
     let (key_start, name) = it.next()?;
     if name.is_empty() || !name.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-') {
         return None;
@@ -306,6 +328,60 @@ mod tests {
         assert!(
             match_provisioned(&name_to_wire("b-1.x.y.c1.kafka-serverless.us-east-1.amazonaws.com").unwrap()).is_none()
         );
+    }
+
+    fn provisioned_key(name: &str) -> Option<Vec<u8>> {
+        let w = name_to_wire(name)?;
+        match_provisioned(&w).map(|m| w[m.key].to_vec())
+    }
+
+    #[test]
+    fn multi_vpc_names_share_the_cluster_key() {
+        // As GetBootstrapBrokers gives them for multi-VPC private connectivity (ports 14001+).
+        let key = provisioned_key("b-1.demo-cluster-1.xuy0sb.c5.kafka.us-east-1.amazonaws.com").unwrap();
+        for auth in ["iam", "scram", "tls"] {
+            let name = format!("b-2.{auth}.demo-cluster-1.xuy0sb.c5.kafka.us-east-1.amazonaws.com");
+            let w = name_to_wire(&name).unwrap();
+            let m = match_provisioned(&w).unwrap();
+            assert_eq!(m.broker.value, 2, "{name}");
+            assert_eq!(w[m.key.clone()], key[..], "{name}");
+            assert_eq!(&w[m.apex..], &name_to_wire("kafka.us-east-1.amazonaws.com").unwrap()[..]);
+        }
+        // A cluster called `iam` keeps its own names.
+        let own = provisioned_key("b-1.iam.xuy0sb.c5.kafka.us-east-1.amazonaws.com").unwrap();
+        assert_eq!(own, name_to_wire("iam.xuy0sb.c5.kafka.us-east-1.amazonaws.com").unwrap());
+        assert_eq!(provisioned_key("b-1.iam.iam.xuy0sb.c5.kafka.us-east-1.amazonaws.com").unwrap(), own);
+        assert!(provisioned_key("b-1.sasl.demo.xuy0sb.c5.kafka.us-east-1.amazonaws.com").is_none());
+    }
+
+    #[test]
+    fn partitions() {
+        for tail in ["amazonaws.com", "amazonaws.com.cn", "amazonaws.eu"] {
+            let p = format!("b-1.orders.ab12cd.c2.kafka.eusc-de-east-1.{tail}");
+            assert!(provisioned_key(&p).is_some(), "{p}");
+            let s = format!("boot-abcd.c1.kafka-serverless.eusc-de-east-1.{tail}");
+            assert!(serverless(&s).is_some(), "{s}");
+        }
+        let eu = serverless("boot-abcd.c1.kafka-serverless.eusc-de-east-1.amazonaws.eu").unwrap().1;
+        let com = serverless("boot-abcd.c1.kafka-serverless.eusc-de-east-1.amazonaws.com").unwrap().1;
+        assert_ne!(eu, com);
+        for n in ["boot-abcd.c1.kafka-serverless.eu-west-1.amazonaws.de", "b-1.o.ab.c2.kafka.eu-west-1.amazonaws.eu.cn"]
+        {
+            assert!(serverless(n).is_none() && provisioned_key(n).is_none(), "{n}");
+        }
+    }
+
+    #[test]
+    fn public_access_and_zookeeper_names_are_not_ours() {
+        for n in [
+            "b-1-public.orders.ab12cd.c2.kafka.us-east-1.amazonaws.com",
+            "b-2-public.tls.orders.ab12cd.c2.kafka.us-east-1.amazonaws.com",
+            "z-1.orders.ab12cd.c2.kafka.us-east-1.amazonaws.com",
+            "z-3.orders.ab12cd.c2.kafka.eu-west-1.amazonaws.com.cn",
+        ] {
+            assert!(provisioned_key(n).is_none(), "{n}");
+            assert!(serverless(n).is_none(), "{n}");
+        }
     }
 
     proptest! {

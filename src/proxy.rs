@@ -7,8 +7,10 @@
 pub mod frame;
 pub mod hints;
 mod ports;
+pub mod proxy_protocol;
 mod relay;
 pub mod rewrite;
+pub mod sni;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -25,7 +27,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ProxyConfig;
+use crate::config::{ProxyBlock, ProxyConfig};
 use frame::FrameError;
 use ports::{NodeEntry, load_state, sweep};
 use relay::relay;
@@ -447,18 +449,53 @@ fn tls_sides(cfg: &ProxyConfig) -> Result<(Option<tls::Terminator>, Option<TlsCo
 }
 
 /// Loads every block's TLS files as binding would (for `mskdns check`).
-pub fn check_tls(configs: &[ProxyConfig]) -> Result<(), ProxyError> {
-    for (index, cfg) in configs.iter().enumerate() {
-        tls_sides(cfg).map_err(|source| ProxyError::Tls { index, source })?;
+pub fn check_tls(blocks: &[ProxyBlock]) -> Result<(), ProxyError> {
+    for (index, cfg) in blocks.iter().enumerate() {
+        if let Some(cfg) = cfg.ports() {
+            tls_sides(cfg).map_err(|source| ProxyError::Tls { index, source })?;
+        }
     }
     Ok(())
 }
 
-/// Binds every `[[proxies]]` block.
+/// A bound `[[proxies]]` block of either mode.
+pub enum Bound {
+    Ports(Proxy),
+    Sni(sni::SniProxy),
+}
+
+impl Bound {
+    /// The addresses clients connect to: the bootstrap listener, or every SNI listener.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Bound::Ports(p) => p.local_addr().into_iter().collect(),
+            Bound::Sni(s) => s.local_addrs(),
+        }
+    }
+
+    pub async fn run(self) {
+        match self {
+            Bound::Ports(p) => p.run().await,
+            Bound::Sni(s) => s.run().await,
+        }
+    }
+}
+
+/// Binds every `[[proxies]]` block; SNI routing reads the served clusters from `engine`.
 pub fn bind_all(
-    configs: &[ProxyConfig],
+    blocks: &[ProxyBlock],
+    engine: &Arc<crate::dns::engine::Engine>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<Vec<Proxy>, ProxyError> {
-    configs.iter().enumerate().map(|(i, c)| Proxy::bind(i, c, tasks.clone(), shutdown.clone())).collect()
+) -> Result<Vec<Bound>, ProxyError> {
+    blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match b {
+            ProxyBlock::Ports(c) => Proxy::bind(i, c, tasks.clone(), shutdown.clone()).map(Bound::Ports),
+            ProxyBlock::Sni(c) => {
+                sni::SniProxy::bind(i, c, engine.clone(), tasks.clone(), shutdown.clone()).map(Bound::Sni)
+            }
+        })
+        .collect()
 }

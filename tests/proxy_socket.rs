@@ -152,6 +152,10 @@ fn port_range(len: u16) -> PortRange {
 
 fn config(upstream: SocketAddr, broker_ports: PortRange, max_frame_bytes: u32) -> ProxyConfig {
     ProxyConfig {
+        mode: Default::default(),
+        port_assignment: Default::default(),
+        proxy_protocol: false,
+        allow_endpoints: Vec::new(),
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: upstream.to_string(),
         advertise_host: ADVERTISE.into(),

@@ -10,11 +10,137 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::ConfigError;
 use super::dns::default_allow;
 
+/// A `[[proxies]]` block: `mode = "ports"` (the default) or `mode = "sni"`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum ProxyBlock {
+    Ports(ProxyConfig),
+    Sni(SniConfig),
+}
+
+impl ProxyBlock {
+    pub fn ports(&self) -> Option<&ProxyConfig> {
+        match self {
+            ProxyBlock::Ports(p) => Some(p),
+            ProxyBlock::Sni(_) => None,
+        }
+    }
+
+    pub fn sni(&self) -> Option<&SniConfig> {
+        match self {
+            ProxyBlock::Sni(s) => Some(s),
+            ProxyBlock::Ports(_) => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ProxyBlock {
+    /// By `mode`, so that an error names the keys of the block's own mode.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = <figment::value::Value as Deserialize>::deserialize(d)?;
+        let ports = || ProxyConfig::deserialize(&value).map(ProxyBlock::Ports).map_err(D::Error::custom);
+        match value.find_ref("mode").map(|m| m.as_str()) {
+            None | Some(Some("ports")) => ports(),
+            Some(Some("sni")) => SniConfig::deserialize(&value).map(ProxyBlock::Sni).map_err(D::Error::custom),
+            Some(_) => Err(D::Error::custom("mode: must be \"ports\" or \"sni\"")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PortsMode {
+    #[default]
+    Ports,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SniMode {
+    #[default]
+    Sni,
+}
+
+/// How a broker's port is chosen in `mode = "ports"`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PortAssignment {
+    /// The next free port as brokers appear, remembered in `state_file`: one instance.
+    #[default]
+    FirstCome,
+    /// `broker_ports.first + node_id mod (size of broker_ports)`: the same on every instance,
+    /// so several instances can stand behind one load balancer.
+    NodeId,
+}
+
+/// One address or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Listen {
+    One(SocketAddr),
+    Many(Vec<SocketAddr>),
+}
+
+impl Listen {
+    pub fn addrs(&self) -> &[SocketAddr] {
+        match self {
+            Listen::One(a) => std::slice::from_ref(a),
+            Listen::Many(v) => v,
+        }
+    }
+}
+
+/// SNI routing: TLS from clients passes through untouched to the broker its ClientHello names
+/// (an MSK name of a served cluster), through that cluster's top-level target.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniConfig {
+    pub mode: SniMode,
+    /// MSK's listener ports (9094, 9096, 9098, 14001+); a connection goes to the broker on the
+    /// port it arrived on.
+    pub listen: Listen,
+    #[serde(default = "default_allow")]
+    pub allow: Vec<IpNet>,
+    #[serde(default = "default_proxy_connect")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_proxy_idle")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "default_proxy_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_proxy_per_client")]
+    pub max_connections_per_client: usize,
+    /// The PROXY header (when on) and the whole ClientHello must arrive within this.
+    #[serde(default = "default_client_hello_timeout")]
+    pub client_hello_timeout_ms: u64,
+    /// The largest ClientHello read (and held) before a broker is chosen.
+    #[serde(default = "default_client_hello_max")]
+    pub client_hello_max_bytes: usize,
+    /// A PROXY protocol v2 header comes first (an NLB or a PrivateLink endpoint service in
+    /// front); `allow` then applies to the client address it carries. Connections without one
+    /// are closed.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// With `proxy_protocol`: only these PrivateLink endpoint ids (the AWS TLV 0xEA, subtype
+    /// 0x01); empty: any. When set, a connection that carries no endpoint id is closed.
+    #[serde(default)]
+    pub allow_endpoints: Vec<String>,
+}
+
+fn default_client_hello_timeout() -> u64 {
+    5_000
+}
+fn default_client_hello_max() -> usize {
+    16 * 1024
+}
+
 /// A Kafka-aware proxy: clients bootstrap from `listen`; every upstream broker gets its own port
 /// from `broker_ports` on `advertise_host`, and responses are rewritten to name those.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
+    #[serde(default)]
+    pub mode: PortsMode,
     /// The bootstrap listener (port 0 allowed: the bound port is printed).
     pub listen: SocketAddr,
     /// The cluster's bootstrap `host:port`.
@@ -23,6 +149,8 @@ pub struct ProxyConfig {
     pub advertise_host: String,
     /// `first-last`: one port per upstream broker, allocated as brokers appear.
     pub broker_ports: PortRange,
+    #[serde(default)]
+    pub port_assignment: PortAssignment,
     /// Where the broker listeners bind; default: `listen`'s address.
     #[serde(default)]
     pub broker_bind: Option<IpAddr>,
@@ -77,6 +205,11 @@ pub struct ProxyConfig {
     /// connection is opened before.
     #[serde(default = "default_first_request")]
     pub first_request_timeout_ms: u64,
+    /// As for `mode = "sni"`.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    #[serde(default)]
+    pub allow_endpoints: Vec<String>,
 }
 
 fn default_proxy_per_client() -> usize {
@@ -147,9 +280,58 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-pub(super) fn validate_proxies(proxies: &[ProxyConfig]) -> Result<(), ConfigError> {
-    for (i, p) in proxies.iter().enumerate() {
+fn validate_proxy_protocol(key: &dyn Fn(&str) -> String, on: bool, endpoints: &[String]) -> Result<(), ConfigError> {
+    if !endpoints.is_empty() && !on {
+        return Err(ConfigError::invalid(
+            key("allow_endpoints"),
+            "needs proxy_protocol = true (the id comes in its header)",
+        ));
+    }
+    if let Some(bad) = endpoints.iter().find(|e| !e.starts_with("vpce-") || e.len() <= 5) {
+        return Err(ConfigError::invalid(key("allow_endpoints"), format!("`{bad}` is not a VPC endpoint id (vpce-…)")));
+    }
+    Ok(())
+}
+
+fn validate_sni(i: usize, p: &SniConfig) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("proxies[{i}].{k}");
+    if p.listen.addrs().is_empty() {
+        return Err(ConfigError::invalid(key("listen"), "needs at least one address"));
+    }
+    for (k, v) in [
+        ("connect_timeout_ms", p.connect_timeout_ms),
+        ("idle_timeout_secs", p.idle_timeout_secs),
+        ("client_hello_timeout_ms", p.client_hello_timeout_ms),
+        ("max_connections", p.max_connections as u64),
+        ("max_connections_per_client", p.max_connections_per_client as u64),
+    ] {
+        if v == 0 {
+            return Err(ConfigError::invalid(key(k), "must be at least 1"));
+        }
+    }
+    if !(512..=1 << 20).contains(&p.client_hello_max_bytes) {
+        return Err(ConfigError::invalid(key("client_hello_max_bytes"), "must be between 512 and 1048576"));
+    }
+    validate_proxy_protocol(&key, p.proxy_protocol, &p.allow_endpoints)
+}
+
+pub(super) fn validate_proxies(blocks: &[ProxyBlock]) -> Result<(), ConfigError> {
+    let mut proxies: Vec<(usize, &ProxyConfig)> = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        match b {
+            ProxyBlock::Sni(s) => validate_sni(i, s)?,
+            ProxyBlock::Ports(p) => proxies.push((i, p)),
+        }
+    }
+    for (n, &(i, p)) in proxies.iter().enumerate() {
         let key = |k: &str| format!("proxies[{i}].{k}");
+        validate_proxy_protocol(&key, p.proxy_protocol, &p.allow_endpoints)?;
+        if p.port_assignment == PortAssignment::NodeId && p.state_file.is_some() {
+            return Err(ConfigError::invalid(
+                key("state_file"),
+                "is for port_assignment = \"first_come\" (node_id needs none)",
+            ));
+        }
         match p.upstream.rsplit_once(':') {
             Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
             _ => return Err(ConfigError::invalid(key("upstream"), format!("`{}` is not host:port", p.upstream))),
@@ -199,7 +381,7 @@ pub(super) fn validate_proxies(proxies: &[ProxyConfig]) -> Result<(), ConfigErro
         if p.broker_ports.contains(p.listen.port()) {
             return Err(ConfigError::invalid(key("broker_ports"), "includes the bootstrap listener's port"));
         }
-        for (j, q) in proxies.iter().enumerate().take(i) {
+        for &(j, q) in proxies.iter().take(n) {
             let overlap = p.broker_ports.first <= q.broker_ports.last && q.broker_ports.first <= p.broker_ports.last;
             if overlap {
                 return Err(ConfigError::invalid(key("broker_ports"), format!("overlaps proxies[{j}].broker_ports")));

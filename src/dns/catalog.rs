@@ -410,6 +410,68 @@ impl Catalog {
     }
 }
 
+/// Where the SNI proxy sends a connection for a server name (see [`Catalog::route`]).
+pub enum Via {
+    /// Connect to these, in this order.
+    Addrs(Vec<IpAddr>),
+    /// Ask the cluster's own resolver for the name.
+    Forward(Arc<Forwarder>),
+    /// A VPC endpoint whose addresses are not known yet.
+    Unavailable,
+    /// The cluster's top-level target is the proxy itself: routing would loop.
+    Proxy,
+}
+
+pub struct Route {
+    /// The cluster's label (`Cluster::label`), for metrics and logs.
+    pub cluster: String,
+    pub via: Via,
+}
+
+impl Catalog {
+    /// Where a TLS connection whose server name is `lc` (lowercase wire form) goes: the
+    /// cluster's top-level target, never a view's (a view's `proxy` target would loop back).
+    /// `None`: not an MSK name of a cluster served here.
+    pub fn route(&self, lc: &[u8]) -> Option<Route> {
+        let (key, broker) = if let Some(m) = names::match_serverless(lc) {
+            (m.key, None)
+        } else {
+            let m = names::match_provisioned(lc)?;
+            (m.key, Some(m.broker.value))
+        };
+        let top = &self.views[0];
+        let cluster = top.clusters.get(&lc[key])?;
+        let fixed =
+            |a: &Addrs| a.v4.iter().map(|v| IpAddr::V4(*v)).chain(a.v6.iter().map(|v| IpAddr::V6(*v))).collect();
+        let via = match (broker.and_then(|b| cluster.brokers.get(&b)), &cluster.target) {
+            (Some(addrs), _) | (None, Target::Addresses(addrs)) => Via::Addrs(fixed(addrs)),
+            (None, Target::Proxy(_)) => Via::Proxy,
+            (None, Target::Forward(f)) => Via::Forward(f.clone()),
+            (None, Target::Endpoint(e)) => match e.get() {
+                Some(addrs) => Via::Addrs(endpoint_order(&addrs, top)),
+                None => Via::Unavailable,
+            },
+        };
+        Some(Route { cluster: cluster.label.clone(), via })
+    }
+}
+
+/// A VPC endpoint's addresses in the order DNS answers give them to `view`'s clients: the
+/// clients' AZ first (`az_affinity = prefer`), or only it when it has any (`only`).
+fn endpoint_order(addrs: &[EndpointAddr], view: &View) -> Vec<IpAddr> {
+    let az = view.az.load();
+    let same = |a: &EndpointAddr| {
+        az.as_deref().is_some_and(|z| z.iter().any(|z| *z == a.az || a.az_id.as_deref() == Some(z.as_str())))
+    };
+    let local: Vec<IpAddr> = addrs.iter().filter(|a| same(a)).map(|a| a.ip).collect();
+    let other = addrs.iter().filter(|a| !same(a)).map(|a| a.ip);
+    match view.affinity {
+        AzAffinity::Off => addrs.iter().map(|a| a.ip).collect(),
+        AzAffinity::Only if !local.is_empty() => local,
+        _ => local.into_iter().chain(other).collect(),
+    }
+}
+
 fn cluster_entry(
     c: &ClusterConfig,
     origin: String,
@@ -573,6 +635,13 @@ mod tests {
         assert_eq!(ips(&ask(&c, &p(2), RecordType::A).unwrap()), ["10.5.0.2"]);
         assert_eq!(ips(&ask(&c, &p(3), RecordType::A).unwrap()), ["10.5.0.100"]);
         assert!(ask(&c, "b-1.orders.ffff.c3.kafka.us-east-1.amazonaws.com.", RecordType::A).is_none());
+        // Multi-VPC connectivity names are the same brokers.
+        let m = |n: u32, auth: &str| format!("b-{n}.{auth}.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com.");
+        assert_eq!(ips(&ask(&c, &m(2, "iam"), RecordType::A).unwrap()), ["10.5.0.2"]);
+        assert_eq!(ips(&ask(&c, &m(3, "scram"), RecordType::A).unwrap()), ["10.5.0.100"]);
+        // Public access and ZooKeeper names are forwarded.
+        assert!(ask(&c, "b-1-public.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com.", RecordType::A).is_none());
+        assert!(ask(&c, "z-1.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com.", RecordType::A).is_none());
     }
 
     #[test]

@@ -71,6 +71,36 @@ impl Forwarder {
         }
     }
 
+    /// The A and AAAA addresses of `lc` (a lowercase wire-form name), through this forwarder's
+    /// cache: where the SNI proxy connects for a cluster with a `forward` target.
+    pub async fn lookup(&self, lc: &[u8]) -> Result<Vec<std::net::IpAddr>, String> {
+        use hickory_proto::rr::RData;
+        let mut found = Vec::new();
+        for qtype in [1u16, 28] {
+            let mut pkt = vec![0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+            pkt.extend_from_slice(lc);
+            pkt.extend_from_slice(&qtype.to_be_bytes());
+            pkt.extend_from_slice(&1u16.to_be_bytes());
+            let q = super::wire::Query::parse(&pkt).map_err(|e| format!("query for the server name: {}", e.kind()))?;
+            let mut kb = [0; cache::KEY_MAX];
+            let key = cache::key_into(&mut kb, self.id, lc, &q);
+            let question = Question { lc_name: lc, qtype, qclass: 1, dnssec_ok: false, checking_disabled: false };
+            let answer = match self.cached(key, Instant::now()) {
+                Some(a) => a,
+                None => self.resolve(key.into(), question, false).await.map_err(|e| e.to_string())?,
+            };
+            let mut resp = Vec::new();
+            answer.serve(&q, &mut resp, Instant::now(), u16::MAX as usize, u16::MAX);
+            let msg = hickory_proto::op::Message::from_vec(&resp).map_err(|e| e.to_string())?;
+            found.extend(msg.answers.iter().filter_map(|r| match &r.data {
+                RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(std::net::IpAddr::V6(a.0)),
+                _ => None,
+            }));
+        }
+        Ok(found)
+    }
+
     /// This forwarder's prefix for [`cache::key_into`].
     pub fn id(&self) -> u32 {
         self.id

@@ -183,6 +183,10 @@ pub(super) mod tests {
     pub(crate) fn config(grace: u64) -> ProxyConfig {
         let first = 40000 + (std::process::id() % 2000) as u16 * 10;
         ProxyConfig {
+            mode: Default::default(),
+            port_assignment: Default::default(),
+            proxy_protocol: false,
+            allow_endpoints: Vec::new(),
             listen: "127.0.0.1:0".parse().unwrap(),
             upstream: "127.0.0.1:9".into(),
             advertise_host: "kafka-proxy.test".into(),

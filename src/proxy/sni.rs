@@ -1,0 +1,442 @@
+//! SNI routing (`mode = "sni"`): TLS from clients is never terminated. The ClientHello's server
+//! name must be an MSK name of a cluster served here; the connection is then spliced, bytes
+//! untouched, to that broker through the cluster's top-level target, on the port it arrived on.
+//! Certificates verify end to end and IAM signs the real host; an instance holds no state.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::rustls::server::Acceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::proxy_protocol::{self, HeaderError};
+use super::{ActiveGuard, ProxyError, bind_listener};
+use crate::config::SniConfig;
+use crate::dns::catalog::Via;
+use crate::dns::engine::Engine;
+
+/// A TLS alert record, fatal, `unrecognized_name` (RFC 6066 section 3).
+const UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+/// Per direction, once spliced.
+const SPLICE_BUF: usize = 16 * 1024;
+
+struct Shared {
+    cfg: SniConfig,
+    label: String,
+    engine: Arc<Engine>,
+    connections: Arc<Semaphore>,
+    per_client: Arc<crate::limits::PerClient>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    connect_latency: metrics::Histogram,
+}
+
+/// A `mode = "sni"` block, bound.
+pub struct SniProxy {
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+}
+
+/// How a connection ended, as counted in `mskdns_proxy_sni_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Routed,
+    UnknownName,
+    NoSni,
+    NotTls,
+    NotAllowed,
+    ConnectFailed,
+    NoTarget,
+    Timeout,
+    TooLarge,
+    Limit,
+}
+
+impl Outcome {
+    fn kind(self) -> &'static str {
+        match self {
+            Outcome::Routed => "routed",
+            Outcome::UnknownName => "unknown_name",
+            Outcome::NoSni => "no_sni",
+            Outcome::NotTls => "not_tls",
+            Outcome::NotAllowed => "not_allowed",
+            Outcome::ConnectFailed => "connect_failed",
+            Outcome::NoTarget => "no_target",
+            Outcome::Timeout => "timeout",
+            Outcome::TooLarge => "too_large",
+            Outcome::Limit => "limit",
+        }
+    }
+}
+
+impl SniProxy {
+    pub fn bind(
+        index: usize,
+        cfg: &SniConfig,
+        engine: Arc<Engine>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<SniProxy, ProxyError> {
+        let listeners = cfg
+            .listen
+            .addrs()
+            .iter()
+            .map(|&addr| bind_listener(addr).map_err(|source| ProxyError::Bind { index, addr, source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let label = format!("proxies[{index}]");
+        let shared = Arc::new(Shared {
+            connect_latency: metrics::histogram!("mskdns_proxy_sni_connect_seconds", "proxy" => label.clone()),
+            label,
+            cfg: cfg.clone(),
+            engine,
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            per_client: Arc::default(),
+            tasks,
+            shutdown,
+        });
+        Ok(SniProxy { shared, listeners })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Serves until shutdown.
+    pub async fn run(self) {
+        for l in self.listeners {
+            self.shared.tasks.spawn(accept_loop(self.shared.clone(), l));
+        }
+    }
+}
+
+fn count(shared: &Shared, cluster: &str, outcome: Outcome) {
+    metrics::counter!("mskdns_proxy_sni_connections_total", "proxy" => shared.label.clone(),
+        "cluster" => cluster.to_owned(), "outcome" => outcome.kind())
+    .increment(1);
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        // Without a PROXY header the peer is the client: strangers are closed before anything is
+        // read from them. With one, the check waits for the address the header carries.
+        let client = peer.ip().to_canonical();
+        if !shared.cfg.proxy_protocol && !allowed(&shared.cfg, client) {
+            count(&shared, "-", Outcome::NotAllowed);
+            tracing::debug!(proxy = %shared.label, %peer, "client outside allow: connection closed");
+            continue;
+        }
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            count(&shared, "-", Outcome::Limit);
+            tracing::warn!(proxy = %shared.label, %peer, "max_connections reached: connection closed");
+            continue;
+        };
+        let shared2 = shared.clone();
+        let span = tracing::info_span!("sni", proxy = %shared.label, %peer, port);
+        let task = async move {
+            let _permit = permit;
+            let _active =
+                ActiveGuard::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared2.label.clone()));
+            connection(&shared2, sock, peer, port).await;
+        };
+        shared.tasks.spawn(tracing::Instrument::instrument(task, span));
+    }
+}
+
+fn allowed(cfg: &SniConfig, client: IpAddr) -> bool {
+    cfg.allow.iter().any(|n| n.contains(&client))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HelloError {
+    #[error("not TLS")]
+    NotTls,
+    #[error("ClientHello: {0}")]
+    Invalid(String),
+    #[error("ClientHello larger than client_hello_max_bytes")]
+    TooLarge,
+    #[error("closed before the ClientHello was complete")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads until `buf` holds a whole ClientHello (records and handshake fragments joined by
+/// rustls) and returns its server name; `buf` keeps every byte read, to be sent on as it came.
+async fn read_client_hello<S: AsyncRead + Unpin>(
+    sock: &mut S,
+    buf: &mut Vec<u8>,
+    start: usize,
+    max: usize,
+) -> Result<Option<String>, HelloError> {
+    let mut acceptor = Acceptor::default();
+    let mut fed = start;
+    loop {
+        if buf.len() > start && buf[start] != 0x16 {
+            return Err(HelloError::NotTls);
+        }
+        while fed < buf.len() {
+            match acceptor.read_tls(&mut &buf[fed..]) {
+                Ok(0) => break,
+                Ok(n) => fed += n,
+                Err(e) => return Err(HelloError::Invalid(e.to_string())),
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return Ok(accepted.client_hello().server_name().map(str::to_owned)),
+            Ok(None) => {}
+            Err((e, _)) => return Err(HelloError::Invalid(e.to_string())),
+        }
+        if buf.len() - start >= max {
+            return Err(HelloError::TooLarge);
+        }
+        buf.reserve((max + start - buf.len()).min(4096));
+        let room = (max + start - buf.len()).min(buf.capacity() - buf.len());
+        let mut limited = (&mut *sock).take(room as u64);
+        if limited.read_buf(buf).await? == 0 {
+            return Err(HelloError::Closed);
+        }
+    }
+}
+
+/// What the front of the connection said: who the client is and which name it wants.
+struct Front {
+    client: SocketAddr,
+    endpoint: Option<String>,
+    name: Option<String>,
+    /// Everything read so far; from `payload` on it is the client's, to be sent on.
+    buf: Vec<u8>,
+    payload: usize,
+}
+
+enum FrontError {
+    Header(HeaderError),
+    Hello(HelloError),
+    NotAllowed(SocketAddr, Option<String>),
+}
+
+async fn read_front(shared: &Shared, sock: &mut TcpStream, peer: SocketAddr) -> Result<Front, FrontError> {
+    let mut buf = Vec::with_capacity(2048);
+    let (mut client, mut endpoint, mut payload) = (peer, None, 0);
+    if shared.cfg.proxy_protocol {
+        let (origin, len) = proxy_protocol::read(sock, &mut buf).await.map_err(FrontError::Header)?;
+        // A LOCAL header (the load balancer's health check) carries no client: the peer stands.
+        client = origin.client.unwrap_or(peer);
+        endpoint = origin.endpoint;
+        payload = len;
+        let endpoint_ok = shared.cfg.allow_endpoints.is_empty()
+            || endpoint.as_ref().is_some_and(|e| shared.cfg.allow_endpoints.contains(e));
+        if !allowed(&shared.cfg, client.ip().to_canonical()) || !endpoint_ok {
+            return Err(FrontError::NotAllowed(client, endpoint));
+        }
+    }
+    let name = read_client_hello(sock, &mut buf, payload, shared.cfg.client_hello_max_bytes)
+        .await
+        .map_err(FrontError::Hello)?;
+    Ok(Front { client, endpoint, name, buf, payload })
+}
+
+async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port: u16) {
+    let timeout = Duration::from_millis(shared.cfg.client_hello_timeout_ms);
+    let front = match tokio::time::timeout(timeout, read_front(shared, &mut sock, peer)).await {
+        Err(_) => {
+            count(shared, "-", Outcome::Timeout);
+            tracing::debug!(?timeout, "no ClientHello within client_hello_timeout_ms: closed");
+            return;
+        }
+        Ok(Err(FrontError::NotAllowed(client, endpoint))) => {
+            count(shared, "-", Outcome::NotAllowed);
+            tracing::info!(%client, endpoint = endpoint.as_deref().unwrap_or("-"), "client or endpoint not allowed: closed");
+            return;
+        }
+        Ok(Err(FrontError::Header(e))) => {
+            count(shared, "-", Outcome::NotTls);
+            tracing::info!("{e}: closed");
+            return;
+        }
+        Ok(Err(FrontError::Hello(e))) => {
+            let outcome = match e {
+                HelloError::TooLarge => Outcome::TooLarge,
+                _ => Outcome::NotTls,
+            };
+            count(shared, "-", outcome);
+            tracing::info!("{e}: closed");
+            return;
+        }
+        Ok(Ok(f)) => f,
+    };
+    let client_ip = front.client.ip().to_canonical();
+    let Some(_slot) = shared.per_client.take(client_ip, shared.cfg.max_connections_per_client) else {
+        count(shared, "-", Outcome::Limit);
+        tracing::warn!(client = %front.client, "max_connections_per_client reached: closed");
+        return;
+    };
+    let Some(name) = front.name.as_deref() else {
+        count(shared, "-", Outcome::NoSni);
+        tracing::info!(client = %front.client, "ClientHello without a server name: closed");
+        return;
+    };
+    let route =
+        crate::names::name_to_wire(name).and_then(|lc| Some((shared.engine.snapshot().catalog.route(&lc)?, lc)));
+    let Some((route, lc)) = route else {
+        // Never connected anywhere: not an open relay.
+        count(shared, "-", Outcome::UnknownName);
+        tracing::info!(client = %front.client, server_name = %name, "not a broker of a cluster served here: unrecognized_name");
+        let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&UNRECOGNIZED_NAME)).await;
+        return;
+    };
+    let addrs = match route.via {
+        Via::Addrs(a) => a,
+        Via::Forward(f) => match f.lookup(&lc).await {
+            Ok(a) => a,
+            Err(e) => {
+                count(shared, &route.cluster, Outcome::ConnectFailed);
+                tracing::warn!(cluster = %route.cluster, server_name = %name, error = %e, "the cluster's resolver gave no address");
+                return;
+            }
+        },
+        Via::Unavailable | Via::Proxy => {
+            count(shared, &route.cluster, Outcome::NoTarget);
+            tracing::warn!(cluster = %route.cluster, server_name = %name,
+                "the cluster's top-level target has no address to connect to (a proxy target, or VPC endpoint addresses not read yet)");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let Some(mut upstream) = connect_any(shared, &addrs, port, name).await else {
+        count(shared, &route.cluster, Outcome::ConnectFailed);
+        return;
+    };
+    shared.connect_latency.record(started.elapsed().as_secs_f64());
+    count(shared, &route.cluster, Outcome::Routed);
+    tracing::debug!(client = %front.client, endpoint = front.endpoint.as_deref().unwrap_or("-"), cluster = %route.cluster,
+        server_name = %name, "routed");
+    let _ = sock.set_nodelay(true);
+    if let Err(e) = upstream.write_all(&front.buf[front.payload..]).await {
+        tracing::debug!(error = %e, "broker closed before the ClientHello was sent on");
+        return;
+    }
+    drop(front);
+    let idle = Duration::from_secs(shared.cfg.idle_timeout_secs);
+    let (up, down) = splice(sock, upstream, idle, &shared.shutdown).await;
+    metrics::counter!("mskdns_proxy_sni_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_broker")
+        .increment(up);
+    metrics::counter!("mskdns_proxy_sni_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_client")
+        .increment(down);
+}
+
+/// The first of `addrs` that accepts on `port`, each within `connect_timeout_ms`.
+async fn connect_any(shared: &Shared, addrs: &[IpAddr], port: u16, name: &str) -> Option<TcpStream> {
+    let timeout = Duration::from_millis(shared.cfg.connect_timeout_ms);
+    for &ip in addrs {
+        let addr = SocketAddr::new(ip, port);
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Some(s);
+            }
+            Ok(Err(e)) => tracing::warn!(%addr, server_name = %name, error = %e, "connecting to the broker"),
+            Err(_) => tracing::warn!(%addr, server_name = %name, ?timeout, "connecting to the broker timed out"),
+        }
+    }
+    if addrs.is_empty() {
+        tracing::warn!(server_name = %name, "no address for the broker");
+    }
+    None
+}
+
+/// Copies both ways until both sides are done, either side is idle `idle` long, or shutdown;
+/// returns the bytes sent each way (to the broker, to the client).
+async fn splice(client: TcpStream, broker: TcpStream, idle: Duration, shutdown: &CancellationToken) -> (u64, u64) {
+    let last = Arc::new(AtomicU64::new(0));
+    let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let epoch = Instant::now();
+    let mut c = Touch { inner: client, last: last.clone(), bytes: up.clone(), epoch };
+    let mut b = Touch { inner: broker, last: last.clone(), bytes: down.clone(), epoch };
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, SPLICE_BUF, SPLICE_BUF);
+    tokio::pin!(copy);
+    let quiet =
+        || Duration::from_millis((epoch.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed)));
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection closed");
+                }
+                break;
+            }
+            _ = tokio::time::sleep(idle.saturating_sub(quiet())) => {
+                if quiet() >= idle {
+                    tracing::debug!(?idle, "idle: closed");
+                    break;
+                }
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+}
+
+/// A stream that counts what it reads and notes when (for the idle timeout).
+struct Touch {
+    inner: TcpStream,
+    last: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl AsyncRead for Touch {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            self.last.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Touch {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
