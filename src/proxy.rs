@@ -175,15 +175,24 @@ async fn accept_loop(
             metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => reason)
                 .increment(1)
         };
-        if !shared.cfg.allow.iter().any(|n| n.contains(&client)) {
+        // Behind a PROXY protocol sender the peer is the load balancer: the client is known (and
+        // checked) once the header is read, before anything else.
+        let front_door = !shared.cfg.proxy_protocol;
+        if front_door && !shared.cfg.allow.iter().any(|n| n.contains(&client)) {
             rejected("not_allowed");
             tracing::debug!(proxy = %shared.label, %peer, "client outside allow: connection closed");
             continue;
         }
-        let Some(slot) = shared.per_client.take(client, shared.cfg.max_connections_per_client) else {
-            rejected("per_client");
-            tracing::warn!(proxy = %shared.label, %peer, "max_connections_per_client reached: connection closed");
-            continue;
+        let slot = match front_door {
+            true => match shared.per_client.take(client, shared.cfg.max_connections_per_client) {
+                Some(s) => Some(s),
+                None => {
+                    rejected("per_client");
+                    tracing::warn!(proxy = %shared.label, %peer, "max_connections_per_client reached: connection closed");
+                    continue;
+                }
+            },
+            false => None,
         };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
             rejected("limit");
@@ -201,6 +210,14 @@ async fn accept_loop(
         // One span per connection: every event of it carries these fields.
         let span = tracing::info_span!("connection", proxy = %shared.label, %peer, %upstream, listener = kind);
         let task = async move {
+            let mut sock = sock;
+            let slot = match slot {
+                Some(s) => s,
+                None => match behind_proxy_protocol(&shared2, &mut sock, peer).await {
+                    Some(s) => s,
+                    None => return,
+                },
+            };
             let _held = (permit, slot);
             metrics::counter!("mskdns_proxy_connections_total", "proxy" => shared2.label.clone(), "listener" => kind)
                 .increment(1);
@@ -214,6 +231,45 @@ async fn accept_loop(
         };
         shared.tasks.spawn(tracing::Instrument::instrument(task, span));
     }
+}
+
+/// Reads the PROXY protocol header (within `first_request_timeout_ms`) and checks the client
+/// it names against `allow`, `allow_endpoints` and `max_connections_per_client`.
+async fn behind_proxy_protocol(
+    shared: &Shared,
+    sock: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<crate::limits::ClientSlot> {
+    let rejected = |reason: &'static str| {
+        metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => reason)
+            .increment(1)
+    };
+    let limit = Duration::from_millis(shared.cfg.first_request_timeout_ms);
+    let origin = match tokio::time::timeout(limit, proxy_protocol::read(sock)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            rejected("proxy_protocol");
+            tracing::info!("{e}: connection closed");
+            return None;
+        }
+        Err(_) => {
+            rejected("proxy_protocol");
+            tracing::info!(?limit, "no PROXY protocol header in time: connection closed");
+            return None;
+        }
+    };
+    let client = origin.client.unwrap_or(peer);
+    if !origin.allowed(peer, &shared.cfg.allow, &shared.cfg.allow_endpoints) {
+        rejected("not_allowed");
+        tracing::info!(%client, endpoint = origin.endpoint.as_deref().unwrap_or("-"), "client or endpoint not allowed: connection closed");
+        return None;
+    }
+    let slot = shared.per_client.take(client.ip().to_canonical(), shared.cfg.max_connections_per_client);
+    if slot.is_none() {
+        rejected("per_client");
+        tracing::warn!(%client, "max_connections_per_client reached: connection closed");
+    }
+    slot
 }
 
 /// One active connection in the gauge, for as long as it lives.

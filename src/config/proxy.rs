@@ -13,6 +13,7 @@ use super::dns::default_allow;
 /// A `[[proxies]]` block: `mode = "ports"` (the default) or `mode = "sni"`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)] // a handful per config, read at start
 pub enum ProxyBlock {
     Ports(ProxyConfig),
     Sni(SniConfig),

@@ -1,5 +1,6 @@
-//! The node id → port registry of one proxy: a broker listener per node, allocated first come
-//! from `broker_ports`, kept in the state file across restarts, freed after the grace period.
+//! The node id → port registry of one proxy: a broker listener per node, from `broker_ports`
+//! first come (kept in the state file across restarts) or by node id (the same on every
+//! instance), freed after the grace period.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, accept_loop, bind_listener, rewrite};
+use crate::config::PortAssignment;
 
 /// One node's port and where it leads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -120,6 +122,9 @@ impl rewrite::Ports for Arc<Shared> {
             nodes.values().map(|e| e.port).collect()
         };
         let range = self.cfg.broker_ports;
+        if self.cfg.port_assignment == PortAssignment::NodeId {
+            return self.node_id_port(node, upstream, &used);
+        }
         for p in range.first..=range.last {
             if used.contains(&p) {
                 continue;
@@ -142,6 +147,35 @@ impl rewrite::Ports for Arc<Shared> {
             "no free port in broker_ports for a new broker: it is left out of responses (widen broker_ports)"
         );
         None
+    }
+}
+
+impl Shared {
+    /// `port_assignment = "node_id"`: the port is a function of the node id alone, so every
+    /// instance with this configuration gives a broker the same port.
+    fn node_id_port(self: &Arc<Self>, node: i32, upstream: String, used: &[u16]) -> Option<u16> {
+        let range = self.cfg.broker_ports;
+        let size = range.last as i64 - range.first as i64 + 1;
+        let p = (range.first as i64 + (node as i64).rem_euclid(size)) as u16;
+        if used.contains(&p) {
+            metrics::counter!("mskdns_proxy_port_collisions_total", "proxy" => self.label.clone()).increment(1);
+            tracing::error!(
+                proxy = %self.label, node, port = p, broker_ports = ?range,
+                "another node id maps to this broker's port (node id modulo the size of broker_ports): it is left out of responses (widen broker_ports)"
+            );
+            return None;
+        }
+        match self.start_broker_listener(node, p, upstream.clone()) {
+            Ok(()) => {
+                metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone()).increment(1);
+                tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port bound (node_id)");
+                Some(p)
+            }
+            Err(e) => {
+                tracing::error!(proxy = %self.label, node, port = p, error = %e, "cannot bind the broker's port");
+                None
+            }
+        }
     }
 }
 
@@ -176,7 +210,7 @@ pub(super) async fn sweep(shared: Arc<Shared>) {
 pub(super) mod tests {
     use super::super::Proxy;
     use super::*;
-    use crate::config::{PortRange, ProxyConfig};
+    use crate::config::{PortAssignment, PortRange, ProxyConfig};
     use crate::proxy::rewrite::Ports;
     use tokio_util::task::TaskTracker;
 
@@ -234,6 +268,28 @@ pub(super) mod tests {
         tokio::time::sleep(Duration::from_secs(40)).await;
         assert_eq!(held(7), None);
         assert_eq!(shared.port_for(9, "10.0.0.9", 9098), Some(port));
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    #[tokio::test]
+    async fn node_id_ports_depend_on_the_node_id_alone() {
+        let mut cfg = config(60);
+        cfg.port_assignment = PortAssignment::NodeId;
+        let first = cfg.broker_ports.first;
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
+        let shared = proxy.shared.clone();
+        tasks.spawn(proxy.run());
+        // Order of appearance does not matter: node 3 first, then node 1.
+        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
+        assert_eq!(shared.port_for(1, "10.0.0.1", 9098), Some(first + 1));
+        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
+        // MSK's large node ids wrap around the range.
+        assert_eq!(shared.port_for(1004, "10.0.0.4", 9098), Some(first + 4));
+        // Two ids on one port: the second is left out, not given another node's port.
+        assert_eq!(shared.port_for(13, "10.0.0.13", 9098), None);
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;

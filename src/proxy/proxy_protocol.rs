@@ -23,6 +23,16 @@ pub struct Origin {
     pub endpoint: Option<String>,
 }
 
+impl Origin {
+    /// Whether the client (the peer itself for a header without one: the load balancer's
+    /// health check) is in `allow` and, when `endpoints` is set, came through one of them.
+    pub fn allowed(&self, peer: SocketAddr, allow: &[ipnet::IpNet], endpoints: &[String]) -> bool {
+        let client = self.client.unwrap_or(peer).ip().to_canonical();
+        let endpoint_ok = endpoints.is_empty() || self.endpoint.as_ref().is_some_and(|e| endpoints.contains(e));
+        endpoint_ok && allow.iter().any(|n| n.contains(&client))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
     #[error("no PROXY protocol v2 header (proxy_protocol is on)")]
@@ -64,21 +74,26 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Origin, usize)>, HeaderError> {
     Ok(Some((Origin { client, endpoint }, header.len())))
 }
 
-/// Reads a header from `sock` into `buf` (which keeps whatever followed it, from `len` on).
-/// The caller bounds the time it may take.
-pub async fn read<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut Vec<u8>) -> Result<(Origin, usize), HeaderError> {
-    loop {
-        if let Some(done) = parse(buf)? {
-            return Ok(done);
-        }
-        if buf.len() >= MAX_HEADER {
-            return Err(HeaderError::TooLong);
-        }
-        buf.reserve(MAX_HEADER - buf.len());
-        let mut limited = (&mut *sock).take((MAX_HEADER - buf.len()) as u64);
-        if limited.read_buf(buf).await? == 0 {
-            return Err(HeaderError::Closed);
-        }
+/// Reads exactly one header from `sock`, not a byte more (what follows is the client's: a TLS
+/// handshake or a Kafka request, for whoever reads next). The caller bounds the time it takes.
+pub async fn read<S: AsyncRead + Unpin>(sock: &mut S) -> Result<Origin, HeaderError> {
+    let closed = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof { HeaderError::Closed } else { HeaderError::Io(e) }
+    };
+    let mut buf = vec![0u8; 16];
+    sock.read_exact(&mut buf).await.map_err(closed)?;
+    if buf[..12] != *b"\r\n\r\n\0\r\nQUIT\n" {
+        return Err(HeaderError::Missing);
+    }
+    let len = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
+    if len > MAX_HEADER {
+        return Err(HeaderError::TooLong);
+    }
+    buf.resize(len, 0);
+    sock.read_exact(&mut buf[16..]).await.map_err(closed)?;
+    match parse(&buf)? {
+        Some((origin, _)) => Ok(origin),
+        None => Err(HeaderError::Closed),
     }
 }
 
@@ -141,6 +156,20 @@ pub(crate) mod tests {
         let at = tlv.len() - 8;
         tlv[at] = 0x7f;
         assert!(parse(&tlv).is_err());
+    }
+
+    #[tokio::test]
+    async fn read_takes_the_header_and_nothing_after_it() {
+        let client: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let mut bytes = header(client, Some("vpce-0abc"));
+        bytes.extend(b"\x16\x03\x01rest");
+        let mut r = &bytes[..];
+        assert_eq!(read(&mut r).await.unwrap().endpoint.as_deref(), Some("vpce-0abc"));
+        assert_eq!(r, b"\x16\x03\x01rest");
+        let mut short = &bytes[..20];
+        assert!(matches!(read(&mut short).await, Err(HeaderError::Closed)));
+        let mut kafka = &b"\x00\x00\x00\x10\x00\x12\x00\x03\x00\x00\x00\x01\x00\x03abc"[..];
+        assert!(matches!(read(&mut kafka).await, Err(HeaderError::Missing)));
     }
 
     #[test]

@@ -234,18 +234,14 @@ enum FrontError {
 
 async fn read_front(shared: &Shared, sock: &mut TcpStream, peer: SocketAddr) -> Result<Front, FrontError> {
     let mut buf = Vec::with_capacity(2048);
-    let (mut client, mut endpoint, mut payload) = (peer, None, 0);
+    let (mut client, mut endpoint, payload) = (peer, None, 0);
     if shared.cfg.proxy_protocol {
-        let (origin, len) = proxy_protocol::read(sock, &mut buf).await.map_err(FrontError::Header)?;
-        // A LOCAL header (the load balancer's health check) carries no client: the peer stands.
+        let origin = proxy_protocol::read(sock).await.map_err(FrontError::Header)?;
+        if !origin.allowed(peer, &shared.cfg.allow, &shared.cfg.allow_endpoints) {
+            return Err(FrontError::NotAllowed(origin.client.unwrap_or(peer), origin.endpoint));
+        }
         client = origin.client.unwrap_or(peer);
         endpoint = origin.endpoint;
-        payload = len;
-        let endpoint_ok = shared.cfg.allow_endpoints.is_empty()
-            || endpoint.as_ref().is_some_and(|e| shared.cfg.allow_endpoints.contains(e));
-        if !allowed(&shared.cfg, client.ip().to_canonical()) || !endpoint_ok {
-            return Err(FrontError::NotAllowed(client, endpoint));
-        }
     }
     let name = read_client_hello(sock, &mut buf, payload, shared.cfg.client_hello_max_bytes)
         .await
