@@ -645,6 +645,36 @@ mod tests {
     }
 
     #[test]
+    fn sni_routes_go_to_the_top_level_target_only() {
+        let c = catalog(
+            "[[views]]\nname = \"remote\"\nclients = [\"10.9.0.0/16\"]\n[[views.clusters]]\nbootstrap = \"boot-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com\"\nproxy = [\"10.9.0.5\"]\n\
+             [[clusters]]\nbootstrap = \"b-1.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com\"\naddresses = [\"10.5.0.100\"]\n\
+             brokers = { \"2\" = [\"10.5.0.2\"] }\n",
+        );
+        let route = |n: &str| c.route(&names::name_to_wire(n).unwrap());
+        let addrs = |n: &str| match route(n).map(|r| r.via) {
+            Some(Via::Addrs(a)) => a.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            _ => panic!("{n}: no addresses"),
+        };
+        // The view's proxy target is never the destination: the top-level addresses are.
+        assert_eq!(addrs("b0037-aaaa.c2.kafka-serverless.us-east-1.amazonaws.com"), ["10.1.0.1", "10.1.0.2"]);
+        assert_eq!(addrs("b-2.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com"), ["10.5.0.2"]);
+        assert_eq!(addrs("b-2.iam.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com"), ["10.5.0.2"]);
+        assert_eq!(addrs("b-3.tls.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com"), ["10.5.0.100"]);
+        assert_eq!(
+            route("b-1.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com").unwrap().cluster,
+            "orders.ab12cd.c3.us-east-1"
+        );
+        for n in [
+            "boot-bbbb.c2.kafka-serverless.us-east-1.amazonaws.com",
+            "b-1-public.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com",
+            "example.com",
+        ] {
+            assert!(route(n).is_none(), "{n}");
+        }
+    }
+
+    #[test]
     fn every_target_kind_answers_serverless_and_provisioned_names() {
         let p = "b-1.orders.ab12cd.c3.kafka.us-east-1.amazonaws.com";
         for target in [
