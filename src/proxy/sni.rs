@@ -183,13 +183,12 @@ enum HelloError {
 async fn read_client_hello<S: AsyncRead + Unpin>(
     sock: &mut S,
     buf: &mut Vec<u8>,
-    start: usize,
     max: usize,
 ) -> Result<Option<String>, HelloError> {
     let mut acceptor = Acceptor::default();
-    let mut fed = start;
+    let mut fed = 0;
     loop {
-        if buf.len() > start && buf[start] != 0x16 {
+        if buf.first().is_some_and(|&b| b != 0x16) {
             return Err(HelloError::NotTls);
         }
         while fed < buf.len() {
@@ -204,11 +203,11 @@ async fn read_client_hello<S: AsyncRead + Unpin>(
             Ok(None) => {}
             Err((e, _)) => return Err(HelloError::Invalid(e.to_string())),
         }
-        if buf.len() - start >= max {
+        if buf.len() >= max {
             return Err(HelloError::TooLarge);
         }
-        buf.reserve((max + start - buf.len()).min(4096));
-        let room = (max + start - buf.len()).min(buf.capacity() - buf.len());
+        buf.reserve((max - buf.len()).min(4096));
+        let room = (max - buf.len()).min(buf.capacity() - buf.len());
         let mut limited = (&mut *sock).take(room as u64);
         if limited.read_buf(buf).await? == 0 {
             return Err(HelloError::Closed);
@@ -221,9 +220,8 @@ struct Front {
     client: SocketAddr,
     endpoint: Option<String>,
     name: Option<String>,
-    /// Everything read so far; from `payload` on it is the client's, to be sent on.
+    /// The ClientHello as it came, to be sent on.
     buf: Vec<u8>,
-    payload: usize,
 }
 
 enum FrontError {
@@ -234,7 +232,7 @@ enum FrontError {
 
 async fn read_front(shared: &Shared, sock: &mut TcpStream, peer: SocketAddr) -> Result<Front, FrontError> {
     let mut buf = Vec::with_capacity(2048);
-    let (mut client, mut endpoint, payload) = (peer, None, 0);
+    let (mut client, mut endpoint) = (peer, None);
     if shared.cfg.proxy_protocol {
         let origin = proxy_protocol::read(sock).await.map_err(FrontError::Header)?;
         if !origin.allowed(peer, &shared.cfg.allow, &shared.cfg.allow_endpoints) {
@@ -243,10 +241,8 @@ async fn read_front(shared: &Shared, sock: &mut TcpStream, peer: SocketAddr) -> 
         client = origin.client.unwrap_or(peer);
         endpoint = origin.endpoint;
     }
-    let name = read_client_hello(sock, &mut buf, payload, shared.cfg.client_hello_max_bytes)
-        .await
-        .map_err(FrontError::Hello)?;
-    Ok(Front { client, endpoint, name, buf, payload })
+    let name = read_client_hello(sock, &mut buf, shared.cfg.client_hello_max_bytes).await.map_err(FrontError::Hello)?;
+    Ok(Front { client, endpoint, name, buf })
 }
 
 async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port: u16) {
@@ -325,7 +321,7 @@ async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port
     tracing::debug!(client = %front.client, endpoint = front.endpoint.as_deref().unwrap_or("-"), cluster = %route.cluster,
         server_name = %name, "routed");
     let _ = sock.set_nodelay(true);
-    if let Err(e) = upstream.write_all(&front.buf[front.payload..]).await {
+    if let Err(e) = upstream.write_all(&front.buf).await {
         tracing::debug!(error = %e, "broker closed before the ClientHello was sent on");
         return;
     }
