@@ -158,14 +158,7 @@ async fn accept_loop(
     let kind = if node.is_some() { "broker" } else { "bootstrap" };
     loop {
         let (sock, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = next_client(&listener) => c,
             _ = stop.cancelled() => return,
             _ = shared.shutdown.cancelled() => return,
         };
@@ -270,6 +263,20 @@ async fn behind_proxy_protocol(
         tracing::warn!(%client, "max_connections_per_client reached: connection closed");
     }
     slot
+}
+
+/// The next accepted connection; accept errors (out of descriptors, say) are logged and
+/// retried after a pause rather than ending the listener.
+async fn next_client(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// One active connection in the gauge, for as long as it lives.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::proxy_protocol::{self, HeaderError};
-use super::{ActiveGuard, ProxyError, bind_listener};
+use super::{ActiveGuard, ProxyError, bind_listener, next_client};
 use crate::config::SniConfig;
 use crate::dns::catalog::Via;
 use crate::dns::engine::Engine;
@@ -125,14 +125,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     loop {
         let (sock, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = next_client(&listener) => c,
             _ = shared.shutdown.cancelled() => return,
         };
         // Without a PROXY header the peer is the client: strangers are closed before anything is
