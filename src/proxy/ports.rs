@@ -70,7 +70,7 @@ impl Shared {
             node,
             NodeEntry { port, upstream: upstream.clone(), seen: Instant::now(), stop: Some(stop.clone()) },
         );
-        self.tasks.spawn(accept_loop(self.clone(), listener, Some(node), upstream, stop));
+        self.tasks.spawn(accept_loop(self.clone(), listener, super::Listener::Node(node), upstream, stop));
         self.ports_gauge();
         Ok(())
     }
@@ -165,18 +165,103 @@ impl Shared {
             );
             return None;
         }
-        match self.start_broker_listener(node, p, upstream.clone()) {
-            Ok(()) => {
-                metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone()).increment(1);
-                tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port bound (node_id)");
-                Some(p)
+        // The listener was bound at start, with every port of the range.
+        tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port assigned (node_id)");
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, NodeEntry { port: p, upstream, seen: Instant::now(), stop: None });
+        metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone()).increment(1);
+        self.ports_gauge();
+        Some(p)
+    }
+
+    /// The upstream of the node on `port` (`port_assignment = "node_id"`); when no node is known
+    /// there yet (no response naming it has passed this instance), the cluster is asked first.
+    pub(super) async fn upstream_at(self: &Arc<Self>, port: u16) -> Option<String> {
+        let find = || {
+            self.nodes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .find(|e| e.port == port)
+                .map(|e| e.upstream.clone())
+        };
+        if let Some(u) = find() {
+            return Some(u);
+        }
+        self.learn_brokers().await;
+        find()
+    }
+
+    /// Asks the cluster for its brokers (Metadata v4 for no topic, on the bootstrap address) and
+    /// assigns each its port. One request at a time, at most one a second; a failure is logged
+    /// and changes nothing. A SASL listener answers only after authentication, which the proxy
+    /// cannot do: there, brokers are learned from the responses clients get.
+    pub(super) async fn learn_brokers(self: &Arc<Self>) {
+        let mut last = self.learned.lock().await;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let limit = Duration::from_millis(self.cfg.connect_timeout_ms + self.cfg.handshake_timeout_ms);
+        match tokio::time::timeout(limit, ask_brokers(self)).await.unwrap_or(Err(format!("no answer within {limit:?}")))
+        {
+            Ok(brokers) => {
+                tracing::info!(proxy = %self.label, brokers = brokers.len(), "brokers learned from the cluster");
+                for (node, host, port) in brokers {
+                    rewrite::Ports::port_for(self, node, &host, port);
+                }
             }
             Err(e) => {
-                tracing::error!(proxy = %self.label, node, port = p, error = %e, "cannot bind the broker's port");
-                None
+                tracing::warn!(proxy = %self.label, upstream = %self.cfg.upstream, error = %e, "cannot ask the cluster for its brokers")
             }
         }
     }
+}
+
+/// One Metadata round trip with the bootstrap broker: (node id, host, port) of every broker.
+async fn ask_brokers(shared: &Arc<Shared>) -> Result<Vec<(i32, String, i32)>, String> {
+    use bytes::{Buf, BytesMut};
+    use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const VERSION: i16 = 4; // the oldest Metadata version Kafka 4 still serves; not flexible
+    let mut s = super::connect(shared, &shared.cfg.upstream).await.map_err(|e| e.to_string())?;
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(VERSION)
+        .with_correlation_id(1)
+        .with_client_id(Some(StrBytes::from_static_str("mskdns-proxy")))
+        .encode(&mut body, ApiKey::Metadata.request_header_version(VERSION))
+        .map_err(|e| e.to_string())?;
+    // An empty topic list (null would be every topic): the brokers alone.
+    MetadataRequest::default()
+        .with_topics(Some(Vec::new()))
+        .with_allow_auto_topic_creation(false)
+        .encode(&mut body, VERSION)
+        .map_err(|e| e.to_string())?;
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+    let mut size = [0u8; 4];
+    s.read_exact(&mut size).await.map_err(|e| e.to_string())?;
+    let n = super::frame::frame_size(size, shared.cfg.max_frame_bytes).map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::zeroed(n);
+    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    let mut buf = buf.freeze();
+    let header = ResponseHeader::decode(&mut buf, ApiKey::Metadata.response_header_version(VERSION))
+        .map_err(|e| format!("Metadata response header: {e}"))?;
+    if header.correlation_id != 1 {
+        return Err(format!("response with correlation id {}", header.correlation_id));
+    }
+    let m = MetadataResponse::decode(&mut buf, VERSION).map_err(|e| format!("Metadata response: {e}"))?;
+    if buf.has_remaining() {
+        tracing::debug!(left = buf.remaining(), "bytes after the Metadata response ignored");
+    }
+    Ok(m.brokers.into_iter().map(|b| (b.node_id.0, b.host.to_string(), b.port)).collect())
 }
 
 /// Frees the ports of brokers not seen in any response for `broker_grace_secs`.

@@ -44,7 +44,7 @@ class Daemon:
         assert BIN.exists(), f"{BIN} is missing: build with cargo build first"
         self.config = tmp_path / name
         self.config.write_text(config_text)
-        self.log = open(tmp_path / "mskdns.log", "w+")
+        self.log = open(tmp_path / (name.removesuffix(".toml") + ".log"), "w+")
         self.proc = subprocess.Popen(
             [str(BIN), "--config", str(self.config)],
             stdout=subprocess.PIPE,
@@ -382,3 +382,60 @@ def wait_for(predicate, timeout=10, interval=0.1):
         if value or time.time() > deadline:
             return value
         time.sleep(interval)
+
+
+class ClientHost:
+    """A client host for the tests: a network namespace the test creates, joined to this one by a
+    veth pair (this side `host_ip` and the spare `host_ips`, its side `ip`), whose /etc/resolv.conf
+    names `nameserver` (several: `nameserver`s, asked in turn).
+    Programs run in it with `ip netns exec`, which mounts /etc/netns/<name>/resolv.conf over
+    /etc/resolv.conf: they resolve through the system resolver, as on a user's host."""
+
+    def __init__(self, nameserver=None):
+        import random
+        import uuid
+
+        require("ip")
+        tag = uuid.uuid4().hex[:6]
+        self.name = f"mskdns-{tag}"
+        octet = random.randrange(1, 250)
+        net = f"10.213.{octet}"
+        self.host_ip, self.ip = f"{net}.1", f"{net}.2"
+        self.host_ips = [f"{net}.3", f"{net}.4"]
+        here, there = f"mk{tag}h", f"mk{tag}n"
+        self.etc = Path("/etc/netns") / self.name
+        self.etc.mkdir(parents=True)
+        self.resolvers([nameserver or self.host_ip])
+        for argv in (
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+            ["ip", "link", "set", there, "netns", self.name],
+            *(["ip", "addr", "add", f"{a}/29", "dev", here] for a in [self.host_ip, *self.host_ips]),
+            ["ip", "link", "set", here, "up"],
+            ["ip", "-n", self.name, "addr", "add", f"{self.ip}/29", "dev", there],
+            ["ip", "-n", self.name, "link", "set", there, "up"],
+            ["ip", "-n", self.name, "link", "set", "lo", "up"],
+        ):
+            subprocess.run(argv, check=True, capture_output=True)
+
+    def resolvers(self, addresses):
+        """The host's /etc/resolv.conf: these name servers, in turn (`rotate`)."""
+        lines = [f"nameserver {a}" for a in addresses] + ["options timeout:2 attempts:2 rotate"]
+        (self.etc / "resolv.conf").write_text("\n".join(lines) + "\n")
+
+    def run(self, argv, timeout=180):
+        """Runs argv on the client host; returns the CompletedProcess (text)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *map(str, argv)], capture_output=True, text=True, timeout=timeout
+        )
+
+    def stop(self):
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        shutil.rmtree(self.etc, ignore_errors=True)
+
+
+@pytest.fixture
+def client_host():
+    h = ClientHost()
+    yield h
+    h.stop()

@@ -45,10 +45,10 @@ def listening(port, host="127.0.0.1"):
         return False
 
 
-def spawn(argv, log, port, what):
-    """Starts a server process and waits until it accepts connections on 127.0.0.1:port."""
+def spawn(argv, log, port, what, host="127.0.0.1"):
+    """Starts a server process and waits until it accepts connections on host:port."""
     proc = subprocess.Popen(argv, stdout=log, stderr=log)
-    if not wait_for(lambda: listening(port), timeout=20):
+    if not wait_for(lambda: listening(port, host), timeout=20):
         proc.kill()
         raise RuntimeError(f"{what} did not start")
     return proc
@@ -63,8 +63,8 @@ def end(proc):
 class Tansu:
     """Tansu on 127.0.0.1, plaintext. `advertised`: what it tells clients (default: itself)."""
 
-    def __init__(self, tmp_path, advertised=None):
-        self.port = free_port()
+    def __init__(self, tmp_path, advertised=None, port=None):
+        self.port = port or free_port()
         self.log = open(tmp_path / "tansu.log", "w")
         url = f"tcp://127.0.0.1:{self.port}"
         argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised or url]

@@ -1,18 +1,30 @@
 """The SNI proxy (`mode = "sni"`): TLS passes through untouched, routed by the ClientHello's name.
 
-The broker here is a TLS echo server with a certificate for its MSK name from a test CA; the
-client verifies that certificate through the proxy, which never holds the key. The Kafka-client
-tests in a network namespace (issue 14's "done when") are still to come.
+The first tests' broker is a TLS echo server with a certificate for its MSK name from a test CA;
+the client verifies that certificate through the proxy, which never holds the key. Then real Kafka
+clients (confluent-kafka, kafka-python) on a client host of their own (a network namespace whose
+resolv.conf names mskdns) produce and consume through the proxy to Tansu behind a TLS terminator
+that holds a certificate for the MSK names, with certificate and host-name checks on; and two
+instances behind a round-robin load balancer, in both proxy modes.
 """
 
+import json
 import socket
 import ssl
 import struct
+import sys
 import threading
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 
+from conftest import free_port, require, wait_for
 from pki import CA
+from test_proxy import Tansu, end, port_range, spawn
+
+ROUNDTRIP = Path(__file__).with_name("kafka_roundtrip.py")
 
 NAME = "b-1.demo.abc123.c2.kafka.us-east-1.amazonaws.com"
 BROKER_IP, PROXY_IP = "127.0.0.10", "127.0.0.20"
@@ -139,3 +151,231 @@ def test_proxy_protocol_v2_client_and_endpoint_are_checked(daemon, tmp_path):
     assert broker.accepted == 1
     assert d.metric("mskdns_proxy_sni_connections_total", outcome="not_allowed") == 3
     assert d.metric("mskdns_proxy_sni_connections_total", outcome="not_tls") == 1
+
+
+SERVERLESS = (
+    "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com",
+    "b1-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com",
+)
+MULTI_VPC = ("b-1.iam.demo.abc123.c2.kafka.us-east-1.amazonaws.com",) * 2
+
+
+class MskBroker:
+    """Tansu advertising the MSK broker name `broker`:port, behind haproxy terminating TLS on
+    BROKER_IP:port with a certificate for the cluster's names from a test CA. The key stays here."""
+
+    def __init__(self, tmp_path, port, names):
+        bootstrap, broker = names
+        self.ca = CA(tmp_path / "msk-ca")
+        self.tansu = Tansu(tmp_path, advertised=f"tcp://{broker}:{port}")
+        _, _, bundle = self.ca.issue("msk-broker", dns=sorted({bootstrap, broker}))
+        cfg = tmp_path / "msk-broker.cfg"
+        cfg.write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend msk
+    bind {BROKER_IP}:{port} ssl crt {bundle}
+    default_backend tansu
+backend tansu
+    server tansu 127.0.0.1:{self.tansu.port}
+""")
+        self.log = open(tmp_path / "msk-broker.log", "w")
+        self.proc = spawn([require("haproxy"), "-db", "-f", str(cfg)], self.log, port, "haproxy", host=BROKER_IP)
+
+    def stop(self):
+        end(self.proc)
+        self.tansu.stop()
+
+
+class LoadBalancer:
+    """haproxy in TCP mode as an NLB: each new connection to `front`, on any of `ports`, goes to
+    the next of `backends` on the same port (round robin), with a PROXY v2 header if asked."""
+
+    def __init__(self, tmp_path, front, ports, backends, send_proxy=False):
+        binds = "\n".join(f"    bind {front}:{p}" for p in ports)
+        servers = "\n".join(
+            f"    server i{i} {b}{' send-proxy-v2' if send_proxy else ''}" for i, b in enumerate(backends)
+        )
+        cfg = tmp_path / "lb.cfg"
+        cfg.write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend nlb
+{binds}
+    default_backend instances
+backend instances
+    balance roundrobin
+{servers}
+""")
+        self.log = open(tmp_path / "lb.log", "w")
+        self.proc = spawn([require("haproxy"), "-db", "-f", str(cfg)], self.log, ports[0], "haproxy", host=front)
+
+    def stop(self):
+        end(self.proc)
+
+
+@pytest.fixture
+def closing():
+    """Stops what a test started, in reverse order, however the test ends."""
+    started = []
+    yield started.append
+    for s in reversed(started):
+        s.stop()
+
+
+def sni_daemon_config(names, port, dns, proxy_listen, clients, proxy_answer, extra=""):
+    return f"""
+[dns]
+listen = ["{dns}:53"]
+upstreams = ["127.0.0.1:9"]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[clusters]]
+bootstrap = "{names[0]}"
+addresses = ["{BROKER_IP}"]
+
+[[views]]
+name = "client-hosts"
+clients = ["{clients}"]
+[[views.clusters]]
+bootstrap = "{names[0]}"
+proxy = ["{proxy_answer}"]
+
+[[proxies]]
+mode = "sni"
+listen = ["{proxy_listen}:{port}"]
+allow = ["{clients}"]
+{extra}
+"""
+
+
+def roundtrip(host, client, boot, ca_file, messages=2000):
+    """The client's round trip on the client host; its JSON result."""
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    r = host.run([sys.executable, ROUNDTRIP, client, boot, ca_file, topic, messages])
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["unsent"] == 0
+    assert result["values"] == [f"record-{i:05d}" for i in range(messages)]
+    assert result["committed"] == messages
+    return result
+
+
+@pytest.mark.parametrize(
+    "client,names",
+    [("confluent", SERVERLESS), ("kafka-python", SERVERLESS), ("confluent", MULTI_VPC)],
+    ids=["confluent-serverless", "kafka-python-serverless", "confluent-multi-vpc"],
+)
+def test_kafka_clients_resolving_through_mskdns_produce_and_consume_through_the_sni_proxy(
+    daemon, client_host, closing, tmp_path, client, names
+):
+    port = free_port()
+    broker = MskBroker(tmp_path, port, names)
+    closing(broker)
+    h = client_host
+    d = daemon(sni_daemon_config(names, port, h.host_ip, h.host_ip, f"{h.ip}/32", h.host_ip))
+    assert d.proxies == [(h.host_ip, port)]
+    result = roundtrip(h, client, f"{names[0]}:{port}", broker.ca.file)
+    # Metadata keeps the real broker name: nothing was rewritten, the certificate matched it.
+    assert result["brokers"] == [f"{names[1]}:{port}"]
+    # The only way to the broker from the client host is the proxy, found through mskdns.
+    assert d.metric("mskdns_proxy_sni_connections_total", outcome="routed") >= 2
+    for outcome in ("unknown_name", "no_sni", "connect_failed", "not_allowed"):
+        assert d.metric("mskdns_proxy_sni_connections_total", outcome=outcome) == 0, outcome
+    assert d.metric("mskdns_proxy_sni_bytes_total", direction="to_client") > 0
+
+
+def test_two_sni_instances_behind_one_load_balancer(daemon, client_host, closing, tmp_path):
+    """The same configuration but for each instance's own address; the NLB (haproxy, round robin,
+    PROXY v2) sends each new connection to the other instance; the client host asks both in turn."""
+    port = free_port()
+    broker = MskBroker(tmp_path, port, SERVERLESS)
+    closing(broker)
+    h = client_host
+    h.resolvers(h.host_ips)
+    # The balancer first: its start-up probe (from this host) then finds no instance to reach.
+    closing(LoadBalancer(tmp_path, h.host_ip, [port], [f"{a}:{port}" for a in h.host_ips], send_proxy=True))
+    instances = [
+        daemon(
+            sni_daemon_config(SERVERLESS, port, a, a, f"{h.ip}/32", h.host_ip, "proxy_protocol = true"),
+            name=f"instance-{i}.toml",
+        )
+        for i, a in enumerate(h.host_ips)
+    ]
+    roundtrip(h, "confluent", f"{SERVERLESS[0]}:{port}", broker.ca.file)
+    roundtrip(h, "kafka-python", f"{SERVERLESS[0]}:{port}", broker.ca.file)
+    routed = [d.metric("mskdns_proxy_sni_connections_total", outcome="routed") for d in instances]
+    assert all(n >= 2 for n in routed), routed
+    # allow was checked against the client host's address that the PROXY header carried.
+    assert sum(d.metric("mskdns_proxy_sni_connections_total", outcome="not_allowed") for d in instances) == 0
+
+
+def test_two_port_instances_with_node_id_ports_behind_one_load_balancer(daemon, closing, tmp_path):
+    """`mode = "ports"` with `port_assignment = "node_id"`: each instance binds every port of
+    broker_ports and asks the cluster for its brokers at start, so either one can take any
+    connection; the load balancer alternates between them on every port."""
+    from kafka_roundtrip import confluent
+
+    tansu_port = free_port()
+    front, backends = "127.0.0.30", ["127.0.0.31", "127.0.0.32"]
+    boot = free_port()
+    first, last = port_range()
+    instances = []
+    for i, b in enumerate(backends):
+        config = f"""
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:9"]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[proxies]]
+listen = "{b}:{boot}"
+upstream = "127.0.0.1:{tansu_port}"
+upstream_tls = false
+advertise_host = "{front}"
+broker_ports = "{first}-{last}"
+port_assignment = "node_id"
+"""
+        instances.append(daemon(config, name=f"instance-{i}.toml"))
+    # The cluster was down when they started: nothing learned, and said so.
+    for i, d in enumerate(instances):
+        assert wait_for(lambda: "cannot ask the cluster for its brokers" in (tmp_path / f"instance-{i}.log").read_text())
+        assert d.metric("mskdns_proxy_broker_ports") == 0
+    closing(Tansu(tmp_path, port=tansu_port))
+    # A client reaching a broker port of an instance that has relayed no metadata: the instance
+    # asks the cluster then. Of the range's ports exactly one is the broker's (ApiVersions is
+    # answered there); the others are closed.
+    time.sleep(1.1)  # an instance asks the cluster at most once a second
+    answered = []
+    for p in range(first, last + 1):
+        with socket.create_connection((backends[1], p), timeout=10) as s:
+            s.sendall((10).to_bytes(4, "big") + b"\x00\x12\x00\x00\x00\x00\x00\x01\xff\xff")
+            try:
+                if len(s.recv(8)) == 8:
+                    answered.append(p)
+            except ConnectionResetError:
+                pass  # closed with the request unread
+    assert len(answered) == 1, answered
+    assert instances[1].metric("mskdns_proxy_broker_ports") == 1
+    assert instances[1].metric("mskdns_proxy_connections_rejected_total", reason="unknown_broker") == last - first
+    closing(LoadBalancer(tmp_path, front, [boot, *range(first, last + 1)], backends))
+    result = confluent(f"{front}:{boot}", None, f"t-{uuid.uuid4().hex[:8]}", 2000)
+    assert result["values"] == [f"record-{i:05d}" for i in range(2000)]
+    assert result["committed"] == 2000
+    # One broker, at the same port from either instance.
+    (broker,) = result["brokers"]
+    assert broker == f"{front}:{answered[0]}"
+    for d in instances:
+        assert d.metric("mskdns_proxy_connections_total", listener="bootstrap") >= 1
+        assert d.metric("mskdns_proxy_connections_total", listener="broker") >= 1
+        assert d.metric("mskdns_proxy_port_collisions_total") == 0
