@@ -208,6 +208,23 @@ async fn read_client_hello<S: AsyncRead + Unpin>(
     }
 }
 
+/// The front of a connection as the proxy reads it, from any byte stream, without the `allow`
+/// checks: the PROXY header when `proxy_protocol`, then the ClientHello's server name, and the
+/// bytes to be sent on (the fuzz target's entry; `Err` is the reason the connection would close).
+pub async fn parse_front<S: AsyncRead + Unpin>(
+    sock: &mut S,
+    proxy_protocol: bool,
+    max: usize,
+) -> Result<(Option<proxy_protocol::Origin>, Option<String>, Vec<u8>), String> {
+    let origin = match proxy_protocol {
+        true => Some(proxy_protocol::read(sock).await.map_err(|e| e.to_string())?),
+        false => None,
+    };
+    let mut buf = Vec::with_capacity(2048);
+    let name = read_client_hello(sock, &mut buf, max).await.map_err(|e| e.to_string())?;
+    Ok((origin, name, buf))
+}
+
 /// What the front of the connection said: who the client is and which name it wants.
 struct Front {
     client: SocketAddr,

@@ -387,7 +387,7 @@ def wait_for(predicate, timeout=10, interval=0.1):
 class ClientHost:
     """A client host for the tests: a network namespace the test creates, joined to this one by a
     veth pair (this side `host_ip` and the spare `host_ips`, its side `ip`), whose /etc/resolv.conf
-    names `nameserver` (several: `nameserver`s, asked in turn).
+    names `nameserver` (default `host_ip`; `resolvers` sets several, asked in turn).
     Programs run in it with `ip netns exec`, which mounts /etc/netns/<name>/resolv.conf over
     /etc/resolv.conf: they resolve through the system resolver, as on a user's host."""
 

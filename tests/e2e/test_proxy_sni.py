@@ -379,3 +379,30 @@ port_assignment = "node_id"
         assert d.metric("mskdns_proxy_connections_total", listener="bootstrap") >= 1
         assert d.metric("mskdns_proxy_connections_total", listener="broker") >= 1
         assert d.metric("mskdns_proxy_port_collisions_total") == 0
+
+
+def test_a_forward_target_is_asked_for_the_broker_and_the_next_address_tried(daemon, tmp_path):
+    """The cluster's target is a resolver in its own VPC (here nsd, authoritative for MSK's
+    private zone): the proxy asks it for the broker's name and connects to what it answers; of
+    two addresses, one refuses connections and the other is the broker."""
+    from conftest import Nsd
+
+    broker = EchoBroker(tmp_path)
+    zone = f"""$ORIGIN kafka.us-east-1.amazonaws.com.
+$TTL 60
+@ IN SOA ns hostmaster 1 3600 600 86400 30
+@ IN NS ns
+ns IN A 192.0.2.53
+{NAME.removesuffix(".kafka.us-east-1.amazonaws.com")} IN A 127.0.0.11
+{NAME.removesuffix(".kafka.us-east-1.amazonaws.com")} IN A {BROKER_IP}
+"""
+    own = Nsd(tmp_path, zone="kafka.us-east-1.amazonaws.com", text=zone, probe="ns.kafka.us-east-1.amazonaws.com.")
+    try:
+        text = config(broker.port).replace(f'addresses = ["{BROKER_IP}"]', f'forward = ["127.0.0.1:{own.port}"]')
+        d = daemon(text)
+        for _ in range(4):
+            assert ask(broker.ca.file, NAME, broker.port) == b"ping\n"
+        assert broker.accepted == 4
+        assert d.metric("mskdns_proxy_sni_connections_total", outcome="routed") == 4
+    finally:
+        own.stop()
