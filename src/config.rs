@@ -172,7 +172,7 @@ impl Config {
             return Err(ConfigError::invalid("log.level", format!("`{}` is not a log filter", self.log.level)));
         }
         clusters::validate_clusters("clusters", &self.clusters)?;
-        clusters::validate_views(&self.views, &self.dns.listen)?;
+        clusters::validate_views(&self.views, &self.dns.all_listeners())?;
         if self.aws.refresh_secs == 0 {
             return Err(ConfigError::invalid("aws.refresh_secs", "must be at least 1"));
         }

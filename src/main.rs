@@ -71,7 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Explain { name, client, listener }) = &cli.command {
         let index = match listener {
             Some(l) => Some(
-                config.dns.listen.iter().position(|a| a == l).with_context(|| format!("{l} is not in dns.listen"))?,
+                config.dns.all_listeners().iter().position(|a| a == l).with_context(|| format!("{l} is not a dns listener"))?,
             ),
             None => None,
         };

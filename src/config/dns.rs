@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use ipnet::IpNet;
@@ -48,6 +49,27 @@ pub struct DnsConfig {
     /// UDP receive threads per listen address; 0: one per CPU we may run on. All but the first
     /// run at idle priority (they use spare CPU only).
     pub udp_threads: usize,
+    /// DNS over TLS (RFC 7858) on each address (853 is its port); needs `tls_cert` and `tls_key`.
+    pub listen_dot: Vec<SocketAddr>,
+    /// DNS over HTTPS (RFC 8484; HTTP/2 and HTTP/1.1 by ALPN) on each address; needs the pair too.
+    pub listen_doh: Vec<SocketAddr>,
+    /// The certificate chain and key (PEM) of the DoT and DoH listeners; re-read when they change.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The DoH path (RFC 8484's example, the one clients assume).
+    pub doh_path: String,
+    /// A DoT or DoH client must finish its TLS handshake this soon.
+    pub tls_handshake_timeout_ms: u64,
+    /// HTTP/2 streams one DoH connection may have open at once.
+    pub doh_max_streams: u32,
+}
+
+impl DnsConfig {
+    /// Every listener a query can arrive on, in the order of their indices: `listen`, then
+    /// `listen_dot`, then `listen_doh` (views name any of them in `listeners`).
+    pub fn all_listeners(&self) -> Vec<SocketAddr> {
+        self.listen.iter().chain(&self.listen_dot).chain(&self.listen_doh).copied().collect()
+    }
 }
 
 impl DnsConfig {
@@ -83,6 +105,13 @@ impl Default for DnsConfig {
                 .map(|n| n.parse().expect("built-in network"))
                 .collect(),
             cookie_secret: None,
+            listen_dot: Vec::new(),
+            listen_doh: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            doh_path: "/dns-query".into(),
+            tls_handshake_timeout_ms: 5_000,
+            doh_max_streams: 100,
         }
     }
 }
@@ -229,6 +258,19 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
 pub(super) fn validate(d: &DnsConfig, c: &CacheConfig) -> Result<(), ConfigError> {
     if d.listen.is_empty() {
         return Err(ConfigError::invalid("dns.listen", "at least one address is needed"));
+    }
+    if !(d.listen_dot.is_empty() && d.listen_doh.is_empty()) && (d.tls_cert.is_none() || d.tls_key.is_none()) {
+        let key = if d.tls_cert.is_none() { "dns.tls_cert" } else { "dns.tls_key" };
+        return Err(ConfigError::invalid(key, "dns.listen_dot and dns.listen_doh need dns.tls_cert and dns.tls_key"));
+    }
+    if !d.doh_path.starts_with('/') || d.doh_path.contains(['?', '#']) {
+        return Err(ConfigError::invalid("dns.doh_path", "must be an absolute path without query or fragment"));
+    }
+    if d.tls_handshake_timeout_ms == 0 {
+        return Err(ConfigError::invalid("dns.tls_handshake_timeout_ms", "must be at least 1"));
+    }
+    if !(1..=10_000).contains(&d.doh_max_streams) {
+        return Err(ConfigError::invalid("dns.doh_max_streams", "must be between 1 and 10000"));
     }
     if !(512..=4096).contains(&d.max_udp_payload) {
         return Err(ConfigError::invalid("dns.max_udp_payload", "must be between 512 and 4096"));

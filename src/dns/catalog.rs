@@ -225,7 +225,8 @@ impl Catalog {
             affinity: AzAffinity::Off,
             selector: "no view selects this client or listener".into(),
         }];
-        let mut by_listener = vec![0; config.dns.listen.len()];
+        let listeners = config.dns.all_listeners();
+        let mut by_listener = vec![0; listeners.len()];
         let mut by_client = Vec::new();
         for (vi, v) in config.views.iter().enumerate() {
             let mut clusters = top.clone();
@@ -236,7 +237,7 @@ impl Catalog {
             }
             let index = views.len();
             for l in &v.listeners {
-                for (li, addr) in config.dns.listen.iter().enumerate() {
+                for (li, addr) in listeners.iter().enumerate() {
                     if addr == l {
                         by_listener[li] = index;
                     }

@@ -20,6 +20,23 @@ use crate::config::Config;
 pub enum Transport {
     Udp,
     Tcp,
+    /// DNS over TLS (RFC 7858).
+    Dot,
+    /// DNS over HTTPS (RFC 8484).
+    Doh,
+}
+
+impl Transport {
+    const ALL: [Transport; 4] = [Transport::Udp, Transport::Tcp, Transport::Dot, Transport::Doh];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Dot => "dot",
+            Transport::Doh => "doh",
+        }
+    }
 }
 
 /// Where a query came from: the client, and which `dns.listen` entry it arrived on.
@@ -65,6 +82,8 @@ struct Outcomes {
     cache_misses: metrics::Counter,
     prefetches: metrics::Counter,
     panics: metrics::Counter,
+    /// Queries by transport, in the order of [`Transport::ALL`].
+    queries: [metrics::Counter; 4],
 }
 
 impl Outcomes {
@@ -90,6 +109,7 @@ impl Outcomes {
             cache_misses: metrics::counter!("mskdns_cache_misses_total"),
             prefetches: metrics::counter!("mskdns_cache_prefetches_total"),
             panics: metrics::counter!("mskdns_panics_total", "where" => "dns"),
+            queries: Transport::ALL.map(|t| metrics::counter!("mskdns_queries_total", "transport" => t.label())),
         }
     }
 }
@@ -165,6 +185,7 @@ impl Engine {
     /// Answers what can be answered without waiting on the network. A panic on the way is
     /// answered SERVFAIL, counted and logged: it never takes the listener down.
     pub fn handle(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+        self.outcomes.queries[from.transport as usize].increment(1);
         match crate::panic::catch(|| self.answer_now(pkt, from, out)) {
             Ok(h) => h,
             Err(e) => self.panicked(pkt, from, out, &e),
@@ -437,7 +458,7 @@ impl Snapshot {
             // Room for the COOKIE option added at the end.
             Transport::Udp if q.cookie.is_some() => q.udp_limit(self.max_payload) - cookie::OPTION_LEN,
             Transport::Udp => q.udp_limit(self.max_payload),
-            Transport::Tcp => u16::MAX as usize,
+            Transport::Tcp | Transport::Dot | Transport::Doh => u16::MAX as usize,
         }
     }
 

@@ -175,47 +175,119 @@ pub async fn serve_tcp(
     }
 }
 
+/// Queries of one connection being resolved at once; past it, the next query is read only when
+/// one of them is answered (RFC 7766 section 6.2.1.1: answers go out as they are ready).
+pub const TCP_INFLIGHT_PER_CONNECTION: usize = 64;
+
 async fn tcp_connection(
     engine: &Arc<Engine>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     listener: usize,
     limits: TcpLimits,
 ) -> io::Result<()> {
     let from = Origin { client: peer.ip(), listener, transport: Transport::Tcp };
+    let (rd, wr) = stream.into_split();
+    stream_connection(engine, rd, wr, from, limits).await
+}
+
+/// One answer at a time on a connection's write side, from the reader (cache hits, our own
+/// answers) and from the misses resolving beside it.
+struct Writer<W> {
+    half: tokio::sync::Mutex<(W, Vec<u8>)>,
+    timeout: Duration,
+    /// Set when a write failed or timed out: the connection is over.
+    failed: CancellationToken,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
+    async fn send(&self, answer: &[u8]) -> io::Result<()> {
+        let mut guard = self.half.lock().await;
+        let (half, framed) = &mut *guard;
+        framed.clear();
+        framed.extend_from_slice(&(answer.len() as u16).to_be_bytes());
+        framed.extend_from_slice(answer);
+        let r = match tokio::time::timeout(self.timeout, half.write_all(framed)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read its answers")),
+        };
+        if r.is_err() {
+            self.failed.cancel();
+        }
+        r
+    }
+}
+
+/// Length-prefixed queries on a stream (TCP, or DoT once TLS is up), answered out of order:
+/// hits at once, misses each in a task of their own, at most [`TCP_INFLIGHT_PER_CONNECTION`].
+/// When the client stops sending (end of stream or idle), the answers still due are sent first.
+pub async fn stream_connection<R, W>(
+    engine: &Arc<Engine>,
+    mut rd: R,
+    wr: W,
+    from: Origin,
+    limits: TcpLimits,
+) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let writer =
+        Arc::new(Writer { half: tokio::sync::Mutex::new((wr, Vec::with_capacity(4098))), timeout: limits.write_timeout, failed: CancellationToken::new() });
+    let inflight = Arc::new(Semaphore::new(TCP_INFLIGHT_PER_CONNECTION));
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(4096);
-    let mut framed = Vec::with_capacity(4098);
-    loop {
+    let ended = loop {
         // Only a complete query moves the deadline: a trickle of bytes or empty messages does not.
         let deadline = tokio::time::Instant::now() + limits.idle_timeout;
-        let len = match tokio::time::timeout_at(deadline, stream.read_u16()).await {
-            Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::InvalidData, "zero-length message")),
-            Ok(Ok(len)) => len as usize,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Ok(()),
+        let read = async {
+            let len = match tokio::time::timeout_at(deadline, rd.read_u16()).await {
+                Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::InvalidData, "zero-length message")),
+                Ok(Ok(len)) => len as usize,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(None),
+            };
+            tokio::time::timeout_at(deadline, rd.read_exact(&mut buf[..len]))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
+            Ok(Some(len))
         };
-        tokio::time::timeout_at(deadline, stream.read_exact(&mut buf[..len]))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
+        let len = tokio::select! {
+            r = read => match r {
+                Ok(Some(len)) => len,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            },
+            _ = writer.failed.cancelled() => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "writing an answer failed")),
+        };
         let pkt = &buf[..len];
-        let handled = match engine.handle(pkt, from, &mut out) {
-            Handled::Miss => engine.resolve(pkt, from, &mut out).await,
+        match engine.handle(pkt, from, &mut out) {
+            Handled::Reply => writer.send(&out).await?,
             Handled::ReplyAndPrefetch => {
+                writer.send(&out).await?;
                 let (engine, pkt) = (engine.clone(), pkt.to_vec());
                 tokio::spawn(async move { engine.prefetch(&pkt, from).await });
-                Handled::Reply
             }
-            h => h,
-        };
-        if handled == Handled::Reply {
-            framed.clear();
-            framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
-            framed.extend_from_slice(&out);
-            tokio::time::timeout(limits.write_timeout, stream.write_all(&framed))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read its answers"))??;
+            Handled::Miss => {
+                // At the cap, stop reading until a miss is answered: the client waits, not memory.
+                let Ok(permit) = inflight.clone().acquire_owned().await else { break Ok(()) };
+                let (engine, writer, pkt) = (engine.clone(), writer.clone(), pkt.to_vec());
+                tokio::spawn(async move {
+                    let mut out = Vec::with_capacity(512);
+                    if engine.resolve(&pkt, from, &mut out).await == Handled::Reply {
+                        let _ = writer.send(&out).await;
+                    }
+                    drop(permit);
+                });
+            }
+            _ => {}
         }
+    };
+    // The client is done sending (or broke the framing): the answers it is owed still go out.
+    tokio::select! {
+        _ = inflight.acquire_many(TCP_INFLIGHT_PER_CONNECTION as u32) => {}
+        _ = writer.failed.cancelled() => {}
     }
+    ended
 }

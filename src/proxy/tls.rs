@@ -36,6 +36,10 @@ fn err(key: &'static str, path: &Path, e: impl std::fmt::Display) -> TlsError {
 pub struct Terminator {
     cert: PathBuf,
     key: PathBuf,
+    /// The config keys the files came from, for errors.
+    keys: (&'static str, &'static str),
+    /// ALPN protocols offered, in order of preference (empty: none).
+    alpn: Vec<Vec<u8>>,
     acceptor: ArcSwap<TlsAcceptor>,
     stamps: std::sync::Mutex<Stamps>,
 }
@@ -49,11 +53,23 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
 
 impl Terminator {
     pub fn load(cert: &Path, key: &Path) -> Result<Terminator, TlsError> {
+        Terminator::load_with(cert, key, ("tls_cert", "tls_key"), Vec::new())
+    }
+
+    /// As [`Terminator::load`], with the files' config keys and the ALPN protocols to offer.
+    pub fn load_with(
+        cert: &Path,
+        key: &Path,
+        keys: (&'static str, &'static str),
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Terminator, TlsError> {
         let stamps = [stamp(cert), stamp(key)];
-        let config = server_config(cert, key)?;
+        let config = server_config(cert, key, keys, &alpn)?;
         Ok(Terminator {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            keys,
+            alpn,
             acceptor: ArcSwap::from_pointee(TlsAcceptor::from(config)),
             stamps: std::sync::Mutex::new(stamps),
         })
@@ -73,7 +89,7 @@ impl Terminator {
         // Either way, do not retry the same files every tick: the next change is tried again.
         *seen = now;
         drop(seen);
-        let config = server_config(&self.cert, &self.key)?;
+        let config = server_config(&self.cert, &self.key, self.keys, &self.alpn)?;
         self.acceptor.store(Arc::new(TlsAcceptor::from(config)));
         Ok(true)
     }
@@ -96,12 +112,18 @@ fn load_pair(cert: &Path, key: &Path, keys: (&'static str, &'static str)) -> Res
     Ok(Pair { chain, key: private })
 }
 
-fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let pair = load_pair(cert, key, ("tls_cert", "tls_key"))?;
-    let config = ServerConfig::builder()
+fn server_config(
+    cert: &Path,
+    key: &Path,
+    keys: (&'static str, &'static str),
+    alpn: &[Vec<u8>],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let pair = load_pair(cert, key, keys)?;
+    let mut config = ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(pair.chain, pair.key)
-        .map_err(|e| err("tls_key", key, format!("does not match tls_cert: {e}")))?;
+        .map_err(|e| err(keys.1, key, format!("does not match {}: {e}", keys.0)))?;
+    config.alpn_protocols = alpn.to_vec();
     Ok(Arc::new(config))
 }
 
