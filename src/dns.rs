@@ -1,8 +1,9 @@
-//! The DNS service: wire format, what we answer ourselves, the cache, the upstreams, the listeners (a batched UDP fast path, TCP on tokio).
+//! The DNS service: wire format, what we answer ourselves, the cache, the upstreams, the listeners (a batched UDP fast path; TCP, DoT and DoH on tokio).
 
 pub mod cache;
 pub mod catalog;
 pub mod cookie;
+pub mod doh;
 pub mod engine;
 pub mod forward;
 pub mod ratelimit;

@@ -48,6 +48,26 @@ pub enum StartError {
     BindAdmin { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
+    #[error("dns.{key} {addr}: {source}")]
+    BindSecure { key: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Tls(#[from] proxy::tls::TlsError),
+}
+
+/// The TLS pairs of the DoT and DoH listeners (`dns.tls_cert`, `dns.tls_key`), loaded; `None`
+/// when neither kind of listener is configured. ALPN: `dot` (RFC 7858), `h2` and `http/1.1`.
+pub fn dns_terminators(
+    config: &Config,
+) -> Result<Option<(proxy::tls::Terminator, proxy::tls::Terminator)>, proxy::tls::TlsError> {
+    let d = &config.dns;
+    let (Some(cert), Some(key)) = (&d.tls_cert, &d.tls_key) else { return Ok(None) };
+    if d.listen_dot.is_empty() && d.listen_doh.is_empty() {
+        return Ok(None);
+    }
+    let keys = ("dns.tls_cert", "dns.tls_key");
+    let dot = proxy::tls::Terminator::load_with(cert, key, keys, vec![b"dot".to_vec()])?;
+    let doh = proxy::tls::Terminator::load_with(cert, key, keys, vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
+    Ok(Some((dot, doh)))
 }
 
 /// Everything bound and built, not yet serving.
@@ -55,6 +75,8 @@ pub struct Server {
     engine: Arc<Engine>,
     control: Arc<Control>,
     listeners: Vec<Listener>,
+    /// DoT then DoH listeners, in the order of `dns.listen_dot` and `dns.listen_doh`.
+    secure: Vec<(tokio::net::TcpListener, server::Secure)>,
     admin: tokio::net::TcpListener,
     tcp_limits: TcpLimits,
     udp_threads: usize,
@@ -84,6 +106,25 @@ impl Server {
             .iter()
             .map(|&addr| server::bind(addr).map_err(|source| StartError::BindDns { addr, source }))
             .collect::<Result<_, _>>()?;
+        let mut secure = Vec::new();
+        if let Some((dot, doh)) = dns_terminators(config)? {
+            let handshake_timeout = Duration::from_millis(config.dns.tls_handshake_timeout_ms);
+            let settings = Arc::new(dns::doh::DohSettings {
+                path: config.dns.doh_path.clone(),
+                max_streams: config.dns.doh_max_streams,
+            });
+            let kinds = [
+                ("listen_dot", &config.dns.listen_dot, Arc::new(dot), None),
+                ("listen_doh", &config.dns.listen_doh, Arc::new(doh), Some(settings)),
+            ];
+            for (key, addrs, terminator, doh) in kinds {
+                for &addr in addrs {
+                    let l = server::bind_stream(addr).map_err(|source| StartError::BindSecure { key, addr, source })?;
+                    let s = server::Secure { terminator: terminator.clone(), handshake_timeout, doh: doh.clone() };
+                    secure.push((l, s));
+                }
+            }
+        }
         let addr = config.admin.listen;
         let admin = std::net::TcpListener::bind(addr)
             .and_then(|l| {
@@ -118,6 +159,7 @@ impl Server {
             engine,
             control,
             listeners,
+            secure,
             admin,
             tcp_limits,
             udp_threads: config.dns.udp_threads(),
@@ -135,6 +177,14 @@ impl Server {
     /// The DNS addresses actually bound (UDP and TCP share each).
     pub fn dns_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// The DoT (`"dot"`) and DoH (`"doh"`) addresses actually bound.
+    pub fn secure_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
+        self.secure
+            .iter()
+            .filter_map(|(l, s)| Some((if s.doh.is_some() { "doh" } else { "dot" }, l.local_addr().ok()?)))
+            .collect()
     }
 
     /// Each `[[proxies]]` block's client-facing addresses, as bound (a bootstrap listener, or
@@ -172,6 +222,39 @@ impl Server {
         tracing::info!(open_files = nofile, inflight = limit, "limits");
         let inflight = Arc::new(tokio::sync::Semaphore::new(limit));
         let mut threads = Vec::new();
+        let first_secure = self.listeners.len();
+        let mut terminators: Vec<Arc<proxy::tls::Terminator>> = Vec::new();
+        for (i, (l, secure)) in self.secure.into_iter().enumerate() {
+            if !terminators.iter().any(|t| Arc::ptr_eq(t, &secure.terminator)) {
+                terminators.push(secure.terminator.clone());
+            }
+            let listener = first_secure + i;
+            let kind = if secure.doh.is_some() { "doh" } else { "dot" };
+            let serve = server::serve_tcp(
+                self.engine.clone(),
+                l,
+                listener,
+                self.tcp_limits,
+                Some(secure),
+                shutdown.clone(),
+                tasks.clone(),
+            );
+            let (health, shutdown) = (self.health.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                let ended = panic::guarded(serve).await;
+                if !shutdown.is_cancelled() {
+                    let why = match ended {
+                        Ok(()) => "the accept loop ended".to_string(),
+                        Err(e) => format!("the accept loop panicked: {e}"),
+                    };
+                    tracing::error!(listener, "{kind}: {why}");
+                    health.set_lost(&format!("dns {kind} listener {listener}"), Some(why));
+                }
+            });
+        }
+        if !terminators.is_empty() {
+            tasks.spawn(watch_dns_certificates(terminators, shutdown.clone()));
+        }
         for (listener, l) in self.listeners.into_iter().enumerate() {
             let sock = Arc::new(l.udp);
             for index in 0..self.udp_threads {
@@ -199,6 +282,7 @@ impl Server {
                 l.tcp,
                 listener,
                 self.tcp_limits,
+                None,
                 shutdown.clone(),
                 tasks.clone(),
             );
@@ -270,6 +354,26 @@ impl Server {
         let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(?grace, "tasks still running at the end of the shutdown grace period");
+        }
+    }
+}
+
+/// Picks up a renewed `dns.tls_cert`/`dns.tls_key` pair; one that does not load keeps the previous.
+async fn watch_dns_certificates(terminators: Vec<Arc<proxy::tls::Terminator>>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(proxy::tls::WATCH_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for t in &terminators {
+            match t.refresh() {
+                Ok(true) => tracing::info!("dns.tls_cert reloaded: new DoT/DoH connections use it"),
+                Ok(false) => {}
+                Err(e) => {
+                    metrics::counter!("mskdns_tls_reload_errors_total", "listener" => "dns").increment(1);
+                    tracing::error!(error = %e, "dns TLS certificate not reloaded: the previous one stays");
+                }
+            }
         }
     }
 }

@@ -64,6 +64,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let config = Config::load(Some(file))?;
         mskdns::dns::catalog::Catalog::from_config(&config)?;
         mskdns::proxy::check_tls(&config.proxies)?;
+        mskdns::dns_terminators(&config)?;
         println!("{}: ok ({} clusters, {} zones)", file.display(), config.clusters.len(), config.zones.len());
         return Ok(());
     }
@@ -71,7 +72,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Explain { name, client, listener }) = &cli.command {
         let index = match listener {
             Some(l) => Some(
-                config.dns.all_listeners().iter().position(|a| a == l).with_context(|| format!("{l} is not a dns listener"))?,
+                config
+                    .dns
+                    .all_listeners()
+                    .iter()
+                    .position(|a| a == l)
+                    .with_context(|| format!("{l} is not a dns listener"))?,
             ),
             None => None,
         };
@@ -95,6 +101,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Bound addresses on stdout, one per line, then `ready`: tests and scripts read these.
         for addr in server.dns_addrs() {
             println!("listening dns {addr}");
+        }
+        for (kind, addr) in server.secure_addrs() {
+            println!("listening {kind} {addr}");
         }
         for addr in server.proxy_addrs() {
             println!("listening proxy {addr}");

@@ -192,7 +192,10 @@ pub(super) fn validate_views(views: &[ViewConfig], listen: &[SocketAddr]) -> Res
         }
         for (j, l) in v.listeners.iter().enumerate() {
             if !listen.contains(l) {
-                return Err(ConfigError::invalid(key(&format!("listeners[{j}]")), format!("{l} is not in dns.listen, dns.listen_dot or dns.listen_doh")));
+                return Err(ConfigError::invalid(
+                    key(&format!("listeners[{j}]")),
+                    format!("{l} is not in dns.listen, dns.listen_dot or dns.listen_doh"),
+                ));
             }
             let other = views[..i].iter().find(|o| o.listeners.contains(l));
             if let Some(o) = other {

@@ -115,22 +115,44 @@ pub struct TcpLimits {
     pub write_timeout: Duration,
 }
 
-/// Accepts TCP connections until `shutdown`; each serves length-prefixed queries in order.
-/// Clients outside `dns.allow` are closed at accept, before anything is read.
+/// TLS on a stream listener: DNS over TLS, or DNS over HTTPS when `doh` is set.
+#[derive(Clone)]
+pub struct Secure {
+    pub terminator: Arc<crate::proxy::tls::Terminator>,
+    pub handshake_timeout: Duration,
+    pub doh: Option<Arc<super::doh::DohSettings>>,
+}
+
+impl Secure {
+    fn transport(&self) -> Transport {
+        if self.doh.is_some() { Transport::Doh } else { Transport::Dot }
+    }
+}
+
+/// Binds a TCP listener for DoT or DoH (port 0: any free port).
+pub fn bind_stream(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(tcp_listener(addr)?.into())
+}
+
+/// Accepts connections until `shutdown`: plain TCP (`secure` unset), DoT or DoH; each serves
+/// its queries as they come (answers out of order). Clients outside `dns.allow` are closed at
+/// accept, before anything is read or any handshake is done. Limits are per listener.
 pub async fn serve_tcp(
     engine: Arc<Engine>,
     listener: TcpListener,
     index: usize,
     limits: TcpLimits,
+    secure: Option<Secure>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let transport = secure.as_ref().map_or(Transport::Tcp, Secure::transport);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_client: Arc<PerClient> = Arc::default();
-    let rejected =
-        |reason: &'static str| metrics::counter!("mskdns_tcp_connections_rejected_total", "reason" => reason);
+    let rejected = |reason: &'static str| metrics::counter!("mskdns_tcp_connections_rejected_total", "reason" => reason, "transport" => transport.label());
     let (over_limit, over_client, not_allowed) = (rejected("limit"), rejected("per_client"), rejected("not_allowed"));
-    let active = metrics::gauge!("mskdns_tcp_connections_active");
+    let active = metrics::gauge!("mskdns_tcp_connections_active", "transport" => transport.label());
+    let handshake_errors = metrics::counter!("mskdns_tls_handshake_errors_total", "transport" => transport.label());
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -157,21 +179,54 @@ pub async fn serve_tcp(
             over_limit.increment(1);
             continue;
         };
-        let (engine, shutdown, active) = (engine.clone(), shutdown.clone(), active.clone());
+        let (engine, shutdown, active, secure) = (engine.clone(), shutdown.clone(), active.clone(), secure.clone());
+        let handshake_errors = handshake_errors.clone();
         active.increment(1.0);
         tasks.spawn(async move {
+            let _held = (permit, slot, Active(active));
             let _ = stream.set_nodelay(true);
+            let from = Origin { client: peer.ip(), listener: index, transport };
+            let serve = async {
+                let Some(secure) = secure else { return tcp_connection(&engine, stream, peer, index, limits).await };
+                let accepted =
+                    tokio::time::timeout(secure.handshake_timeout, secure.terminator.acceptor().accept(stream));
+                let tls = match accepted.await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        handshake_errors.increment(1);
+                        return Err(io::Error::new(e.kind(), format!("TLS handshake: {e}")));
+                    }
+                    Err(_) => {
+                        handshake_errors.increment(1);
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake not done in time"));
+                    }
+                };
+                match secure.doh {
+                    Some(settings) => super::doh::connection(engine.clone(), tls, from, settings, limits).await,
+                    None => {
+                        let (rd, wr) = tokio::io::split(tls);
+                        stream_connection(&engine, rd, wr, from, limits).await
+                    }
+                }
+            };
             tokio::select! {
-                r = tcp_connection(&engine, stream, peer, index, limits) => {
+                r = serve => {
                     if let Err(e) = r {
-                        tracing::debug!(error = %e, %peer, "tcp connection ended");
+                        tracing::debug!(error = %e, %peer, transport = transport.label(), "connection ended");
                     }
                 }
                 _ = shutdown.cancelled() => {}
             }
-            active.decrement(1.0);
-            drop((permit, slot));
         });
+    }
+}
+
+/// One connection in the active gauge for as long as its task lives (a panic included).
+struct Active(metrics::Gauge);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -232,8 +287,11 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let writer =
-        Arc::new(Writer { half: tokio::sync::Mutex::new((wr, Vec::with_capacity(4098))), timeout: limits.write_timeout, failed: CancellationToken::new() });
+    let writer = Arc::new(Writer {
+        half: tokio::sync::Mutex::new((wr, Vec::with_capacity(4098))),
+        timeout: limits.write_timeout,
+        failed: CancellationToken::new(),
+    });
     let inflight = Arc::new(Semaphore::new(TCP_INFLIGHT_PER_CONNECTION));
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(4096);

@@ -282,6 +282,27 @@ pub fn skip_rr(pkt: &[u8], pos: usize) -> Option<RrPos> {
     })
 }
 
+/// The smallest TTL of the answer and authority records of a response (the OPT record, in the
+/// additional section, is not looked at); `None` when there are none or the message is short.
+/// DoH's `Cache-Control: max-age` (RFC 8484 section 5.1).
+pub fn min_ttl(msg: &[u8]) -> Option<u32> {
+    if msg.len() < 12 {
+        return None;
+    }
+    let mut pos = 12;
+    for _ in 0..be16(msg, 4) {
+        pos = skip_name(msg, pos)? + 4;
+    }
+    let records = be16(msg, 6) as usize + be16(msg, 8) as usize;
+    let mut min: Option<u32> = None;
+    for _ in 0..records {
+        let rr = skip_rr(msg, pos)?;
+        min = Some(min.map_or(rr.ttl, |m| m.min(rr.ttl)));
+        pos = rr.end;
+    }
+    min
+}
+
 #[inline]
 pub fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])

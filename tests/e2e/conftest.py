@@ -54,6 +54,8 @@ class Daemon:
             preexec_fn=preexec_fn,
         )
         self.dns = []
+        self.dot = []
+        self.doh = []
         self.proxies = []
         self.admin = None
         deadline = time.time() + 30
@@ -66,6 +68,9 @@ class Daemon:
             if words[:2] == ["listening", "dns"]:
                 host, port = words[2].rsplit(":", 1)
                 self.dns.append((host.strip("[]"), int(port)))
+            elif words[:2] in (["listening", "dot"], ["listening", "doh"]):
+                host, port = words[2].rsplit(":", 1)
+                getattr(self, words[1]).append((host.strip("[]"), int(port)))
             elif words[:2] == ["listening", "proxy"]:
                 host, port = words[2].rsplit(":", 1)
                 self.proxies.append((host.strip("[]"), int(port)))
