@@ -81,7 +81,7 @@ where
         tokio::select! {
             r = conn.as_mut() => return r.map_err(io::Error::other),
             _ = tokio::time::sleep(check) => {
-                let quiet = epoch.elapsed().as_millis() as u64 - activity.last.load(Ordering::Relaxed);
+                let quiet = (epoch.elapsed().as_millis() as u64).saturating_sub(activity.last.load(Ordering::Relaxed));
                 if activity.open.load(Ordering::Relaxed) == 0 && quiet >= limits.idle_timeout.as_millis() as u64 {
                     break;
                 }
