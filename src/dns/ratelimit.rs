@@ -47,7 +47,9 @@ impl RateLimiter {
 
     pub fn check(&self, client: IpAddr) -> Verdict {
         let bucket = &self.buckets[self.index(client)];
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        // From 1, so that a used bucket never packs to 0, the mark of one never used (an empty
+        // bucket within the first millisecond was refilled as new).
+        let now_ms = self.epoch.elapsed().as_millis() as u64 + 1;
         let full = (self.burst as u64 * 1000).min((1 << 24) - 1);
         let mut current = bucket.load(Ordering::Relaxed);
         loop {
