@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -24,6 +24,9 @@ use super::wire;
 const DNS_MESSAGE: &str = "application/dns-message";
 /// The largest DNS message: a request body (or a decoded `dns` parameter) past it gets 413.
 pub const MAX_MESSAGE: usize = 65_535;
+/// How much of a body over [`MAX_MESSAGE`] is read and dropped before the 413; a declared
+/// length past it gets the 413 at once.
+const DRAIN_MAX: usize = 256 * 1024;
 /// Request headers, in all, per request (HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE; HTTP/1.1's buffer).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
@@ -141,16 +144,30 @@ async fn message(settings: &DohSettings, req: Request<Incoming>) -> Result<Bytes
                 return Err(plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be application/dns-message\n"));
             }
             let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > MAX_MESSAGE as u64) {
+            if declared.is_some_and(|n| n > DRAIN_MAX as u64) {
                 return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, "DNS message too large\n"));
             }
-            match Limited::new(req.into_body(), MAX_MESSAGE).collect().await {
-                Ok(body) => Ok(body.to_bytes()),
-                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                    Err(plain(StatusCode::PAYLOAD_TOO_LARGE, "DNS message too large\n"))
+            // A body over the cap is read on (up to DRAIN_MAX) and dropped, so that the client has
+            // sent it all when the 413 comes: an HTTP/2 client still sending would see a reset.
+            let mut body = req.into_body();
+            let (mut kept, mut seen) = (Vec::new(), 0usize);
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return Err(plain(StatusCode::BAD_REQUEST, "the request body did not arrive whole\n"));
+                };
+                if let Ok(data) = frame.into_data() {
+                    seen += data.len();
+                    if seen <= MAX_MESSAGE {
+                        kept.extend_from_slice(&data);
+                    } else if seen > DRAIN_MAX {
+                        break;
+                    }
                 }
-                Err(_) => Err(plain(StatusCode::BAD_REQUEST, "the request body did not arrive whole\n")),
             }
+            if seen > MAX_MESSAGE {
+                return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, "DNS message too large\n"));
+            }
+            Ok(Bytes::from(kept))
         }
         _ => {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n");
