@@ -186,16 +186,21 @@ addresses = ["{BROKER_IP}"]
 mode = "sni"
 listen = ["{front}:{port}"]
 """)
-    return f"{name}:{port}", start_mskdns(mskdns, cfg, procs, log)
+    return f"{name}:{port}", start_mskdns(mskdns, cfg, procs, log)[0]
 
 
 def start_mskdns(mskdns, cfg, procs, log):
-    """Starts mskdns on `cfg`, waits until it is ready; its pid."""
+    """Starts mskdns on `cfg` and waits until it is ready: (its pid, the first proxy address it
+    printed, or None)."""
     p = subprocess.Popen([mskdns, "--config", str(cfg)], stdout=subprocess.PIPE, stderr=log, text=True)
     procs.procs.append(p)
+    boot = None
     for line in p.stdout:
+        words = line.split()
+        if words[:2] == ["listening", "proxy"] and boot is None:
+            boot = words[2]
         if line.strip() == "ready":
-            return p.pid
+            return p.pid, boot
     raise RuntimeError("mskdns did not become ready")
 
 
@@ -254,18 +259,10 @@ advertise_host = "127.0.0.1"
 broker_ports = "{first}-{first + 9}"
 upstream_tls = false
 """ + (f'tls_cert = "{work / "pki" / "bench.pem"}"\ntls_key = "{work / "pki" / "bench-key.pem"}"\n' if tls else ""))
-    p = subprocess.Popen([mskdns, "--config", str(cfg)], stdout=subprocess.PIPE, stderr=log, text=True)
-    procs.procs.append(p)
-    boot = None
-    for line in p.stdout:
-        words = line.split()
-        if words[:2] == ["listening", "proxy"]:
-            boot = words[2]
-        if line.strip() == "ready":
-            break
+    pid, boot = start_mskdns(mskdns, cfg, procs, log)
     if boot is None:
         raise RuntimeError("mskdns printed no proxy address")
-    return boot, p.pid
+    return boot, pid
 
 
 def client(boot, conf):

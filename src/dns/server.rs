@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -187,7 +187,10 @@ pub async fn serve_tcp(
             let _ = stream.set_nodelay(true);
             let from = Origin { client: peer.ip(), listener: index, transport };
             let serve = async {
-                let Some(secure) = secure else { return tcp_connection(&engine, stream, peer, index, limits).await };
+                let Some(secure) = secure else {
+                    let (rd, wr) = stream.into_split();
+                    return stream_connection(&engine, rd, wr, from, limits).await;
+                };
                 let accepted =
                     tokio::time::timeout(secure.handshake_timeout, secure.terminator.acceptor().accept(stream));
                 let tls = match accepted.await {
@@ -233,18 +236,6 @@ impl Drop for Active {
 /// Queries of one connection being resolved at once; past it, the next query is read only when
 /// one of them is answered (RFC 7766 section 6.2.1.1: answers go out as they are ready).
 pub const TCP_INFLIGHT_PER_CONNECTION: usize = 64;
-
-async fn tcp_connection(
-    engine: &Arc<Engine>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    listener: usize,
-    limits: TcpLimits,
-) -> io::Result<()> {
-    let from = Origin { client: peer.ip(), listener, transport: Transport::Tcp };
-    let (rd, wr) = stream.into_split();
-    stream_connection(engine, rd, wr, from, limits).await
-}
 
 /// One answer at a time on a connection's write side, from the reader (cache hits, our own
 /// answers) and from the misses resolving beside it.
