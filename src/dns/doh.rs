@@ -4,8 +4,10 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -15,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::engine::{Engine, Handled, Origin};
 use super::server::TcpLimits;
@@ -29,6 +31,104 @@ pub const MAX_MESSAGE: usize = 65_535;
 const DRAIN_MAX: usize = 256 * 1024;
 /// Request headers, in all, per request (HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE; HTTP/1.1's buffer).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Bytes buffered under a DoH connection's TLS: the records written between two flushes leave
+/// in one write (see [`FrameCut`]).
+pub const WRITE_BUFFER: usize = 16 * 1024;
+
+/// An HTTP/2 server's output, with a TLS record ending after each frame that ends a stream, so
+/// that no record carries more than one response. The bytes are the same; only where records
+/// end changes.
+///
+/// hyper hands TLS every frame that is ready in one write, which TLS seals into one record of
+/// many responses. nghttp2 clients that take one response per read and wait for the socket
+/// before the next (dnsperf 2.10 among them) leave the rest of such a record unread until more
+/// bytes arrive, and time those answers out. Servers that write each frame on its own (unbound)
+/// never meet this. Ending records here keeps one write per flush: the TCP side below TLS is
+/// buffered ([`WRITE_BUFFER`]).
+pub struct FrameCut<S> {
+    inner: S,
+    /// Off for HTTP/1.1, whose output is not framed this way.
+    on: bool,
+    frames: Frames,
+}
+
+/// Where the output stands in the HTTP/2 frame it is in (frames are a 9-byte header, then as
+/// many bytes of payload as the header's first three bytes say).
+#[derive(Debug, Clone, Copy, Default)]
+struct Frames {
+    head: [u8; 9],
+    /// Header bytes of the current frame seen so far (9: the header is whole).
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// The current frame is DATA or HEADERS with END_STREAM.
+    ends: bool,
+}
+
+impl Frames {
+    /// Moves over `buf`, stopping right after a frame that ends a stream; returns the bytes moved over.
+    fn advance(&mut self, buf: &[u8]) -> usize {
+        let mut i = 0;
+        while i < buf.len() {
+            if self.have < 9 {
+                let k = (9 - self.have).min(buf.len() - i);
+                self.head[self.have..self.have + k].copy_from_slice(&buf[i..i + k]);
+                self.have += k;
+                i += k;
+                if self.have < 9 {
+                    break;
+                }
+                let h = self.head;
+                self.left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                self.ends = matches!(h[3], 0 | 1) && h[4] & 1 != 0;
+            }
+            let k = self.left.min(buf.len() - i);
+            self.left -= k;
+            i += k;
+            if self.left == 0 {
+                self.have = 0;
+                if self.ends {
+                    break;
+                }
+            }
+        }
+        i
+    }
+}
+
+impl<S> FrameCut<S> {
+    pub fn new(inner: S, http2: bool) -> Self {
+        FrameCut { inner, on: http2, frames: Frames::default() }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FrameCut<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FrameCut<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.on {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        let upto = this.frames.clone().advance(buf);
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..upto]))?;
+        this.frames.advance(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// What a DoH listener needs beside the engine.
 #[derive(Debug, Clone)]
@@ -215,6 +315,104 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::super::wire::min_ttl;
+    use super::{FrameCut, Frames};
+    use tokio::io::AsyncWriteExt;
+
+    /// An HTTP/2 frame: 9-byte header, then the payload.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Records each write it is given, as TLS would seal each into records of its own.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl tokio::io::AsyncWrite for Writes {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            // At most 50 bytes at a time, so that frames also arrive cut at odd places.
+            let n = buf.len().min(50);
+            self.get_mut().0.push(buf[..n].to_vec());
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_ends_after_each_frame_that_ends_a_stream() {
+        // Two responses (HEADERS, then DATA with END_STREAM), a SETTINGS ACK between them, a
+        // bodiless response (HEADERS with END_STREAM), and a long DATA frame that ends its stream.
+        let (h1, d1) = (frame(1, 4, 1, &[0x88; 20]), frame(0, 1, 1, &[7; 60]));
+        let ack = frame(4, 1, 0, &[]);
+        let (h3, d3) = (frame(1, 4, 3, &[0x88; 5]), frame(0, 1, 3, &[9; 30]));
+        let h5 = frame(1, 5, 5, &[0x89; 3]);
+        let d7 = frame(0, 1, 7, &[1; 120]);
+        let all: Vec<u8> = [&h1[..], &d1, &ack, &h3, &d3, &h5, &d7].concat();
+        let mut cut = FrameCut::new(Writes::default(), true);
+        cut.write_all(&all).await.unwrap();
+        let writes = cut.inner.0;
+        assert_eq!(writes.concat(), all, "the bytes are unchanged");
+        // Where writes end: after d1 (a SETTINGS ACK's flag is not END_STREAM), after d3, after
+        // h5, after d7; and every 50 bytes as the writer takes them.
+        let mut ends = vec![];
+        let mut at = 0;
+        for w in &writes {
+            at += w.len();
+            ends.push(at);
+        }
+        let boundaries = [h1.len() + d1.len(), h1.len() + d1.len() + ack.len() + h3.len() + d3.len()];
+        let after_h5 = boundaries[1] + h5.len();
+        for b in [boundaries[0], boundaries[1], after_h5, all.len()] {
+            assert!(ends.contains(&b), "a write ends at {b}: {ends:?}");
+        }
+        // No write spans two responses.
+        for w in writes.iter().scan(0, |at, w| {
+            let start = *at;
+            *at += w.len();
+            Some((start, *at))
+        }) {
+            for b in [boundaries[0], boundaries[1], after_h5] {
+                assert!(!(w.0 < b && b < w.1), "write {w:?} spans the end of a response at {b}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn http1_output_passes_as_written() {
+        let mut cut = FrameCut::new(Writes::default(), false);
+        cut.write_all(&[0u8; 40]).await.unwrap();
+        assert_eq!(cut.inner.0.len(), 1);
+    }
+
+    #[test]
+    fn frames_track_headers_split_across_writes() {
+        let f = [frame(0, 1, 1, &[1; 3]), frame(0, 0, 3, &[2; 2])].concat();
+        let mut st = Frames::default();
+        // The header arrives in two pieces, then the payload.
+        assert_eq!(st.advance(&f[..4]), 4);
+        assert_eq!(st.advance(&f[4..9]), 5);
+        // Stops after the END_STREAM frame, not at the end of the buffer.
+        assert_eq!(st.advance(&f[9..]), 3);
+        assert_eq!(st.advance(&f[12..]), f.len() - 12);
+    }
 
     #[test]
     fn min_ttl_over_answer_and_authority() {

@@ -191,22 +191,18 @@ pub async fn serve_tcp(
                     let (rd, wr) = stream.into_split();
                     return stream_connection(&engine, rd, wr, from, limits).await;
                 };
-                let accepted =
-                    tokio::time::timeout(secure.handshake_timeout, secure.terminator.acceptor().accept(stream));
-                let tls = match accepted.await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        handshake_errors.increment(1);
-                        return Err(io::Error::new(e.kind(), format!("TLS handshake: {e}")));
+                match secure.doh.clone() {
+                    Some(settings) => {
+                        // TLS records are gathered below TLS and leave in one write per flush
+                        // (see doh::FrameCut for why a record carries at most one response).
+                        let io = tokio::io::BufWriter::with_capacity(super::doh::WRITE_BUFFER, stream);
+                        let tls = handshake(&secure, io, &handshake_errors).await?;
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let tls = super::doh::FrameCut::new(tls, h2);
+                        super::doh::connection(engine.clone(), tls, from, settings, limits).await
                     }
-                    Err(_) => {
-                        handshake_errors.increment(1);
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake not done in time"));
-                    }
-                };
-                match secure.doh {
-                    Some(settings) => super::doh::connection(engine.clone(), tls, from, settings, limits).await,
                     None => {
+                        let tls = handshake(&secure, stream, &handshake_errors).await?;
                         let (rd, wr) = tokio::io::split(tls);
                         stream_connection(&engine, rd, wr, from, limits).await
                     }
@@ -221,6 +217,28 @@ pub async fn serve_tcp(
                 _ = shutdown.cancelled() => {}
             }
         });
+    }
+}
+
+/// The server side of a TLS handshake, bounded by the listener's handshake timeout.
+async fn handshake<IO>(
+    secure: &Secure,
+    io: IO,
+    errors: &metrics::Counter,
+) -> io::Result<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(secure.handshake_timeout, secure.terminator.acceptor().accept(io)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => {
+            errors.increment(1);
+            Err(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
+        }
+        Err(_) => {
+            errors.increment(1);
+            Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake not done in time"))
+        }
     }
 }
 
