@@ -137,6 +137,7 @@ impl Server {
             max_per_client: config.dns.max_tcp_connections_per_client,
             idle_timeout: Duration::from_millis(config.dns.tcp_idle_timeout_ms),
             write_timeout: Duration::from_millis(config.dns.tcp_write_timeout_ms),
+            nodelay: config.dns.tcp_nodelay,
         };
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let proxies = proxy::bind_all(&config.proxies, &engine, &tasks, &shutdown.child_token())?;

@@ -78,11 +78,24 @@ fn stamps(path: &Path, config: &Config) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
+/// What the TCP, DoT and DoH listeners took at start.
+fn stream_keys(d: &crate::config::DnsConfig) -> impl PartialEq + '_ {
+    (
+        (d.max_tcp_connections, d.max_tcp_connections_per_client, d.tcp_idle_timeout_ms, d.tcp_write_timeout_ms),
+        d.tcp_nodelay,
+        (&d.listen_dot, &d.listen_doh, &d.tls_cert, &d.tls_key, &d.doh_path),
+        (d.tls_handshake_timeout_ms, d.doh_max_streams),
+    )
+}
+
 /// Keys whose new value needs new sockets or a new logger.
 fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     if old.dns.udp_threads != new.dns.udp_threads {
         keys.push("dns.udp_threads");
+    }
+    if stream_keys(&old.dns) != stream_keys(&new.dns) {
+        keys.push("dns TCP, DoT and DoH listeners (tcp_*, max_tcp_connections*, listen_dot, listen_doh, tls_*, doh_*)");
     }
     if old.admin.listen != new.admin.listen {
         keys.push("admin.listen");
@@ -94,4 +107,29 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
         keys.push("proxies");
     }
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restart_only;
+    use crate::config::Config;
+
+    #[test]
+    fn listener_settings_are_named_as_needing_a_restart() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.dns.upstream_timeout_ms += 1;
+        assert!(restart_only(&old, &new).is_empty(), "applied on reload");
+        for change in [
+            |c: &mut Config| c.dns.tcp_nodelay = false,
+            |c: &mut Config| c.dns.tcp_idle_timeout_ms = 1,
+            |c: &mut Config| c.dns.doh_max_streams = 7,
+            |c: &mut Config| c.dns.listen_dot = vec!["127.0.0.1:0".parse().unwrap()],
+        ] {
+            let mut new = old.clone();
+            change(&mut new);
+            let keys = restart_only(&old, &new);
+            assert!(keys.len() == 1 && keys[0].contains("tcp_*"), "{keys:?}");
+        }
+    }
 }

@@ -31,6 +31,10 @@ pub struct DnsConfig {
     pub tcp_idle_timeout_ms: u64,
     /// How long writing one answer to a TCP client may take before the connection is closed.
     pub tcp_write_timeout_ms: u64,
+    /// TCP_NODELAY on TCP and DoT connections (answers leave at once). Off, Nagle's algorithm
+    /// holds an answer while the one before it is unacknowledged: less CPU per query, more
+    /// latency. DoH connections always have it.
+    pub tcp_nodelay: bool,
     /// Misses resolving at once (each holds a socket); 0: from the open-file limit, at most 16384.
     pub max_inflight: usize,
     /// UDP responses per second per client prefix; 0: no limit. Over it, responses are dropped
@@ -94,6 +98,7 @@ impl Default for DnsConfig {
             max_tcp_connections_per_client: 64,
             tcp_idle_timeout_ms: 10_000,
             tcp_write_timeout_ms: 5_000,
+            tcp_nodelay: true,
             max_inflight: 0,
             udp_threads: 0,
             rate_limit: 2000,

@@ -113,6 +113,8 @@ pub struct TcpLimits {
     pub max_per_client: usize,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    /// TCP_NODELAY on TCP and DoT connections (DoH always has it).
+    pub nodelay: bool,
 }
 
 /// TLS on a stream listener: DNS over TLS, or DNS over HTTPS when `doh` is set.
@@ -184,7 +186,7 @@ pub async fn serve_tcp(
         active.increment(1.0);
         tasks.spawn(async move {
             let _held = (permit, slot, Active(active));
-            let _ = stream.set_nodelay(true);
+            let _ = stream.set_nodelay(limits.nodelay || transport == Transport::Doh);
             let from = Origin { client: peer.ip(), listener: index, transport };
             let serve = async {
                 let Some(secure) = secure else {
