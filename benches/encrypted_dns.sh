@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# DoT and DoH throughput and CPU per query: mskdns against unbound (built with nghttp2) and dnsdist,
-# in one run, with the shared harness's workloads (msk: cluster names, fwd: forwarded names cached).
+# DoT and DoH throughput and CPU per query: mskdns against unbound (built with nghttp2), dnsdist and
+# knot-resolver, in one run, with the shared harness's workloads (msk: cluster names, fwd: forwarded names cached).
 # As in ../shared/bench/run.sh: the server pinned to CPU 1, dnsperf (-m dot / -m doh) to CPU 0, nsd
 # as the upstream on loopback; max qps, then the server's CPU µs/query at a fixed RATE.
 # A self-signed certificate made for the run (dnsperf does not verify it).
-# usage: benches/encrypted_dns.sh [seconds] [server...]   (servers: unbound dnsdist project)
+# usage: benches/encrypted_dns.sh [seconds] [server...]   (servers: unbound dnsdist kresd project
+#        project-nagle; project-nagle is mskdns with dns.tcp_nodelay = false, as unbound's TCP and DoT)
 # env: MSKDNS_BIN (default target/release/mskdns), RATE (default 10000), MODES (default "dot doh")
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench}
 W=${BENCH_WORK:-/tmp/bench-enc}; SECS=${1:-10}; shift || true
-SERVERS=${*:-unbound dnsdist project}
+SERVERS=${*:-unbound dnsdist kresd project project-nagle}
 MODES=${MODES:-dot doh}
-need="dnsperf:dnsperf nsd:nsd unbound:unbound dnsdist:dnsdist dig:bind9-dnsutils openssl:openssl"
+need="dnsperf:dnsperf nsd:nsd unbound:unbound dnsdist:dnsdist kresd:knot-resolver dig:bind9-dnsutils kdig:knot-dnsutils openssl:openssl"
 missing=$(for p in $need; do command -v "${p%%:*}" >/dev/null || echo "${p#*:}"; done)
 if [ -n "$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null || { echo "install failed: $missing" >&2; exit 1; }; fi
 mkdir -p "$W"; [ -f "$W/msk.txt" ] || python3 "$SHARED/gen.py" "$W" >/dev/null
+awk '{print $2, $1}' "$W/msk-records.txt" > "$W/hosts"
 PORT=15353; DOT=15853; DOH=15443; UP=15300; RATE=${RATE:-10000}
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
   -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$W/key.pem" -out "$W/cert.pem" 2>/dev/null
@@ -67,17 +69,31 @@ for c in json.load(open(sys.argv[1])):
 P
     } > "$W/dnsdist.conf"
     taskset -c 1 dnsdist --supervised --disable-syslog -C "$W/dnsdist.conf" >"$W/dnsdist.log" 2>&1 & ;;
-  project)
-    python3 - "$W/clusters.json" $PORT $UP $DOT $DOH "$W" > "$W/mskdns.toml" <<'P'
+  kresd)
+    mkdir -p "$W/kresd"
+    cat > "$W/kresd.conf" <<C
+net.listen('127.0.0.1', $PORT, { kind = 'dns' })
+net.listen('127.0.0.1', $DOT, { kind = 'tls' })
+net.listen('127.0.0.1', $DOH, { kind = 'doh2' })
+net.tls('$W/cert.pem', '$W/key.pem')
+modules.load('hints > iterate')
+hints.add_hosts('$W/hosts')
+policy.add(policy.suffix(policy.STUB({'127.0.0.1@$UP'}), {todname('bench.test.')}))
+cache.size = 100 * MB
+C
+    taskset -c 1 kresd -n -c "$W/kresd.conf" "$W/kresd" >"$W/kresd.log" 2>&1 & ;;
+  project|project-nagle)
+    python3 - "$W/clusters.json" $PORT $UP $DOT $DOH "$W" "$1" > "$W/mskdns.toml" <<'P'
 import json, sys
-cs, port, up, dot, doh, w = json.load(open(sys.argv[1])), *sys.argv[2:]
+cs, port, up, dot, doh, w, which = json.load(open(sys.argv[1])), *sys.argv[2:]
 print(f'[dns]\nlisten = ["127.0.0.1:{port}"]\nupstreams = ["127.0.0.1:{up}"]\nlisten_dot = ["127.0.0.1:{dot}"]')
+print(f'tcp_nodelay = {"false" if which == "project-nagle" else "true"}')
 print(f'listen_doh = ["127.0.0.1:{doh}"]\ntls_cert = "{w}/cert.pem"\ntls_key = "{w}/key.pem"\n')
 for c in cs:
     ips = ", ".join(f'"{i}"' for i in c["ips"])
     print(f'[[clusters]]\nbootstrap = "boot-{c["id"]}.{c["shard"]}.kafka-serverless.{c["region"]}.amazonaws.com"\naddresses = [{ips}]\nttl = 300\n')
 P
-    taskset -c 1 "${MSKDNS_BIN:-$ROOT/target/release/mskdns}" --config "$W/mskdns.toml" >"$W/project.log" 2>&1 & ;;
+    taskset -c 1 "${MSKDNS_BIN:-$ROOT/target/release/mskdns}" --config "$W/mskdns.toml" >"$W/$1.log" 2>&1 & ;;
   esac
   echo $! > "$W/server.pid"; sleep 2
 }
@@ -87,9 +103,10 @@ perf() { # $1 mode, $2 query file -> max qps, latency, loss; then CPU µs/query 
   taskset -c 0 dnsperf -m "$1" -s 127.0.0.1 -p $port -d "$2" -l "$SECS" -c 8 -q 200 -t 2 2>&1 |
     awk '/Queries per second/{q=$4} /Average Latency/{l=$4} /Queries lost/{lost=$3" "$4} END{printf "%8.0f qps  avg %.6f s  lost %-12s", q, l, lost}'
   local t0 t1 tick sent; tick=$(getconf CLK_TCK); t0=$(cpu_ticks "$pid")
-  sent=$(taskset -c 0 dnsperf -m "$1" -s 127.0.0.1 -p $port -d "$2" -l "$SECS" -c 8 -q 200 -t 2 -Q "$RATE" 2>&1 | awk '/Queries completed/{print $3}')
+  out=$(taskset -c 0 dnsperf -m "$1" -s 127.0.0.1 -p $port -d "$2" -l "$SECS" -c 8 -q 200 -t 2 -Q "$RATE" 2>&1)
   t1=$(cpu_ticks "$pid")
-  awk -v a="$t0" -v b="$t1" -v n="$sent" -v k="$tick" 'BEGIN{printf "  cpu %.2f us/query at fixed rate\n", (b-a)/k*1e6/n}'
+  sent=$(echo "$out" | awk '/Queries completed/{print $3}'); lat=$(echo "$out" | awk '/Average Latency/{print $4; exit}')
+  awk -v a="$t0" -v b="$t1" -v n="$sent" -v k="$tick" -v l="$lat" 'BEGIN{printf "  cpu %.2f us/query at fixed rate (avg %.3f ms)\n", (b-a)/k*1e6/n, l*1000}'
 }
 printf '%-8s %-4s %-4s %s\n' server mode load result
 for s in $SERVERS; do
