@@ -364,21 +364,31 @@ async fn connect_any(shared: &Shared, addrs: &[IpAddr], port: u16, name: &str) -
     None
 }
 
-/// Copies both ways until both sides are done, either side is idle `idle` long, or shutdown;
-/// returns the bytes sent each way (to the broker, to the client).
+/// Moves bytes both ways until both sides are done, either fails, either side is idle `idle`
+/// long, or shutdown; returns the bytes sent each way (to the broker, to the client). On Linux
+/// the bytes go socket to socket through a pipe per direction (splice(2)) and never enter user
+/// space; elsewhere, or with no file descriptors left for the pipes, through 16 KiB buffers.
 async fn splice(client: TcpStream, broker: TcpStream, idle: Duration, shutdown: &CancellationToken) -> (u64, u64) {
     let last = Arc::new(AtomicU64::new(0));
     let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let epoch = Instant::now();
-    let mut c = Touch { inner: client, last: last.clone(), bytes: up.clone(), epoch };
-    let mut b = Touch { inner: broker, last: last.clone(), bytes: down.clone(), epoch };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, SPLICE_BUF, SPLICE_BUF);
-    tokio::pin!(copy);
+    let moved = async {
+        #[cfg(target_os = "linux")]
+        if let (Ok(p1), Ok(p2)) = (zero_copy::Pipe::new(), zero_copy::Pipe::new()) {
+            let to_broker = zero_copy::one_way(&client, &broker, &p1, Activity { bytes: &up, last: &last, epoch });
+            let to_client = zero_copy::one_way(&broker, &client, &p2, Activity { bytes: &down, last: &last, epoch });
+            return tokio::try_join!(to_broker, to_client).map(|_| ());
+        }
+        let mut c = Touch { inner: client, last: last.clone(), bytes: up.clone(), epoch };
+        let mut b = Touch { inner: broker, last: last.clone(), bytes: down.clone(), epoch };
+        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, SPLICE_BUF, SPLICE_BUF).await.map(|_| ())
+    };
+    tokio::pin!(moved);
     let quiet =
         || Duration::from_millis((epoch.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed)));
     loop {
         tokio::select! {
-            r = &mut copy => {
+            r = &mut moved => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "connection closed");
                 }
@@ -394,6 +404,91 @@ async fn splice(client: TcpStream, broker: TcpStream, idle: Duration, shutdown: 
         }
     }
     (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+}
+
+/// Where one direction counts its bytes and notes its last activity (for the idle timeout).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+struct Activity<'a> {
+    bytes: &'a AtomicU64,
+    last: &'a AtomicU64,
+    epoch: Instant,
+}
+
+#[cfg(target_os = "linux")]
+mod zero_copy {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::sync::atomic::Ordering;
+
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    use super::Activity;
+
+    /// Bytes asked for per splice: the pipe's default capacity (16 pages).
+    const CHUNK: usize = 64 * 1024;
+
+    /// A non-blocking pipe: the kernel buffer bytes pass through between two sockets.
+    pub struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    impl Pipe {
+        pub fn new() -> io::Result<Pipe> {
+            let mut fds = [0; 2];
+            // SAFETY: pipe2 fills the two-element array it is given.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: both descriptors were just opened and are owned by nothing else.
+            Ok(unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } })
+        }
+    }
+
+    fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+        // SAFETY: plain system call on descriptors the caller holds open; no offsets.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    }
+
+    /// Moves what `src` sends to `dst` until `src` ends, then half-closes `dst` (as
+    /// `copy_bidirectional` does). The pipe is empty whenever `src` is read, so an EAGAIN from
+    /// reading means `src` has nothing and one from writing means `dst` is full.
+    pub async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, seen: Activity<'_>) -> io::Result<()> {
+        loop {
+            src.readable().await?;
+            let n = match src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            seen.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            seen.last.store(seen.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let mut left = n;
+            while left > 0 {
+                dst.writable().await?;
+                match dst.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(k) => left -= k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+        Ok(())
+    }
 }
 
 /// A stream that counts what it reads and notes when (for the idle timeout).
@@ -440,5 +535,71 @@ impl AsyncWrite for Touch {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn splice_moves_every_byte_both_ways_and_passes_half_closes_on() {
+        let (mut client, client_side) = pair().await;
+        let (broker_side, mut broker) = pair().await;
+        let shutdown = CancellationToken::new();
+        let relay =
+            tokio::spawn(
+                async move { super::splice(client_side, broker_side, Duration::from_secs(10), &shutdown).await },
+            );
+        // 3 MiB up with a pattern, half-closed; the broker answers 1 MiB after reading it all.
+        let up: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let sent = up.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        broker.read_to_end(&mut got).await.unwrap();
+        assert!(got == up, "the broker got {} bytes, not the {} sent", got.len(), up.len());
+        let down: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 241) as u8).collect();
+        broker.write_all(&down).await.unwrap();
+        broker.shutdown().await.unwrap();
+        let back = writer.await.unwrap();
+        assert!(back == down, "the client got {} bytes back", back.len());
+        assert_eq!(relay.await.unwrap(), (up.len() as u64, down.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn splice_ends_when_a_side_resets() {
+        let (client, client_side) = pair().await;
+        let (broker_side, broker) = pair().await;
+        let shutdown = CancellationToken::new();
+        let relay =
+            tokio::spawn(
+                async move { super::splice(client_side, broker_side, Duration::from_secs(10), &shutdown).await },
+            );
+        // A reset from the broker (linger 0): the relay ends, and the client sees the end.
+        socket2::SockRef::from(&broker).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(broker);
+        let mut client = client;
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("the relay ended");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        tokio::time::timeout(Duration::from_secs(5), relay).await.expect("the relay ended").unwrap();
     }
 }
