@@ -26,7 +26,7 @@ cargo nextest run --locked --no-fail-fast
 # long runs are recorded in docs/fuzzing.md). New inputs go to a scratch copy of the corpus.
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 scratch=$(mktemp -d)
-for t in request upstream_response config kafka_frame sni_front; do
+for t in request upstream_response config kafka_frame sni_front doh; do
   mkdir -p "$scratch/$t"
   (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" "$scratch/$t" "corpus/$t" -- -max_total_time="${FUZZ_SECS:-20}" 2>&1 | tail -n 3)
 done
