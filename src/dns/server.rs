@@ -257,8 +257,16 @@ impl Drop for Active {
 /// one of them is answered (RFC 7766 section 6.2.1.1: answers go out as they are ready).
 pub const TCP_INFLIGHT_PER_CONNECTION: usize = 64;
 
-/// One answer at a time on a connection's write side, from the reader (cache hits, our own
-/// answers) and from the misses resolving beside it.
+/// Bytes read ahead from a TCP or DoT client: a pipelining client's queries come in with one read.
+pub const TCP_READ_BUFFER: usize = 16 * 1024;
+
+/// Answers gathered while more queries are already read, written in one go (one write, one
+/// segment or TLS record) once no complete query is left in the read buffer or past this size.
+/// This is what Nagle's algorithm would buy without its wait: a lone query is answered at once.
+pub const TCP_ANSWER_BATCH: usize = 16 * 1024;
+
+/// One write at a time on a connection's write side, from the reader (cache hits and our own
+/// answers, gathered) and from the misses resolving beside it.
 struct Writer<W> {
     half: tokio::sync::Mutex<(W, Vec<u8>)>,
     timeout: Duration,
@@ -267,13 +275,28 @@ struct Writer<W> {
 }
 
 impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
+    /// One answer, framed here.
     async fn send(&self, answer: &[u8]) -> io::Result<()> {
         let mut guard = self.half.lock().await;
         let (half, framed) = &mut *guard;
         framed.clear();
-        framed.extend_from_slice(&(answer.len() as u16).to_be_bytes());
-        framed.extend_from_slice(answer);
-        let r = match tokio::time::timeout(self.timeout, half.write_all(framed)).await {
+        push_framed(framed, answer);
+        self.write(half, framed).await
+    }
+
+    /// Answers framed by the caller.
+    async fn send_framed(&self, framed: &[u8]) -> io::Result<()> {
+        let mut guard = self.half.lock().await;
+        self.write(&mut guard.0, framed).await
+    }
+
+    async fn write(&self, half: &mut W, bytes: &[u8]) -> io::Result<()> {
+        let r = match tokio::time::timeout(self.timeout, async {
+            half.write_all(bytes).await?;
+            half.flush().await
+        })
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read its answers")),
         };
@@ -284,12 +307,23 @@ impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
     }
 }
 
+/// An answer with its two-byte length in front (RFC 1035 section 4.2.2).
+fn push_framed(out: &mut Vec<u8>, answer: &[u8]) {
+    out.extend_from_slice(&(answer.len() as u16).to_be_bytes());
+    out.extend_from_slice(answer);
+}
+
+/// Whether `buffered` starts with a whole length-prefixed message.
+fn holds_message(buffered: &[u8]) -> bool {
+    buffered.len() >= 2 && buffered.len() - 2 >= usize::from(u16::from_be_bytes([buffered[0], buffered[1]]))
+}
+
 /// Length-prefixed queries on a stream (TCP, or DoT once TLS is up), answered out of order:
 /// hits at once, misses each in a task of their own, at most [`TCP_INFLIGHT_PER_CONNECTION`].
 /// When the client stops sending (end of stream or idle), the answers still due are sent first.
 pub async fn stream_connection<R, W>(
     engine: &Arc<Engine>,
-    mut rd: R,
+    rd: R,
     wr: W,
     from: Origin,
     limits: TcpLimits,
@@ -304,9 +338,16 @@ where
         failed: CancellationToken::new(),
     });
     let inflight = Arc::new(Semaphore::new(TCP_INFLIGHT_PER_CONNECTION));
+    let mut rd = tokio::io::BufReader::with_capacity(TCP_READ_BUFFER, rd);
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(4096);
+    let mut batch = Vec::with_capacity(TCP_ANSWER_BATCH);
     let ended = loop {
+        // Gathered answers leave before the reader would wait for the client.
+        if !batch.is_empty() && (batch.len() >= TCP_ANSWER_BATCH || !holds_message(rd.buffer())) {
+            writer.send_framed(&batch).await?;
+            batch.clear();
+        }
         // Only a complete query moves the deadline: a trickle of bytes or empty messages does not.
         let deadline = tokio::time::Instant::now() + limits.idle_timeout;
         let read = async {
@@ -332,14 +373,18 @@ where
         };
         let pkt = &buf[..len];
         match engine.handle(pkt, from, &mut out) {
-            Handled::Reply => writer.send(&out).await?,
+            Handled::Reply => push_framed(&mut batch, &out),
             Handled::ReplyAndPrefetch => {
-                writer.send(&out).await?;
+                push_framed(&mut batch, &out);
                 let (engine, pkt) = (engine.clone(), pkt.to_vec());
                 tokio::spawn(async move { engine.prefetch(&pkt, from).await });
             }
             Handled::Miss => {
                 // At the cap, stop reading until a miss is answered: the client waits, not memory.
+                if inflight.available_permits() == 0 && !batch.is_empty() {
+                    writer.send_framed(&batch).await?;
+                    batch.clear();
+                }
                 let Ok(permit) = inflight.clone().acquire_owned().await else { break Ok(()) };
                 let (engine, writer, pkt) = (engine.clone(), writer.clone(), pkt.to_vec());
                 tokio::spawn(async move {
@@ -353,10 +398,138 @@ where
             _ => {}
         }
     };
+    if !batch.is_empty() {
+        writer.send_framed(&batch).await?;
+    }
     // The client is done sending (or broke the framing): the answers it is owed still go out.
     tokio::select! {
         _ = inflight.acquire_many(TCP_INFLIGHT_PER_CONNECTION as u32) => {}
         _ = writer.failed.cancelled() => {}
     }
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::dns::engine::Transport;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    const BOOT: &str = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com.";
+
+    fn engine() -> Arc<Engine> {
+        let config = Config::parse_toml(&format!(
+            r#"
+            [dns]
+            upstreams = ["127.0.0.1:9"]
+            allow = ["127.0.0.0/8"]
+            rate_limit = 0
+            [[clusters]]
+            bootstrap = "{}"
+            addresses = ["10.1.0.10"]
+            "#,
+            BOOT.trim_end_matches('.')
+        ))
+        .unwrap();
+        Engine::from_config(&config).unwrap()
+    }
+
+    fn framed_query(id: u16) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii(BOOT).unwrap(), RecordType::A));
+        let wire = m.to_vec().unwrap();
+        let mut out = Vec::new();
+        push_framed(&mut out, &wire);
+        out
+    }
+
+    /// Splits length-prefixed answers; each one's id and its A records.
+    fn answers(mut bytes: &[u8]) -> Vec<(u16, Vec<String>)> {
+        let mut seen = Vec::new();
+        while !bytes.is_empty() {
+            let len = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+            let m = Message::from_vec(&bytes[2..2 + len]).unwrap();
+            let ips =
+                m.answers.iter().filter_map(|r| if let RData::A(a) = &r.data { Some(a.to_string()) } else { None });
+            seen.push((m.metadata.id, ips.collect()));
+            bytes = &bytes[2 + len..];
+        }
+        seen
+    }
+
+    fn limits() -> TcpLimits {
+        TcpLimits {
+            max_connections: 1,
+            max_per_client: 1,
+            idle_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            nodelay: true,
+        }
+    }
+
+    fn origin() -> Origin {
+        Origin { client: [127, 0, 0, 1].into(), listener: 0, transport: Transport::Tcp }
+    }
+
+    /// Records every write call it gets.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl tokio::io::AsyncWrite for Writes {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(b.to_vec());
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_queries_read_together_are_answered_in_one_write() {
+        let queries: Vec<u8> = (1..=40).flat_map(framed_query).collect();
+        let writes = Writes::default();
+        stream_connection(&engine(), &queries[..], writes.clone(), origin(), limits()).await.unwrap();
+        let writes = writes.0.lock().unwrap().clone();
+        assert_eq!(writes.len(), 1, "one write for the 40 answers");
+        let got = answers(&writes[0]);
+        assert_eq!(got.iter().map(|a| a.0).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
+        assert!(got.iter().all(|a| a.1 == ["10.1.0.10"]));
+    }
+
+    #[tokio::test]
+    async fn a_lone_query_is_answered_before_the_next_one_is_sent() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(server);
+        let engine = engine();
+        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await });
+        for id in [7, 8] {
+            client.write_all(&framed_query(id)).await.unwrap();
+            let len = client.read_u16().await.unwrap();
+            let mut answer = vec![0; usize::from(len)];
+            client.read_exact(&mut answer).await.unwrap();
+            let mut framed = Vec::new();
+            push_framed(&mut framed, &answer);
+            assert_eq!(answers(&framed), [(id, vec!["10.1.0.10".to_string()])]);
+        }
+        drop(client);
+        served.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_message_is_whole_only_with_its_length_and_every_byte() {
+        assert!(!holds_message(&[]));
+        assert!(!holds_message(&[0]));
+        assert!(!holds_message(&[0, 3, 1, 2]));
+        assert!(holds_message(&[0, 3, 1, 2, 3]));
+        assert!(holds_message(&[0, 0]));
+    }
 }
