@@ -513,9 +513,15 @@ mod tests {
         let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await });
         for id in [7, 8] {
             client.write_all(&framed_query(id)).await.unwrap();
-            let len = client.read_u16().await.unwrap();
-            let mut answer = vec![0; usize::from(len)];
-            client.read_exact(&mut answer).await.unwrap();
+            // An answer held back for a next query would never come: fail instead of hanging.
+            let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                let len = client.read_u16().await?;
+                let mut answer = vec![0; usize::from(len)];
+                client.read_exact(&mut answer).await.map(|_| answer)
+            })
+            .await
+            .expect("answered without a next query")
+            .unwrap();
             let mut framed = Vec::new();
             push_framed(&mut framed, &answer);
             assert_eq!(answers(&framed), [(id, vec!["10.1.0.10".to_string()])]);
