@@ -21,7 +21,13 @@ Throughput: confluent-kafka producing 1 KiB records (acks=all, linger.ms=5) as f
 Latency: one 1 KiB record at a time (produce, then flush), so each sample is one round trip.
 The three variants run interleaved, `--rounds` times; the table shows the median of the rounds.
 
-usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls] [--sni] [--only-sni]
+With --pin, the client and the broker share CPU 0 and the middle has CPU 1 to itself (a proxy runs
+on a host of its own in deployment); without it, everything shares both CPUs and the middle's CPU
+comes out of the client's and the broker's.
+
+MSKDNS_BIN_B names a second build, measured in the same run as `mskdns-sni-b`.
+
+usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls] [--sni] [--only-sni] [--pin]
        (MSKDNS_BIN: default target/release/mskdns; build it with cargo build --release)
 """
 import argparse
@@ -66,8 +72,8 @@ class Procs:
     def __init__(self):
         self.procs = []
 
-    def start(self, argv, log):
-        p = subprocess.Popen(argv, stdout=log, stderr=log)
+    def start(self, argv, log, middle=False):
+        p = subprocess.Popen(argv, stdout=log, stderr=log, preexec_fn=pinned(middle))
         self.procs.append(p)
         return p
 
@@ -80,6 +86,17 @@ class Procs:
                 except subprocess.TimeoutExpired:
                     p.kill()
         self.procs.clear()
+
+
+# With --pin: CPU 0 for the client and the broker (Tansu and its TLS terminator), CPU 1 for what
+# sits between them, as a proxy runs on a host of its own; direct leaves CPU 1 idle.
+PIN = {}
+
+
+def pinned(middle):
+    """A preexec_fn that pins a child to its side's CPU (None without --pin)."""
+    cpus = PIN.get("middle" if middle else "ends")
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
 
 
 def cpu_seconds(pid):
@@ -102,6 +119,9 @@ def certificate(work):
 
 
 SNI_PATHS = {"direct-tls": "127.0.0.10", "mskdns-sni": "127.0.0.20", "haproxy-sni": "127.0.0.21"}
+# MSKDNS_BIN_B: a second build measured in the same run as `mskdns-sni-b` (an A/B of a change).
+if os.environ.get("MSKDNS_BIN_B"):
+    SNI_PATHS["mskdns-sni-b"] = "127.0.0.22"
 BROKER_IP = SNI_PATHS["direct-tls"]
 
 
@@ -167,7 +187,7 @@ frontend sni
 backend msk
     server broker {BROKER_IP}:{port}
 """)
-        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log)
+        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log, middle=True)
         wait_listening(port, "haproxy", host=front)
         return f"{name}:{port}", h.pid
     cfg = work / "mskdns-sni.toml"
@@ -186,13 +206,16 @@ addresses = ["{BROKER_IP}"]
 mode = "sni"
 listen = ["{front}:{port}"]
 """)
-    return f"{name}:{port}", start_mskdns(mskdns, cfg, procs, log)[0]
+    binary = os.environ["MSKDNS_BIN_B"] if variant == "mskdns-sni-b" else mskdns
+    return f"{name}:{port}", start_mskdns(binary, cfg, procs, log)[0]
 
 
 def start_mskdns(mskdns, cfg, procs, log):
     """Starts mskdns on `cfg` and waits until it is ready: (its pid, the first proxy address it
     printed, or None)."""
-    p = subprocess.Popen([mskdns, "--config", str(cfg)], stdout=subprocess.PIPE, stderr=log, text=True)
+    p = subprocess.Popen(
+        [mskdns, "--config", str(cfg)], stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=pinned(True)
+    )
     procs.procs.append(p)
     boot = None
     for line in p.stdout:
@@ -239,7 +262,7 @@ frontend kafka
 backend tansu
     server tansu 127.0.0.1:{tansu_port}
 """)
-        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log)
+        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log, middle=True)
         wait_listening(front, "haproxy")
         return f"127.0.0.1:{front}", h.pid
     first = random.randrange(30000, 50000, 10)
@@ -330,7 +353,11 @@ def main():
     ap.add_argument("--tls", action="store_true", help="also mskdns-tls and haproxy-tls")
     ap.add_argument("--sni", action="store_true", help="also direct-tls, mskdns-sni and haproxy-sni")
     ap.add_argument("--only-sni", action="store_true", help="only direct-tls, mskdns-sni and haproxy-sni")
+    ap.add_argument("--pin", action="store_true", help="client and broker on CPU 0, the middle on CPU 1")
     args = ap.parse_args()
+    if args.pin:
+        PIN.update(ends={0}, middle={1})
+        os.sched_setaffinity(0, PIN["ends"])
     mskdns = os.environ.get("MSKDNS_BIN", str(ROOT / "target" / "release" / "mskdns"))
     for tool in (mskdns, shutil.which("haproxy"), tansu_binary()):
         if not tool or not os.access(tool, os.X_OK):
@@ -375,7 +402,7 @@ def main():
     med = {v: {k: statistics.median(x) for k, x in results[v].items()} for v in variants}
     base = {v: med["direct-tls" if v in SNI_PATHS else "direct"] for v in variants if ("direct-tls" if v in SNI_PATHS else "direct") in med}
     print(f"1 KiB records, acks=all; median of {args.rounds} rounds; {args.records} records per throughput run,")
-    print(f"{args.samples} sequential round trips per latency run")
+    print(f"{args.samples} sequential round trips per latency run; " + ("client and broker on CPU 0, the middle on CPU 1" if args.pin else "unpinned"))
     print()
     print("| path | records/s | MiB/s | × direct | middle CPU µs/record | p50 ms | p99 ms | p99 added ms |")
     print("|---|---|---|---|---|---|---|---|")
