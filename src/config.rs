@@ -333,6 +333,9 @@ mod tests {
             (format!("{ports}advertise_host = \"p\"\n"), "advertise_host"),
             (format!("{ports}port_assignment = \"node_id\"\nstate_file = \"/tmp/s\"\n"), "proxies[0].state_file"),
             (format!("{ports}allow_endpoints = [\"vpce-1\"]\n"), "proxies[0].allow_endpoints"),
+            (format!("{sni}proxy_protocol_from = [\"10.0.0.0/16\"]\n"), "proxies[0].proxy_protocol_from"),
+            (format!("{ports}proxy_protocol_from = [\"10.0.0.0/16\"]\n"), "proxies[0].proxy_protocol_from"),
+            (format!("{sni}proxy_protocol = true\nproxy_protocol_from = [\"10.0.0\"]\n"), "proxy_protocol_from"),
             (format!("{ports}client_hello_max_bytes = 1000\n"), "client_hello_max_bytes"),
         ];
         for (text, key) in cases {

@@ -206,9 +206,13 @@ async fn accept_loop(
         // Behind a PROXY protocol sender the peer is the load balancer: the client is known (and
         // checked) once the header is read, before anything else.
         let front_door = !shared.cfg.proxy_protocol;
-        if front_door && !shared.cfg.allow.iter().any(|n| n.contains(&client)) {
+        let stranger = match front_door {
+            true => !shared.cfg.allow.iter().any(|n| n.contains(&client)),
+            false => !may_send_header(&shared.cfg.proxy_protocol_from, client),
+        };
+        if stranger {
             rejected("not_allowed");
-            tracing::debug!(proxy = %shared.label, %peer, "client outside allow: connection closed");
+            tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
             continue;
         }
         let slot = match front_door {
@@ -282,6 +286,12 @@ async fn accept_loop(
         };
         shared.tasks.spawn(tracing::Instrument::instrument(task, span));
     }
+}
+
+/// Whether a peer may send a PROXY protocol header: it is in `proxy_protocol_from`, or that
+/// list is empty (the listener is then reachable from the load balancer only, by its network).
+fn may_send_header(from: &[ipnet::IpNet], peer: std::net::IpAddr) -> bool {
+    from.is_empty() || from.iter().any(|n| n.contains(&peer))
 }
 
 /// Reads the PROXY protocol header (within `first_request_timeout_ms`) and checks the client

@@ -156,6 +156,7 @@ fn config(upstream: SocketAddr, broker_ports: PortRange, max_frame_bytes: u32) -
         port_assignment: Default::default(),
         proxy_protocol: false,
         allow_endpoints: Vec::new(),
+        proxy_protocol_from: Vec::new(),
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: upstream.to_string(),
         advertise_host: ADVERTISE.into(),

@@ -126,6 +126,10 @@ pub struct SniConfig {
     /// 0x01); empty: any. When set, a connection that carries no endpoint id is closed.
     #[serde(default)]
     pub allow_endpoints: Vec<String>,
+    /// With `proxy_protocol`: only peers in these networks (the load balancer's addresses) may
+    /// send a header; others are closed at accept, before anything is read. Empty: any peer.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 fn default_client_hello_timeout() -> u64 {
@@ -211,6 +215,8 @@ pub struct ProxyConfig {
     pub proxy_protocol: bool,
     #[serde(default)]
     pub allow_endpoints: Vec<String>,
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 fn default_proxy_per_client() -> usize {
@@ -281,11 +287,22 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-fn validate_proxy_protocol(key: &dyn Fn(&str) -> String, on: bool, endpoints: &[String]) -> Result<(), ConfigError> {
+fn validate_proxy_protocol(
+    key: &dyn Fn(&str) -> String,
+    on: bool,
+    endpoints: &[String],
+    from: &[IpNet],
+) -> Result<(), ConfigError> {
     if !endpoints.is_empty() && !on {
         return Err(ConfigError::invalid(
             key("allow_endpoints"),
             "needs proxy_protocol = true (the id comes in its header)",
+        ));
+    }
+    if !from.is_empty() && !on {
+        return Err(ConfigError::invalid(
+            key("proxy_protocol_from"),
+            "needs proxy_protocol = true (without it the peer is the client: use allow)",
         ));
     }
     if let Some(bad) = endpoints.iter().find(|e| !e.starts_with("vpce-") || e.len() <= 5) {
@@ -313,7 +330,7 @@ fn validate_sni(i: usize, p: &SniConfig) -> Result<(), ConfigError> {
     if !(512..=1 << 20).contains(&p.client_hello_max_bytes) {
         return Err(ConfigError::invalid(key("client_hello_max_bytes"), "must be between 512 and 1048576"));
     }
-    validate_proxy_protocol(&key, p.proxy_protocol, &p.allow_endpoints)
+    validate_proxy_protocol(&key, p.proxy_protocol, &p.allow_endpoints, &p.proxy_protocol_from)
 }
 
 pub(super) fn validate_proxies(blocks: &[ProxyBlock]) -> Result<(), ConfigError> {
@@ -326,7 +343,7 @@ pub(super) fn validate_proxies(blocks: &[ProxyBlock]) -> Result<(), ConfigError>
     }
     for (n, &(i, p)) in proxies.iter().enumerate() {
         let key = |k: &str| format!("proxies[{i}].{k}");
-        validate_proxy_protocol(&key, p.proxy_protocol, &p.allow_endpoints)?;
+        validate_proxy_protocol(&key, p.proxy_protocol, &p.allow_endpoints, &p.proxy_protocol_from)?;
         if p.port_assignment == PortAssignment::NodeId && p.state_file.is_some() {
             return Err(ConfigError::invalid(
                 key("state_file"),

@@ -306,6 +306,7 @@ pub(super) mod tests {
             port_assignment: Default::default(),
             proxy_protocol: false,
             allow_endpoints: Vec::new(),
+            proxy_protocol_from: Vec::new(),
             listen: "127.0.0.1:0".parse().unwrap(),
             upstream: "127.0.0.1:9".into(),
             advertise_host: "kafka-proxy.test".into(),

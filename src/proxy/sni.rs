@@ -130,10 +130,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         };
         // Without a PROXY header the peer is the client: strangers are closed before anything is
         // read from them. With one, the check waits for the address the header carries.
+        // Behind one, only the balancers named in `proxy_protocol_from` may write a header.
         let client = peer.ip().to_canonical();
-        if !shared.cfg.proxy_protocol && !allowed(&shared.cfg, client) {
+        let stranger = match shared.cfg.proxy_protocol {
+            false => !allowed(&shared.cfg, client),
+            true => !super::may_send_header(&shared.cfg.proxy_protocol_from, client),
+        };
+        if stranger {
             count(&shared, "-", Outcome::NotAllowed);
-            tracing::debug!(proxy = %shared.label, %peer, "client outside allow: connection closed");
+            tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
             continue;
         }
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {

@@ -80,9 +80,9 @@ listen = ["{PROXY_IP}:{port}"]
 """
 
 
-def ask(ca_file, server_name, port, payload=b"ping\n", prefix=b""):
+def ask(ca_file, server_name, port, payload=b"ping\n", prefix=b"", source=None):
     ctx = ssl.create_default_context(cafile=str(ca_file))
-    with socket.create_connection((PROXY_IP, port), timeout=5) as s:
+    with socket.create_connection((PROXY_IP, port), timeout=5, source_address=(source, 0) if source else None) as s:
         if prefix:
             s.sendall(prefix)
         with ctx.wrap_socket(s, server_hostname=server_name) as t:
@@ -151,6 +151,66 @@ def test_proxy_protocol_v2_client_and_endpoint_are_checked(daemon, tmp_path):
     assert broker.accepted == 1
     assert d.metric("mskdns_proxy_sni_connections_total", outcome="not_allowed") == 3
     assert d.metric("mskdns_proxy_sni_connections_total", outcome="not_tls") == 1
+
+
+def test_only_the_balancers_in_proxy_protocol_from_may_send_a_header(daemon, tmp_path):
+    """A header names the client that `allow` is checked against, so whoever may write one may
+    claim any address: with `proxy_protocol_from`, a peer outside it is closed at accept, before
+    its header is read, however good the header."""
+    broker = EchoBroker(tmp_path)
+    extra = 'allow = ["10.0.0.0/8"]\nproxy_protocol = true\nproxy_protocol_from = ["127.0.0.5/32"]'
+    d = daemon(config(broker.port, extra))
+    assert ask(broker.ca.file, NAME, broker.port, prefix=pp2("10.1.2.3", 40000), source="127.0.0.5") == b"ping\n"
+    assert broker.accepted == 1
+    with pytest.raises((ssl.SSLError, OSError)):
+        ask(broker.ca.file, NAME, broker.port, prefix=pp2("10.1.2.3", 40001), source="127.0.0.6")
+    assert broker.accepted == 1
+    assert d.metric("mskdns_proxy_sni_connections_total", outcome="not_allowed") == 1
+
+
+def test_ports_mode_takes_proxy_protocol_headers_only_from_proxy_protocol_from(daemon, tmp_path):
+    """The same key for `mode = "ports"`: the header's client is checked against `allow`, and a
+    peer outside `proxy_protocol_from` is closed before its header is read."""
+    tansu = Tansu(tmp_path)
+    try:
+        first, last = port_range()
+        d = daemon(f"""
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:9"]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[proxies]]
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:{tansu.port}"
+upstream_tls = false
+advertise_host = "127.0.0.1"
+broker_ports = "{first}-{last}"
+allow = ["10.0.0.0/8"]
+proxy_protocol = true
+proxy_protocol_from = ["127.0.0.5/32"]
+""")
+        _, port = d.proxies[0]
+        # ApiVersions v0, correlation id 1, no client id.
+        request = (10).to_bytes(4, "big") + b"\x00\x12\x00\x00\x00\x00\x00\x01\xff\xff"
+
+        def api_versions(source, client):
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+                s.sendall(pp2(client, 40000) + request)
+                try:
+                    return s.recv(8)
+                except ConnectionResetError:
+                    return b""
+
+        answer = api_versions("127.0.0.5", "10.1.2.3")
+        assert len(answer) == 8 and answer[4:8] == b"\x00\x00\x00\x01"
+        assert api_versions("127.0.0.6", "10.1.2.3") == b""
+        assert api_versions("127.0.0.5", "192.0.2.1") == b""
+        assert wait_for(lambda: d.metric("mskdns_proxy_connections_rejected_total", reason="not_allowed") == 2, timeout=5)
+    finally:
+        tansu.stop()
 
 
 SERVERLESS = (
