@@ -40,10 +40,15 @@ impl<'de> Deserialize<'de> for ProxyBlock {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let value = <figment::value::Value as Deserialize>::deserialize(d)?;
-        let ports = || ProxyConfig::deserialize(&value).map(ProxyBlock::Ports).map_err(D::Error::custom);
+        // The block's own error names the key inside the block (`allow`, ...): keep it.
+        let named = |e: figment::Error| match e.path.is_empty() {
+            true => D::Error::custom(e.kind),
+            false => D::Error::custom(format!("{}: {}", e.path.join("."), e.kind)),
+        };
+        let ports = || ProxyConfig::deserialize(&value).map(ProxyBlock::Ports).map_err(named);
         match value.find_ref("mode").map(|m| m.as_str()) {
             None | Some(Some("ports")) => ports(),
-            Some(Some("sni")) => SniConfig::deserialize(&value).map(ProxyBlock::Sni).map_err(D::Error::custom),
+            Some(Some("sni")) => SniConfig::deserialize(&value).map(ProxyBlock::Sni).map_err(named),
             Some(_) => Err(D::Error::custom("mode: must be \"ports\" or \"sni\"")),
         }
     }
