@@ -22,7 +22,7 @@ import pytest
 
 from conftest import free_port, require, wait_for
 from pki import CA
-from test_proxy import Tansu, end, port_range, spawn
+from test_proxy import Cluster, Tansu, end, port_range, proxy_config, spawn
 
 ROUNDTRIP = Path(__file__).with_name("kafka_roundtrip.py")
 
@@ -171,33 +171,17 @@ def test_only_the_balancers_in_proxy_protocol_from_may_send_a_header(daemon, tmp
 def test_ports_mode_takes_proxy_protocol_headers_only_from_proxy_protocol_from(daemon, tmp_path):
     """The same key for `mode = "ports"`: the header's client is checked against `allow`, and a
     peer outside `proxy_protocol_from` is closed before its header is read."""
-    tansu = Tansu(tmp_path)
+    cluster = Cluster(tmp_path, tls=False)
     try:
         first, last = port_range()
-        d = daemon(f"""
-[dns]
-listen = ["127.0.0.1:0"]
-upstreams = ["127.0.0.1:9"]
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[proxies]]
-listen = "127.0.0.1:0"
-upstream = "127.0.0.1:{tansu.port}"
-upstream_tls = false
-advertise_host = "127.0.0.1"
-broker_ports = "{first}-{last}"
-allow = ["10.0.0.0/8"]
-proxy_protocol = true
-proxy_protocol_from = ["127.0.0.5/32"]
-""")
-        _, port = d.proxies[0]
+        extra = 'allow = ["10.0.0.0/8"]\nproxy_protocol = true\nproxy_protocol_from = ["127.0.0.5/32"]\n'
+        d = daemon(proxy_config(tmp_path, cluster, first, last) + extra)
+        host, port = d.proxies[0]
         # ApiVersions v0, correlation id 1, no client id.
         request = (10).to_bytes(4, "big") + b"\x00\x12\x00\x00\x00\x00\x00\x01\xff\xff"
 
         def api_versions(source, client):
-            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+            with socket.create_connection((host, port), timeout=5, source_address=(source, 0)) as s:
                 s.sendall(pp2(client, 40000) + request)
                 try:
                     return s.recv(8)
@@ -210,7 +194,7 @@ proxy_protocol_from = ["127.0.0.5/32"]
         assert api_versions("127.0.0.5", "192.0.2.1") == b""
         assert wait_for(lambda: d.metric("mskdns_proxy_connections_rejected_total", reason="not_allowed") == 2, timeout=5)
     finally:
-        tansu.stop()
+        cluster.stop()
 
 
 SERVERLESS = (
