@@ -246,8 +246,12 @@ fn weight(key: &Key, answer: &Answer, floor: u64) -> u32 {
 /// that `cache.max_bytes` bounds them all together. Synchronous so that the UDP receive threads
 /// can look answers up without a runtime; the resolution of misses is async and coalesced by
 /// [`Inflight`].
+///
+/// In front of moka sits [`Front`], a small table of the answers served last: a hit there costs
+/// one slot's lock and one key comparison, not moka's lookup and its access bookkeeping.
 pub struct Cache {
     entries: moka::sync::Cache<Key, Arc<Answer>>,
+    front: Front,
     /// What it was built from: a reload with the same bounds keeps it.
     pub bounds: (u64, u64, u32),
     next_forwarder: std::sync::atomic::AtomicU32,
@@ -257,12 +261,13 @@ impl Cache {
     pub fn new(config: &CacheConfig) -> Arc<Self> {
         let expiry = TtlExpiry { stale: config.serve_stale_secs as u64 };
         let floor = config.max_bytes / config.max_entries.max(1);
+        let front = Front::new(config);
         let entries = moka::sync::Cache::builder()
-            .max_capacity(config.max_bytes)
+            .max_capacity(config.max_bytes - front.budget())
             .weigher(move |k: &Key, v: &Arc<Answer>| weight(k, v, floor))
             .expire_after(expiry)
             .build();
-        Arc::new(Cache { entries, bounds: Self::bounds_of(config), next_forwarder: Default::default() })
+        Arc::new(Cache { entries, front, bounds: Self::bounds_of(config), next_forwarder: Default::default() })
     }
 
     pub fn bounds_of(config: &CacheConfig) -> (u64, u64, u32) {
@@ -274,11 +279,29 @@ impl Cache {
         self.next_forwarder.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The answer stored for `key`, expired ones included (callers check the TTL).
     pub fn get(&self, key: &[u8]) -> Option<Arc<Answer>> {
-        self.entries.get(key)
+        let bucket = self.front.bucket(key);
+        if let Some(bucket) = &bucket
+            && let Some(answer) = bucket.hit(key)
+        {
+            return Some(answer);
+        }
+        let found = self.entries.get(key);
+        if let Some(bucket) = bucket {
+            match &found {
+                Some(answer) => bucket.put(key, answer),
+                // moka has let it go (evicted or expired): so does the front.
+                None => bucket.forget(key),
+            }
+        }
+        found
     }
 
     pub fn insert(&self, key: Key, answer: Arc<Answer>) {
+        if let Some(bucket) = self.front.bucket(&key) {
+            bucket.put(&key, &answer);
+        }
         self.entries.insert(key, answer);
     }
 
@@ -294,6 +317,141 @@ impl Cache {
     /// Applies pending evictions (tests and the metrics gauge want settled figures).
     pub fn settle(&self) {
         self.entries.run_pending_tasks();
+    }
+}
+
+/// The longest key the front table holds (inline, so a lookup reads no other memory); longer
+/// names are looked up in moka only.
+const FRONT_KEY_MAX: usize = 56;
+
+/// Answers longer than this are looked up in moka only, which bounds what the front can keep
+/// alive after moka has evicted it.
+const FRONT_ANSWER_MAX: usize = 512;
+
+/// The part of `cache.max_bytes` (and of `cache.max_entries`) the front table may take: 1/16th.
+const FRONT_SHARE: u64 = 16;
+
+/// The most answers the front table holds (about 3 MiB with the default 64 MiB cache).
+const FRONT_SLOTS_MAX: usize = 4096;
+
+/// Every this many hits on a slot, the lookup goes to moka as well, so that its eviction policy
+/// still sees which answers are in use (and a slot whose answer moka has dropped lets go of it).
+const FRONT_TOUCH_EVERY: u32 = 32;
+
+/// A table of recently served answers in front of moka: two-way buckets chosen by a seeded hash
+/// of the key, one lock per bucket. A slot holds the key inline and an `Arc` of an answer that
+/// moka (almost always) also holds; a new answer for the key replaces it at once
+/// ([`Cache::insert`]). Its worst case, every slot holding an answer moka has evicted, is taken
+/// out of moka's capacity ([`Front::budget`]).
+struct Front {
+    buckets: Box<[std::sync::Mutex<[Slot; 2]>]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+struct Slot {
+    hash: u64,
+    answer: Option<Arc<Answer>>,
+    /// Hits since the slot took its key: the bucket's other slot is replaced first.
+    hits: u32,
+    len: u8,
+    key: [u8; FRONT_KEY_MAX],
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot { hash: 0, answer: None, hits: 0, len: 0, key: [0; FRONT_KEY_MAX] }
+    }
+}
+
+impl Slot {
+    fn holds(&self, hash: u64, key: &[u8]) -> bool {
+        self.hash == hash && self.len as usize == key.len() && self.key[..key.len()] == *key
+    }
+}
+
+/// The bucket chosen for one key.
+struct BucketRef<'a> {
+    bucket: &'a std::sync::Mutex<[Slot; 2]>,
+    hash: u64,
+}
+
+impl Front {
+    /// What one slot may cost: its share of a bucket and the largest answer it keeps alive.
+    const SLOT_COST: u64 =
+        (size_of::<std::sync::Mutex<[Slot; 2]>>() / 2 + size_of::<Answer>() + FRONT_ANSWER_MAX) as u64;
+
+    fn new(config: &CacheConfig) -> Self {
+        let fit = (config.max_bytes / FRONT_SHARE / Self::SLOT_COST).min(config.max_entries / FRONT_SHARE);
+        // A power of two of buckets, so that one is chosen with a mask; none for a tiny cache.
+        let buckets = match usize::try_from(fit).unwrap_or(usize::MAX).min(FRONT_SLOTS_MAX) / 2 {
+            n if n < 8 => 0,
+            n => 1 << n.ilog2(),
+        };
+        Front { buckets: (0..buckets).map(|_| Default::default()).collect(), hasher: Default::default() }
+    }
+
+    /// Bytes of `cache.max_bytes` kept for the front (see [`Front::SLOT_COST`]).
+    fn budget(&self) -> u64 {
+        self.buckets.len() as u64 * 2 * Self::SLOT_COST
+    }
+
+    fn bucket(&self, key: &[u8]) -> Option<BucketRef<'_>> {
+        if self.buckets.is_empty() || key.len() > FRONT_KEY_MAX {
+            return None;
+        }
+        let hash = std::hash::BuildHasher::hash_one(&self.hasher, key);
+        Some(BucketRef { bucket: &self.buckets[hash as usize & (self.buckets.len() - 1)], hash })
+    }
+}
+
+impl BucketRef<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Slot; 2]> {
+        // Nothing in a bucket's critical sections can panic; a poisoned lock holds whole slots.
+        self.bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `key`'s answer if the bucket holds it, except every [`FRONT_TOUCH_EVERY`]th hit.
+    fn hit(&self, key: &[u8]) -> Option<Arc<Answer>> {
+        let mut bucket = self.lock();
+        let slot = bucket.iter_mut().find(|s| s.holds(self.hash, key))?;
+        slot.hits = slot.hits.wrapping_add(1);
+        if slot.hits.is_multiple_of(FRONT_TOUCH_EVERY) {
+            return None;
+        }
+        slot.answer.clone()
+    }
+
+    /// Keeps `answer` for `key` (if it is short enough): in the slot that has the key, else an
+    /// empty one, else the one with fewer hits.
+    fn put(&self, key: &[u8], answer: &Arc<Answer>) {
+        let mut bucket = self.lock();
+        let held = bucket.iter().position(|s| s.holds(self.hash, key));
+        if answer.bytes.len() > FRONT_ANSWER_MAX {
+            if let Some(i) = held {
+                bucket[i].answer = None;
+            }
+            return;
+        }
+        let i = held.unwrap_or_else(|| match &*bucket {
+            [a, _] if a.answer.is_none() => 0,
+            [_, b] if b.answer.is_none() => 1,
+            [a, b] => usize::from(b.hits < a.hits),
+        });
+        let slot = &mut bucket[i];
+        if held.is_none() {
+            slot.hash = self.hash;
+            slot.len = key.len() as u8;
+            slot.key[..key.len()].copy_from_slice(key);
+            slot.hits = 0;
+        }
+        slot.answer = Some(answer.clone());
+    }
+
+    /// Lets go of `key`'s answer if the bucket holds it.
+    fn forget(&self, key: &[u8]) {
+        if let Some(slot) = self.lock().iter_mut().find(|s| s.holds(self.hash, key)) {
+            slot.answer = None;
+        }
     }
 }
 
@@ -570,6 +728,68 @@ mod tests {
         }
         cache.settle();
         assert!(cache.entry_count() <= 100, "{}", cache.entry_count());
+    }
+
+    fn small_answer(config: &CacheConfig, ttl: u32) -> Arc<Answer> {
+        let up_q = query("www.example.", true);
+        let resp = upstream_answer(&up_q, ResponseCode::NoError, ttl, None);
+        Arc::new(Answer::from_upstream(&resp, &up_q, config, Instant::now()).unwrap())
+    }
+
+    #[test]
+    fn the_front_gives_each_key_its_own_answer() {
+        let config = CacheConfig::default();
+        let cache = Cache::new(&config);
+        assert!(cache.front.buckets.len() >= 1024, "the default cache has a front table");
+        // More keys than front slots, so buckets are shared and slots displaced.
+        let keys: Vec<Key> = (0..20_000u32).map(|i| format!("key-{i}").into_bytes().into()).collect();
+        let answers: Vec<_> = (0..keys.len()).map(|_| small_answer(&config, 300)).collect();
+        for (k, a) in keys.iter().zip(&answers) {
+            cache.insert(k.clone(), a.clone());
+        }
+        for _ in 0..3 {
+            for (k, a) in keys.iter().zip(&answers) {
+                let got = cache.get(k).expect("nothing evicted from a 64 MiB cache");
+                assert!(Arc::ptr_eq(&got, a), "another key's answer for {k:?}");
+            }
+        }
+        assert!(cache.get(b"key-none".as_slice()).is_none());
+    }
+
+    #[test]
+    fn a_new_answer_replaces_the_one_in_front() {
+        let config = CacheConfig::default();
+        let cache = Cache::new(&config);
+        let key: Key = b"www.example.".as_slice().into();
+        let (old, new) = (small_answer(&config, 300), small_answer(&config, 300));
+        cache.insert(key.clone(), old.clone());
+        assert!(Arc::ptr_eq(&cache.get(&key).unwrap(), &old));
+        assert!(Arc::ptr_eq(&cache.get(&key).unwrap(), &old));
+        cache.insert(key.clone(), new.clone());
+        // Past FRONT_TOUCH_EVERY lookups too: the front and moka agree.
+        for _ in 0..100 {
+            assert!(Arc::ptr_eq(&cache.get(&key).unwrap(), &new));
+        }
+    }
+
+    #[test]
+    fn the_front_keeps_its_worst_case_inside_max_bytes() {
+        for (max_bytes, max_entries) in
+            [(1u64 << 20, 100u64), (1 << 20, 100_000), (64 << 20, 100_000), (1 << 40, 1 << 30)]
+        {
+            let config = CacheConfig { max_bytes, max_entries, ..CacheConfig::default() };
+            let front = Front::new(&config);
+            assert!(front.budget() <= max_bytes / FRONT_SHARE, "{max_bytes}: {}", front.budget());
+            assert!((front.buckets.len() * 2) as u64 <= max_entries / FRONT_SHARE, "{max_entries}");
+            assert!(front.buckets.len() * 2 <= FRONT_SLOTS_MAX);
+        }
+        // Too small to share: no front at all, and the cache still works.
+        let config = CacheConfig { max_bytes: 1 << 20, max_entries: 100, ..CacheConfig::default() };
+        let cache = Cache::new(&config);
+        assert!(cache.front.buckets.is_empty());
+        let a = small_answer(&config, 300);
+        cache.insert(b"k".as_slice().into(), a.clone());
+        assert!(Arc::ptr_eq(&cache.get(b"k".as_slice()).unwrap(), &a));
     }
 
     proptest::proptest! {

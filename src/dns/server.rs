@@ -181,7 +181,10 @@ pub async fn serve_tcp(
             over_limit.increment(1);
             continue;
         };
-        let (engine, shutdown, active, secure) = (engine.clone(), shutdown.clone(), active.clone(), secure.clone());
+        // A token of the connection's own: its task polls it on every wake-up, and polling the
+        // listener's (shared by every connection) would take that one's lock each time.
+        let (engine, shutdown, active, secure) =
+            (engine.clone(), shutdown.child_token(), active.clone(), secure.clone());
         let handshake_errors = handshake_errors.clone();
         active.increment(1.0);
         tasks.spawn(async move {
@@ -291,14 +294,17 @@ impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn write(&self, half: &mut W, bytes: &[u8]) -> io::Result<()> {
-        let r = match tokio::time::timeout(self.timeout, async {
+        let mut write = std::pin::pin!(async {
             half.write_all(bytes).await?;
             half.flush().await
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read its answers")),
+        });
+        // Most writes are done at the first try; only one that has to wait gets a timer.
+        let r = match std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => match tokio::time::timeout(self.timeout, write).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read its answers")),
+            },
         };
         if r.is_err() {
             self.failed.cancel();
@@ -318,12 +324,75 @@ fn holds_message(buffered: &[u8]) -> bool {
     buffered.len() >= 2 && buffered.len() - 2 >= usize::from(u16::from_be_bytes([buffered[0], buffered[1]]))
 }
 
+/// The read side of a stream connection: bytes read ahead into one buffer, queries taken out of
+/// it whole. Reading is cancel-safe (a read interrupted by a timer or a failed write loses
+/// nothing), and the buffer holds [`TCP_READ_BUFFER`] bytes unless a larger message comes, which
+/// it grows for up to the largest one (64 KiB) and gives back once that message is taken.
+struct Inbox {
+    bytes: Vec<u8>,
+    /// Where the unread bytes start in `bytes`.
+    start: usize,
+}
+
+/// The most a message with its length prefix can take.
+const MESSAGE_MAX: usize = 2 + u16::MAX as usize;
+
+impl Inbox {
+    fn new() -> Self {
+        Inbox { bytes: Vec::with_capacity(TCP_READ_BUFFER), start: 0 }
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+
+    /// Whether a whole message is waiting.
+    fn holds_message(&self) -> bool {
+        holds_message(self.unread())
+    }
+
+    /// The next whole message's place in `bytes`, if one is waiting (it is taken out).
+    fn take(&mut self) -> io::Result<Option<std::ops::Range<usize>>> {
+        let unread = self.unread();
+        if !holds_message(unread) {
+            return Ok(None);
+        }
+        let len = usize::from(u16::from_be_bytes([unread[0], unread[1]]));
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "zero-length message"));
+        }
+        let at = self.start + 2;
+        self.start = at + len;
+        Ok(Some(at..at + len))
+    }
+
+    /// Reads what the peer has sent, at least one byte or the end of the stream (`Ok(0)`).
+    async fn fill<R: tokio::io::AsyncRead + Unpin>(&mut self, rd: &mut R) -> io::Result<usize> {
+        let have = self.bytes.len() - self.start;
+        if have == 0 && self.bytes.capacity() > TCP_READ_BUFFER {
+            self.bytes = Vec::with_capacity(TCP_READ_BUFFER);
+        } else if self.start > 0 {
+            self.bytes.copy_within(self.start.., 0);
+            self.bytes.truncate(have);
+        }
+        self.start = 0;
+        let want = match *self.bytes {
+            [hi, lo, ..] => 2 + usize::from(u16::from_be_bytes([hi, lo])),
+            _ => 2,
+        };
+        if want > self.bytes.capacity() {
+            self.bytes.reserve_exact(want.min(MESSAGE_MAX) - self.bytes.len());
+        }
+        rd.read_buf(&mut self.bytes).await
+    }
+}
+
 /// Length-prefixed queries on a stream (TCP, or DoT once TLS is up), answered out of order:
 /// hits at once, misses each in a task of their own, at most [`TCP_INFLIGHT_PER_CONNECTION`].
 /// When the client stops sending (end of stream or idle), the answers still due are sent first.
 pub async fn stream_connection<R, W>(
     engine: &Arc<Engine>,
-    rd: R,
+    mut rd: R,
     wr: W,
     from: Origin,
     limits: TcpLimits,
@@ -338,40 +407,52 @@ where
         failed: CancellationToken::new(),
     });
     let inflight = Arc::new(Semaphore::new(TCP_INFLIGHT_PER_CONNECTION));
-    let mut rd = tokio::io::BufReader::with_capacity(TCP_READ_BUFFER, rd);
-    let mut buf = vec![0u8; 65_535];
+    let mut inbox = Inbox::new();
     let mut out = Vec::with_capacity(4096);
     let mut batch = Vec::with_capacity(TCP_ANSWER_BATCH);
-    let ended = loop {
+    // One timer and one wait for a failed write for the connection's life, not one per query:
+    // only a complete query moves the idle deadline (a trickle of bytes does not), and the timer
+    // is moved to it only when it fires early.
+    let mut last_query = tokio::time::Instant::now();
+    let idle = tokio::time::sleep_until(last_query + limits.idle_timeout);
+    tokio::pin!(idle);
+    let failed = writer.failed.clone().cancelled_owned();
+    tokio::pin!(failed);
+    let ended = 'serve: loop {
         // Gathered answers leave before the reader would wait for the client.
-        if !batch.is_empty() && (batch.len() >= TCP_ANSWER_BATCH || !holds_message(rd.buffer())) {
+        if !batch.is_empty() && (batch.len() >= TCP_ANSWER_BATCH || !inbox.holds_message()) {
             writer.send_framed(&batch).await?;
             batch.clear();
         }
-        // Only a complete query moves the deadline: a trickle of bytes or empty messages does not.
-        let deadline = tokio::time::Instant::now() + limits.idle_timeout;
-        let read = async {
-            let len = match tokio::time::timeout_at(deadline, rd.read_u16()).await {
-                Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::InvalidData, "zero-length message")),
-                Ok(Ok(len)) => len as usize,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(None),
-            };
-            tokio::time::timeout_at(deadline, rd.read_exact(&mut buf[..len]))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"))??;
-            Ok(Some(len))
+        let at = loop {
+            match inbox.take() {
+                Ok(Some(at)) => break at,
+                Ok(None) => {}
+                Err(e) => break 'serve Err(e),
+            }
+            tokio::select! {
+                biased;
+                () = &mut failed => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "writing an answer failed")),
+                r = inbox.fill(&mut rd) => match r {
+                    Ok(0) if inbox.unread().is_empty() => break 'serve Ok(()),
+                    Ok(0) => break 'serve Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ended mid-message")),
+                    Ok(_) => {}
+                    Err(e) => break 'serve Err(e),
+                },
+                () = &mut idle => {
+                    let due = last_query + limits.idle_timeout;
+                    if due > tokio::time::Instant::now() {
+                        idle.as_mut().reset(due);
+                    } else if inbox.unread().is_empty() {
+                        break 'serve Ok(());
+                    } else {
+                        break 'serve Err(io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"));
+                    }
+                }
+            }
         };
-        let len = tokio::select! {
-            r = read => match r {
-                Ok(Some(len)) => len,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            },
-            _ = writer.failed.cancelled() => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "writing an answer failed")),
-        };
-        let pkt = &buf[..len];
+        last_query = tokio::time::Instant::now();
+        let pkt = &inbox.bytes[at];
         match engine.handle(pkt, from, &mut out) {
             Handled::Reply => push_framed(&mut batch, &out),
             Handled::ReplyAndPrefetch => {
@@ -385,8 +466,8 @@ where
                     writer.send_framed(&batch).await?;
                     batch.clear();
                 }
-                let Ok(permit) = inflight.clone().acquire_owned().await else { break Ok(()) };
                 let (engine, writer, pkt) = (engine.clone(), writer.clone(), pkt.to_vec());
+                let Ok(permit) = inflight.clone().acquire_owned().await else { break Ok(()) };
                 tokio::spawn(async move {
                     let mut out = Vec::with_capacity(512);
                     if engine.resolve(&pkt, from, &mut out).await == Handled::Reply {
@@ -528,6 +609,82 @@ mod tests {
         }
         drop(client);
         served.await.unwrap().unwrap();
+    }
+
+    /// Reads one framed answer and returns its id and A records.
+    async fn read_answer(client: &mut tokio::io::DuplexStream) -> (u16, Vec<String>) {
+        let len = client.read_u16().await.unwrap();
+        let mut answer = vec![0; usize::from(len)];
+        client.read_exact(&mut answer).await.unwrap();
+        let mut framed = Vec::new();
+        push_framed(&mut framed, &answer);
+        answers(&framed).remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_read_buffer_is_read_whole() {
+        // A 40 KB query (a padding option past the name) and, behind it, a query of normal size.
+        let mut big = Message::new(9, MessageType::Query, OpCode::Query);
+        big.add_query(Query::query(Name::from_ascii(BOOT).unwrap(), RecordType::A));
+        let mut edns = hickory_proto::op::Edns::new();
+        edns.options_mut().insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(12, vec![0; 40_000]));
+        big.set_edns(edns);
+        let mut queries = Vec::new();
+        push_framed(&mut queries, &big.to_vec().unwrap());
+        assert!(queries.len() > 2 * TCP_READ_BUFFER);
+        queries.extend(framed_query(10));
+        let writes = Writes::default();
+        stream_connection(&engine(), &queries[..], writes.clone(), origin(), limits()).await.unwrap();
+        let got = answers(&writes.0.lock().unwrap().concat());
+        let ids: Vec<u16> = got.iter().map(|a| a.0).collect();
+        assert_eq!(ids, [9, 10], "both answered, in order: {got:?}");
+        assert!(got.iter().all(|a| a.1 == ["10.1.0.10"]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_sent_a_byte_at_a_time_is_answered_and_moves_the_idle_deadline() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(server);
+        let engine = engine();
+        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await });
+        let start = tokio::time::Instant::now();
+        // 4 s of single bytes, 100 ms apart: inside the 5 s idle limit, so answered.
+        let query = framed_query(11);
+        let gap = Duration::from_secs(4) / query.len() as u32;
+        for b in &query {
+            client.write_all(std::slice::from_ref(b)).await.unwrap();
+            tokio::time::sleep(gap).await;
+        }
+        assert_eq!(read_answer(&mut client).await, (11, vec!["10.1.0.10".to_string()]));
+        // The completed query moved the deadline: quiet from here, the server closes 5 s after it.
+        let answered = tokio::time::Instant::now();
+        served.await.unwrap().unwrap();
+        let closed = tokio::time::Instant::now();
+        assert!(closed - start > Duration::from_secs(8), "closed {:?} after the start", closed - start);
+        assert!(closed - answered <= Duration::from_secs(5));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_stalled_mid_message_is_closed_at_the_idle_deadline() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(server);
+        let engine = engine();
+        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await });
+        let start = tokio::time::Instant::now();
+        // A trickle of bytes that never completes a query does not keep the connection open.
+        for b in &framed_query(12)[..10] {
+            if client.write_all(std::slice::from_ref(b)).await.is_err() {
+                break; // closed by the server
+            }
+            tokio::time::sleep(Duration::from_millis(900)).await;
+        }
+        let err = served.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        let closed = tokio::time::Instant::now() - start;
+        assert!(closed >= Duration::from_secs(5) && closed < Duration::from_secs(6), "{closed:?}");
     }
 
     #[test]
