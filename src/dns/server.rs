@@ -326,8 +326,8 @@ fn holds_message(buffered: &[u8]) -> bool {
 
 /// The read side of a stream connection: bytes read ahead into one buffer, queries taken out of
 /// it whole. Reading is cancel-safe (a read interrupted by a timer or a failed write loses
-/// nothing), and the buffer holds [`TCP_READ_BUFFER`] bytes unless a larger message comes, which
-/// it grows for up to the largest one (64 KiB) and gives back once that message is taken.
+/// nothing), and the buffer holds [`TCP_READ_BUFFER`] bytes unless a larger message comes: it
+/// grows to hold that one (64 KiB at most) and shrinks again once it has been read out empty.
 struct Inbox {
     bytes: Vec<u8>,
     /// Where the unread bytes start in `bytes`.
