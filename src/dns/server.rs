@@ -588,27 +588,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_query_is_answered_before_the_next_one_is_sent() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let (rd, wr) = tokio::io::split(server);
-        let engine = engine();
-        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await });
+        let (mut client, served) = serve_in_memory();
         for id in [7, 8] {
             client.write_all(&framed_query(id)).await.unwrap();
             // An answer held back for a next query would never come: fail instead of hanging.
-            let answer = tokio::time::timeout(Duration::from_secs(5), async {
-                let len = client.read_u16().await?;
-                let mut answer = vec![0; usize::from(len)];
-                client.read_exact(&mut answer).await.map(|_| answer)
-            })
-            .await
-            .expect("answered without a next query")
-            .unwrap();
-            let mut framed = Vec::new();
-            push_framed(&mut framed, &answer);
-            assert_eq!(answers(&framed), [(id, vec!["10.1.0.10".to_string()])]);
+            let answer = tokio::time::timeout(Duration::from_secs(5), read_answer(&mut client))
+                .await
+                .expect("answered without a next query");
+            assert_eq!(answer, (id, vec!["10.1.0.10".to_string()]));
         }
         drop(client);
         served.await.unwrap().unwrap();
+    }
+
+    /// A connection served over an in-memory pipe: the client's end and the serving task.
+    fn serve_in_memory() -> (tokio::io::DuplexStream, tokio::task::JoinHandle<io::Result<()>>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(server);
+        let engine = engine();
+        (client, tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await }))
     }
 
     /// Reads one framed answer and returns its id and A records.
@@ -643,12 +641,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_query_sent_a_byte_at_a_time_is_answered_and_moves_the_idle_deadline() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let (rd, wr) = tokio::io::split(server);
-        let engine = engine();
-        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await });
+        let (mut client, served) = serve_in_memory();
         let start = tokio::time::Instant::now();
-        // 4 s of single bytes, 100 ms apart: inside the 5 s idle limit, so answered.
+        // Single bytes spread over 4 s: inside the 5 s idle limit, so answered.
         let query = framed_query(11);
         let gap = Duration::from_secs(4) / query.len() as u32;
         for b in &query {
@@ -669,10 +664,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_stalled_mid_message_is_closed_at_the_idle_deadline() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let (rd, wr) = tokio::io::split(server);
-        let engine = engine();
-        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await });
+        let (mut client, served) = serve_in_memory();
         let start = tokio::time::Instant::now();
         // A trickle of bytes that never completes a query does not keep the connection open.
         for b in &framed_query(12)[..10] {
