@@ -248,7 +248,7 @@ fn weight(key: &Key, answer: &Answer, floor: u64) -> u32 {
 /// [`Inflight`].
 ///
 /// In front of moka sits [`Front`], a small table of the answers served last: a hit there costs
-/// one slot's lock and one key comparison, not moka's lookup and its access bookkeeping.
+/// one bucket's lock and a key comparison, not moka's lookup and its access bookkeeping.
 pub struct Cache {
     entries: moka::sync::Cache<Key, Arc<Answer>>,
     front: Front,
@@ -331,7 +331,7 @@ const FRONT_ANSWER_MAX: usize = 512;
 /// The part of `cache.max_bytes` (and of `cache.max_entries`) the front table may take: 1/16th.
 const FRONT_SHARE: u64 = 16;
 
-/// The most answers the front table holds (about 3 MiB with the default 64 MiB cache).
+/// The most answers the front table holds (under 3 MiB reserved with the default 64 MiB cache).
 const FRONT_SLOTS_MAX: usize = 4096;
 
 /// Every this many hits on a slot, the lookup goes to moka as well, so that its eviction policy
