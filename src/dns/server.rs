@@ -321,7 +321,15 @@ fn push_framed(out: &mut Vec<u8>, answer: &[u8]) {
 
 /// Whether `buffered` starts with a whole length-prefixed message.
 fn holds_message(buffered: &[u8]) -> bool {
-    buffered.len() >= 2 && buffered.len() - 2 >= usize::from(u16::from_be_bytes([buffered[0], buffered[1]]))
+    framed_len(buffered).is_some_and(|len| buffered.len() - 2 >= len)
+}
+
+/// The length in front of the message `buffered` starts with, once its two bytes are there.
+fn framed_len(buffered: &[u8]) -> Option<usize> {
+    match *buffered {
+        [hi, lo, ..] => Some(usize::from(u16::from_be_bytes([hi, lo]))),
+        _ => None,
+    }
 }
 
 /// The read side of a stream connection: bytes read ahead into one buffer, queries taken out of
@@ -333,9 +341,6 @@ struct Inbox {
     /// Where the unread bytes start in `bytes`.
     start: usize,
 }
-
-/// The most a message with its length prefix can take.
-const MESSAGE_MAX: usize = 2 + u16::MAX as usize;
 
 impl Inbox {
     fn new() -> Self {
@@ -354,10 +359,7 @@ impl Inbox {
     /// The next whole message's place in `bytes`, if one is waiting (it is taken out).
     fn take(&mut self) -> io::Result<Option<std::ops::Range<usize>>> {
         let unread = self.unread();
-        if !holds_message(unread) {
-            return Ok(None);
-        }
-        let len = usize::from(u16::from_be_bytes([unread[0], unread[1]]));
+        let Some(len) = framed_len(unread).filter(|&len| unread.len() - 2 >= len) else { return Ok(None) };
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "zero-length message"));
         }
@@ -376,12 +378,10 @@ impl Inbox {
             self.bytes.truncate(have);
         }
         self.start = 0;
-        let want = match *self.bytes {
-            [hi, lo, ..] => 2 + usize::from(u16::from_be_bytes([hi, lo])),
-            _ => 2,
-        };
+        // The message being read must fit whole (65,537 bytes at most, its length included).
+        let want = 2 + framed_len(&self.bytes).unwrap_or(0);
         if want > self.bytes.capacity() {
-            self.bytes.reserve_exact(want.min(MESSAGE_MAX) - self.bytes.len());
+            self.bytes.reserve_exact(want - self.bytes.len());
         }
         rd.read_buf(&mut self.bytes).await
     }
