@@ -320,12 +320,16 @@ impl Server {
             tasks.spawn(discovery::msk::run(to, self.health.clone(), self.restored, shutdown.clone()));
         }
         let engine = self.engine.clone();
-        let (cache_entries, cache_bytes) =
-            (metrics::gauge!("mskdns_cache_entries"), metrics::gauge!("mskdns_cache_bytes"));
+        let (cache_entries, cache_bytes, front_reserved) = (
+            metrics::gauge!("mskdns_cache_entries"),
+            metrics::gauge!("mskdns_cache_bytes"),
+            metrics::gauge!("mskdns_cache_front_reserved_bytes"),
+        );
         let render: Render = Arc::new(move || {
-            let (entries, bytes) = engine.cache_usage();
+            let (entries, bytes, reserved) = engine.cache_usage();
             cache_entries.set(entries as f64);
             cache_bytes.set(bytes as f64);
+            front_reserved.set(reserved as f64);
             render()
         });
         let (health, admin_shutdown) = (self.health.clone(), shutdown.clone());

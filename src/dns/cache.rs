@@ -314,6 +314,11 @@ impl Cache {
         self.entries.weighted_size()
     }
 
+    /// The part of `cache.max_bytes` set aside for the front table's worst case (moka has the rest).
+    pub fn front_reserved_bytes(&self) -> u64 {
+        self.front.budget()
+    }
+
     /// Applies pending evictions (tests and the metrics gauge want settled figures).
     pub fn settle(&self) {
         self.entries.run_pending_tasks();

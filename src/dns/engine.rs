@@ -164,12 +164,13 @@ impl Engine {
         self.current.load().catalog.default_forwarder().addrs()
     }
 
-    /// Entries and bytes of the answer cache (all forwarders together).
-    pub fn cache_usage(&self) -> (u64, u64) {
+    /// Entries and bytes of the answer cache (all forwarders together), and the bytes reserved
+    /// for its front table.
+    pub fn cache_usage(&self) -> (u64, u64, u64) {
         let snap = self.current.load();
         let c = snap.catalog.cache();
         c.settle();
-        (c.entry_count(), c.weighted_bytes())
+        (c.entry_count(), c.weighted_bytes(), c.front_reserved_bytes())
     }
 
     /// Whether `client` is in `dns.allow` (checked before any work is done for it).

@@ -292,6 +292,8 @@ def test_health_and_metrics_endpoints(daemon, nsd):
     _, text = d.http("/metrics")
     for name in ["mskdns_responses_total", "mskdns_cache_misses_total", "mskdns_upstream_duration_seconds_bucket", "mskdns_cluster_answers_total", "mskdns_cache_entries"]:
         assert name in text, name
+    # The default cache (64 MiB) sets aside under 3 MiB for its front table.
+    assert 0 < d.metric("mskdns_cache_front_reserved_bytes") < 3 * 1024 * 1024
 
 
 def test_sigterm_stops_cleanly(daemon, nsd):
