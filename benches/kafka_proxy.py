@@ -215,57 +215,22 @@ def setup_sni(variant, work, procs, mskdns, log):
     listen = f"tcp://127.0.0.1:{tansu_port}"
     procs.start([tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", f"tcp://{name}:{port}"], log)
     wait_listening(tansu_port, "tansu")
-    cfg = work / f"broker-{variant}.cfg"
-    cfg.write_text(f"""
-global
-    maxconn 4096
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-frontend broker
-    bind {BROKER_IP}:{port} ssl crt {work / 'pki' / 'msk-bundle.pem'}
-    default_backend tansu
-backend tansu
-    server tansu 127.0.0.1:{tansu_port}
-""")
-    procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log)
+    tls = f"ssl crt {work / 'pki' / 'msk-bundle.pem'}"
+    haproxy(work / f"broker-{variant}.cfg", f"bind {BROKER_IP}:{port} {tls}", f"127.0.0.1:{tansu_port}", procs, log)
     wait_listening(port, "broker's TLS terminator", host=BROKER_IP)
     front = SNI_PATHS[variant]
     if variant == "direct-tls":
         return f"{name}:{port}", None
     if variant == "haproxy-sni":
-        cfg = work / "haproxy-sni.cfg"
-        cfg.write_text(f"""
-global
-    maxconn 4096
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-frontend sni
-    bind {front}:{port}
+        frontend = f"""bind {front}:{port}
     tcp-request inspect-delay 5s
-    tcp-request content accept if {{ req.ssl_hello_type 1 }}
-    use_backend msk if {{ req.ssl_sni -m end .abc123.c1.kafka.us-east-1.amazonaws.com }}
-backend msk
-    server broker {BROKER_IP}:{port}
-""")
-        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log, middle=True)
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}"""
+        sni = "{ req.ssl_sni -m end .abc123.c1.kafka.us-east-1.amazonaws.com }"
+        h = haproxy(work / "haproxy-sni.cfg", frontend, f"{BROKER_IP}:{port}", procs, log, middle=True, only_if=sni)
         wait_listening(port, "haproxy", host=front)
         return f"{name}:{port}", h.pid
     cfg = work / "mskdns-sni.toml"
-    cfg.write_text(f"""
-[dns]
-listen = ["127.0.0.1:0"]
-upstreams = ["127.0.0.1:9"]
-[admin]
-listen = "127.0.0.1:0"
-[log]
-level = "warn"
-[[clusters]]
+    cfg.write_text(MSKDNS_HEAD + f"""[[clusters]]
 bootstrap = "{name}"
 addresses = ["{BROKER_IP}"]
 [[proxies]]
@@ -274,6 +239,40 @@ listen = ["{front}:{port}"]
 """)
     binary = OTHER_BUILDS.get(variant, mskdns)
     return f"{name}:{port}", start_mskdns(binary, cfg, procs, log)[0]
+
+
+# What every mskdns under test is configured with before its proxy: no DNS work of its own.
+MSKDNS_HEAD = """
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:9"]
+[admin]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+"""
+
+
+def haproxy(cfg, frontend, server, procs, log, middle=False, only_if=None):
+    """Starts haproxy in TCP mode from a config written to `cfg`: one frontend (its lines after
+    `frontend front`, the first a bind) in front of one server, for every connection or only
+    those the condition `only_if` holds for; returns the process."""
+    route = f"use_backend broker if {only_if}" if only_if else "default_backend broker"
+    cfg.write_text(f"""
+global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend front
+    {frontend}
+    {route}
+backend broker
+    server broker {server}
+""")
+    return procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log, middle=middle)
 
 
 def start_mskdns(mskdns, cfg, procs, log):
@@ -312,36 +311,13 @@ def setup(variant, work, procs, mskdns):
     if variant == "direct":
         return f"127.0.0.1:{tansu_port}", None
     if variant.startswith("haproxy"):
-        cfg = work / "haproxy.cfg"
         ssl = f" ssl crt {work / 'pki' / 'bench-bundle.pem'}" if tls else ""
-        cfg.write_text(f"""
-global
-    maxconn 4096
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-frontend kafka
-    bind 127.0.0.1:{front}{ssl}
-    default_backend tansu
-backend tansu
-    server tansu 127.0.0.1:{tansu_port}
-""")
-        h = procs.start([shutil.which("haproxy"), "-db", "-f", str(cfg)], log, middle=True)
+        h = haproxy(work / "haproxy.cfg", f"bind 127.0.0.1:{front}{ssl}", f"127.0.0.1:{tansu_port}", procs, log, middle=True)
         wait_listening(front, "haproxy")
         return f"127.0.0.1:{front}", h.pid
     first = random.randrange(30000, 50000, 10)
     cfg = work / "mskdns.toml"
-    cfg.write_text(f"""
-[dns]
-listen = ["127.0.0.1:0"]
-upstreams = ["127.0.0.1:9"]
-[admin]
-listen = "127.0.0.1:0"
-[log]
-level = "warn"
-[[proxies]]
+    cfg.write_text(MSKDNS_HEAD + f"""[[proxies]]
 listen = "127.0.0.1:0"
 upstream = "127.0.0.1:{tansu_port}"
 advertise_host = "127.0.0.1"
