@@ -422,8 +422,9 @@ def main():
     ap.add_argument("--tls", action="store_true", help="also mskdns-tls and haproxy-tls")
     ap.add_argument("--sni", action="store_true", help="also direct-tls, mskdns-sni and haproxy-sni")
     ap.add_argument("--only-sni", action="store_true", help="only direct-tls, mskdns-sni and haproxy-sni")
-    ap.add_argument("--pin", action="store_true", help="client and broker on CPU 0, the middle on CPU 1")
-    ap.add_argument("--ends-cpus", type=float, help="client and broker share this many CPUs on every path; the middle is outside")
+    cpus = ap.add_mutually_exclusive_group()
+    cpus.add_argument("--pin", action="store_true", help="client and broker on CPU 0, the middle on CPU 1")
+    cpus.add_argument("--ends-cpus", type=float, help="client and broker share this many CPUs on every path; the middle is outside")
     args = ap.parse_args()
     if args.pin:
         PIN.update(ends={0}, middle={1})
