@@ -203,20 +203,16 @@ async fn accept_loop(
             metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => reason)
                 .increment(1)
         };
-        // Behind a PROXY protocol sender the peer is the load balancer: the client is known (and
-        // checked) once the header is read, before anything else.
-        let front_door = !shared.cfg.proxy_protocol;
-        let stranger = match front_door {
-            true => !shared.cfg.allow.iter().any(|n| n.contains(&client)),
-            false => !may_send_header(&shared.cfg.proxy_protocol_from, client),
-        };
-        if stranger {
+        let cfg = &shared.cfg;
+        if stranger_at_accept(cfg.proxy_protocol, &cfg.allow, &cfg.proxy_protocol_from, client) {
             rejected("not_allowed");
             tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
             continue;
         }
-        let slot = match front_door {
-            true => match shared.per_client.take(client, shared.cfg.max_connections_per_client) {
+        // Behind a PROXY protocol sender the client's slot is taken once the header is read.
+        let slot = match cfg.proxy_protocol {
+            true => None,
+            false => match shared.per_client.take(client, cfg.max_connections_per_client) {
                 Some(s) => Some(s),
                 None => {
                     rejected("per_client");
@@ -224,7 +220,6 @@ async fn accept_loop(
                     continue;
                 }
             },
-            false => None,
         };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
             rejected("limit");
@@ -288,10 +283,21 @@ async fn accept_loop(
     }
 }
 
-/// Whether a peer may send a PROXY protocol header: it is in `proxy_protocol_from`, or that
-/// list is empty (the listener is then reachable from the load balancer only, by its network).
-fn may_send_header(from: &[ipnet::IpNet], peer: std::net::IpAddr) -> bool {
-    from.is_empty() || from.iter().any(|n| n.contains(&peer))
+/// Whether a connection from `peer` is closed at accept, before anything is read from it (both
+/// modes). Without a PROXY protocol header the peer is the client and must be in `allow`. Behind
+/// one the peer is the load balancer and must be one that may send a header: in
+/// `proxy_protocol_from`, or that list is empty (the listener is then reachable from the load
+/// balancer only, by its network). The client it names is checked once the header is read.
+fn stranger_at_accept(
+    proxy_protocol: bool,
+    allow: &[ipnet::IpNet],
+    from: &[ipnet::IpNet],
+    peer: std::net::IpAddr,
+) -> bool {
+    match proxy_protocol {
+        false => !allow.iter().any(|n| n.contains(&peer)),
+        true => !(from.is_empty() || from.iter().any(|n| n.contains(&peer))),
+    }
 }
 
 /// Reads the PROXY protocol header (within `first_request_timeout_ms`) and checks the client

@@ -128,15 +128,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             c = next_client(&listener) => c,
             _ = shared.shutdown.cancelled() => return,
         };
-        // Without a PROXY header the peer is the client: strangers are closed before anything is
-        // read from them. With one, the check waits for the address the header carries.
-        // Behind one, only the balancers named in `proxy_protocol_from` may write a header.
-        let client = peer.ip().to_canonical();
-        let stranger = match shared.cfg.proxy_protocol {
-            false => !allowed(&shared.cfg, client),
-            true => !super::may_send_header(&shared.cfg.proxy_protocol_from, client),
-        };
-        if stranger {
+        // Strangers are closed before anything is read from them.
+        let (cfg, client) = (&shared.cfg, peer.ip().to_canonical());
+        if super::stranger_at_accept(cfg.proxy_protocol, &cfg.allow, &cfg.proxy_protocol_from, client) {
             count(&shared, "-", Outcome::NotAllowed);
             tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
             continue;
@@ -156,10 +150,6 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         };
         shared.tasks.spawn(tracing::Instrument::instrument(task, span));
     }
-}
-
-fn allowed(cfg: &SniConfig, client: IpAddr) -> bool {
-    cfg.allow.iter().any(|n| n.contains(&client))
 }
 
 #[derive(Debug, thiserror::Error)]
