@@ -636,3 +636,24 @@ pub fn bind_all(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::stranger_at_accept;
+
+    #[test]
+    fn strangers_at_accept_are_clients_outside_allow_or_balancers_outside_proxy_protocol_from() {
+        let allow = ["10.0.0.0/8".parse().unwrap()];
+        let balancers = ["192.168.0.0/16".parse().unwrap()];
+        let (client, balancer) = ("10.1.2.3".parse().unwrap(), "192.168.1.1".parse().unwrap());
+        // No PROXY header: the peer is the client, checked against `allow`.
+        assert!(!stranger_at_accept(false, &allow, &balancers, client));
+        assert!(stranger_at_accept(false, &allow, &balancers, balancer));
+        // Behind one: the peer is the balancer, checked against `proxy_protocol_from`.
+        assert!(!stranger_at_accept(true, &allow, &balancers, balancer));
+        assert!(stranger_at_accept(true, &allow, &balancers, client));
+        // An empty `proxy_protocol_from` lets any peer send a header (its client is checked then).
+        assert!(!stranger_at_accept(true, &allow, &[], client));
+        assert!(!stranger_at_accept(true, &[], &[], balancer));
+    }
+}
