@@ -427,10 +427,16 @@ impl BucketRef<'_> {
     }
 
     /// Keeps `answer` for `key` (if it is short enough): in the slot that has the key, else an
-    /// empty one, else the one with fewer hits.
+    /// empty one, else the one with fewer hits. A newer answer the slot holds stays: a lookup
+    /// that read `answer` from moka just before a refresh replaced it must not put it back.
     fn put(&self, key: &[u8], answer: &Arc<Answer>) {
         let mut bucket = self.lock();
         let held = bucket.iter().position(|s| s.holds(self.hash, key));
+        if let Some(i) = held
+            && bucket[i].answer.as_ref().is_some_and(|a| a.stored > answer.stored)
+        {
+            return;
+        }
         if answer.bytes.len() > FRONT_ANSWER_MAX {
             if let Some(i) = held {
                 bucket[i].answer = None;
@@ -736,9 +742,13 @@ mod tests {
     }
 
     fn small_answer(config: &CacheConfig, ttl: u32) -> Arc<Answer> {
+        small_answer_at(config, ttl, Instant::now())
+    }
+
+    fn small_answer_at(config: &CacheConfig, ttl: u32, stored: Instant) -> Arc<Answer> {
         let up_q = query("www.example.", true);
         let resp = upstream_answer(&up_q, ResponseCode::NoError, ttl, None);
-        Arc::new(Answer::from_upstream(&resp, &up_q, config, Instant::now()).unwrap())
+        Arc::new(Answer::from_upstream(&resp, &up_q, config, stored).unwrap())
     }
 
     #[test]
@@ -772,6 +782,24 @@ mod tests {
         assert!(Arc::ptr_eq(&cache.get(&key).unwrap(), &old));
         cache.insert(key.clone(), new.clone());
         // Past FRONT_TOUCH_EVERY lookups too: the front and moka agree.
+        for _ in 0..100 {
+            assert!(Arc::ptr_eq(&cache.get(&key).unwrap(), &new));
+        }
+    }
+
+    #[test]
+    fn a_lookup_racing_a_refresh_does_not_put_the_older_answer_in_front() {
+        let config = CacheConfig::default();
+        let cache = Cache::new(&config);
+        let key: Key = b"www.example.".as_slice().into();
+        let now = Instant::now();
+        let (old, new) =
+            (small_answer_at(&config, 300, now), small_answer_at(&config, 300, now + Duration::from_secs(1)));
+        cache.insert(key.clone(), old.clone());
+        // A lookup has read `old` from moka; the refresh stores `new`; then the lookup fills the
+        // front with what it read.
+        cache.insert(key.clone(), new.clone());
+        cache.front.bucket(&key).unwrap().put(&key, &old);
         for _ in 0..100 {
             assert!(Arc::ptr_eq(&cache.get(&key).unwrap(), &new));
         }
