@@ -24,7 +24,9 @@ Beside the middle's own CPU (user + system) per record, the table shows the ends
 the client with librdkafka's threads, and the broker's processes), the whole machine's busy CPU
 time per record and how many CPUs were busy: when the direct path already keeps both CPUs
 busy, a middle can at best reach direct's machine CPU per record over that plus its own
-("saturated ceiling").
+("saturated ceiling"), unless it also makes the ends work harder: each round's line shows every
+end's own share (python3: the client; tansu; haproxy: the broker's TLS terminator), and the table
+the TCP segments the machine sent per record.
 
 With --pin, the client and the broker share CPU 0 and the middle has CPU 1 to itself; without it,
 everything shares both CPUs and the middle's CPU comes out of the client's and the broker's.
@@ -169,6 +171,15 @@ def interrupts_between_cpus():
         if words and words[0] in ("RES:", "CAL:"):
             total += sum(int(w) for w in words[1:] if w.isdigit())
     return total
+
+
+def tcp_segments_sent():
+    """TCP segments sent so far by this machine, every socket and direction (/proc/net/snmp)."""
+    lines = Path("/proc/net/snmp").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("Tcp:"):
+            return int(dict(zip(names.split(), values.split()))["OutSegs"])
+    return 0
 
 
 def certificate(work):
@@ -361,8 +372,9 @@ def throughput(boot, pid, ends, records, value, conf):
     p.flush(30)
     requests = produce_requests()
     start, cpu, busy = time.perf_counter(), cpu_seconds(pid), machine_cpu_seconds()
-    ends_cpu = sum(sum(cpu_seconds(e)) for e in ends)
+    ends_cpu = [sum(cpu_seconds(e)) for e in ends]
     ipis = interrupts_between_cpus()
+    segments = tcp_segments_sent()
     for _ in range(records):
         while True:
             try:
@@ -376,17 +388,21 @@ def throughput(boot, pid, ends, records, value, conf):
     elapsed = time.perf_counter() - start
     busy = machine_cpu_seconds() - busy
     user, system = (b - a for a, b in zip(cpu, cpu_seconds(pid)))
-    ends_cpu = sum(sum(cpu_seconds(e)) for e in ends) - ends_cpu
+    ends_cpu = [sum(cpu_seconds(e)) - before for e, before in zip(ends, ends_cpu)]
     ipis = interrupts_between_cpus() - ipis
+    segments = tcp_segments_sent() - segments
     requests = produce_requests() - requests
     per_record = 1e6 / records
     return {
         "tput": records / elapsed,
         "cpu": (user + system) * per_record,
         "sys": system * per_record,
-        "ends": ends_cpu * per_record,
+        "ends": sum(ends_cpu) * per_record,
+        # Each end's share, by process name (this client, Tansu, the broker's TLS terminator).
+        "each": [(Path(f"/proc/{e}/comm").read_text().strip(), x * per_record) for e, x in zip(ends, ends_cpu)],
         "batch": records / max(requests, 1),
         "ipi": ipis / records,
+        "segs": segments / records,
         "all": busy * per_record,
         "busy": busy / elapsed,
     }
@@ -437,7 +453,8 @@ def main():
     variants = [] if args.only_sni else ["direct", "mskdns", "haproxy"] + (["mskdns-tls", "haproxy-tls"] if args.tls else [])
     sni = args.sni or args.only_sni
     variants += list(SNI_PATHS) if sni else []
-    results = {v: {k: [] for k in ("tput", "cpu", "sys", "ends", "batch", "ipi", "all", "busy", "p50", "p99")} for v in variants}
+    results = {v: {k: [] for k in ("tput", "cpu", "sys", "ends", "batch", "ipi", "segs", "all", "busy", "p50", "p99")} for v in variants}
+    each = {}
     work = Path(os.environ.get("KAFKA_BENCH_WORK") or tempfile.mkdtemp(prefix="kafka-bench-"))
     if sni:
         in_own_hosts_file(work)
@@ -456,7 +473,9 @@ def main():
                 conf = tls_conf if v.endswith("-tls") or v in SNI_PATHS else {}
                 # The ends: this process (the client, librdkafka's threads included) and the broker's.
                 ends = [os.getpid()] + [p.pid for p in procs.procs if p.pid != pid]
-                for k, x in throughput(boot, pid, ends, args.records, value, conf).items():
+                measured = throughput(boot, pid, ends, args.records, value, conf)
+                each[v] = measured.pop("each")
+                for k, x in measured.items():
                     results[v][k].append(x)
             finally:
                 procs.stop()
@@ -470,8 +489,9 @@ def main():
                 procs.stop()
             print(
                 f"round {r + 1} {v:8} {results[v]['tput'][-1]:9.0f} rec/s  cpu {results[v]['cpu'][-1]:.2f} us/rec "
-                f"({results[v]['sys'][-1]:.2f} system)  ends {results[v]['ends'][-1]:.2f} us/rec  "
-                f"{results[v]['batch'][-1]:.0f} rec/request  {results[v]['ipi'][-1]:.2f} IPIs/rec  machine {results[v]['all'][-1]:.2f} us/rec, "
+                f"({results[v]['sys'][-1]:.2f} system)  ends {results[v]['ends'][-1]:.2f} us/rec "
+                f"({', '.join(f'{n} {x:.2f}' for n, x in each[v])})  "
+                f"{results[v]['batch'][-1]:.0f} rec/request  {results[v]['ipi'][-1]:.2f} IPIs/rec  {results[v]['segs'][-1]:.3f} TCP segments/rec  machine {results[v]['all'][-1]:.2f} us/rec, "
                 f"{results[v]['busy'][-1]:.2f} CPUs busy  "
                 f"p50 {results[v]['p50'][-1]:.3f} ms  "
                 f"p99 {results[v]['p99'][-1]:.3f} ms",
@@ -486,8 +506,8 @@ def main():
         else "unpinned"))
     print()
     print("| path | records/s | MiB/s | × direct | middle CPU µs/record (system) | ends' CPU µs/record | machine CPU µs/record | CPUs busy | "
-          "saturated ceiling × direct | p50 ms | p99 ms | p99 added ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "saturated ceiling × direct | TCP segments/record | p50 ms | p99 ms | p99 added ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         m, d = med[v], base[v]
         middle = not v.startswith("direct")
@@ -498,7 +518,7 @@ def main():
         ceiling = f"{d['all'] / (d['all'] + m['cpu']):.2f}" if middle and not args.ends_cpus else ""
         print(
             f"| {v} | {m['tput']:.0f} | {m['tput'] / 1024:.1f} | {m['tput'] / d['tput']:.2f} | {cpu} | "
-            f"{m['ends']:.2f} | {m['all']:.2f} | {m['busy']:.2f} | {ceiling} | "
+            f"{m['ends']:.2f} | {m['all']:.2f} | {m['busy']:.2f} | {ceiling} | {m['segs']:.3f} | "
             f"{m['p50']:.3f} | {m['p99']:.3f} | {m['p99'] - d['p99']:+.3f} |"
         )
     shutil.rmtree(work, ignore_errors=True)
