@@ -19,7 +19,7 @@ Each path's broker advertises its own cluster name, resolved through a hosts fil
 mounts over /etc/hosts in a mount namespace of its own (unshare -m; needs root).
 Throughput: confluent-kafka producing 1 KiB records (acks=all, linger.ms=5) as fast as it can.
 Latency: one 1 KiB record at a time (produce, then flush), so each sample is one round trip.
-The three variants run interleaved, `--rounds` times; the table shows the median of the rounds.
+The paths run interleaved, `--rounds` times; the table shows the median of the rounds.
 Beside the middle's own CPU (user + system) per record, the table shows the ends' (this process,
 the client with librdkafka's threads, and the broker's processes), the whole machine's busy CPU
 time per record and how many CPUs were busy: when the direct path already keeps both CPUs
@@ -45,6 +45,7 @@ usage: benches/kafka_proxy.py [--records N] [--samples N] [--rounds N] [--tls] [
 """
 import argparse
 import atexit
+import collections
 import json
 import os
 import random
@@ -453,7 +454,7 @@ def main():
     variants = [] if args.only_sni else ["direct", "mskdns", "haproxy"] + (["mskdns-tls", "haproxy-tls"] if args.tls else [])
     sni = args.sni or args.only_sni
     variants += list(SNI_PATHS) if sni else []
-    results = {v: {k: [] for k in ("tput", "cpu", "sys", "ends", "batch", "ipi", "segs", "all", "busy", "p50", "p99")} for v in variants}
+    results = {v: collections.defaultdict(list) for v in variants}  # each measure, by round
     each = {}
     work = Path(os.environ.get("KAFKA_BENCH_WORK") or tempfile.mkdtemp(prefix="kafka-bench-"))
     if sni:
