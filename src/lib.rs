@@ -221,7 +221,8 @@ impl Server {
         metrics::gauge!("mskdns_open_files_limit").set(nofile as f64);
         metrics::gauge!("mskdns_inflight_limit").set(limit as f64);
         tracing::info!(open_files = nofile, inflight = limit, "limits");
-        let inflight = Arc::new(tokio::sync::Semaphore::new(limit));
+        self.engine.limit_inflight(limit);
+        let gate = server::StreamGate::new(&self.tcp_limits, self.config.dns.tcp_per_client_exempt.clone());
         let mut threads = Vec::new();
         let first_secure = self.listeners.len();
         let mut terminators: Vec<Arc<proxy::tls::Terminator>> = Vec::new();
@@ -236,6 +237,7 @@ impl Server {
                 l,
                 listener,
                 self.tcp_limits,
+                gate.clone(),
                 Some(secure),
                 shutdown.clone(),
                 tasks.clone(),
@@ -266,7 +268,6 @@ impl Server {
                     sock: sock.clone(),
                     runtime: tokio::runtime::Handle::current(),
                     tasks: tasks.clone(),
-                    inflight: inflight.clone(),
                     shutdown: shutdown.clone(),
                     health: self.health.clone(),
                 };
@@ -283,6 +284,7 @@ impl Server {
                 l.tcp,
                 listener,
                 self.tcp_limits,
+                gate.clone(),
                 None,
                 shutdown.clone(),
                 tasks.clone(),

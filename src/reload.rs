@@ -82,7 +82,7 @@ fn stamps(path: &Path, config: &Config) -> Vec<Option<(SystemTime, u64)>> {
 fn stream_keys(d: &crate::config::DnsConfig) -> impl PartialEq + '_ {
     (
         (d.max_tcp_connections, d.max_tcp_connections_per_client, d.tcp_idle_timeout_ms, d.tcp_write_timeout_ms),
-        d.tcp_nodelay,
+        (d.tcp_nodelay, &d.tcp_per_client_exempt),
         (&d.listen_dot, &d.listen_doh, &d.tls_cert, &d.tls_key, &d.doh_path),
         (d.tls_handshake_timeout_ms, d.doh_max_streams),
     )

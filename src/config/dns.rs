@@ -26,8 +26,11 @@ pub struct DnsConfig {
     /// Largest UDP response we send to an EDNS client.
     pub max_udp_payload: u16,
     pub max_tcp_connections: usize,
-    /// TCP connections one client address may hold at once.
+    /// TCP, DoT and DoH connections one client address may hold at once (all listeners together).
     pub max_tcp_connections_per_client: usize,
+    /// Client networks past `max_tcp_connections_per_client` (a resolver or load balancer in
+    /// front of mskdns, one address carrying many users); `max_tcp_connections` still counts them.
+    pub tcp_per_client_exempt: Vec<IpNet>,
     pub tcp_idle_timeout_ms: u64,
     /// How long writing one answer to a TCP client may take before the connection is closed.
     pub tcp_write_timeout_ms: u64,
@@ -96,6 +99,7 @@ impl Default for DnsConfig {
             max_udp_payload: DEFAULT_UDP_PAYLOAD,
             max_tcp_connections: 1024,
             max_tcp_connections_per_client: 64,
+            tcp_per_client_exempt: Vec::new(),
             tcp_idle_timeout_ms: 10_000,
             tcp_write_timeout_ms: 5_000,
             tcp_nodelay: true,

@@ -469,42 +469,51 @@ impl BucketRef<'_> {
 /// What every client waiting on one resolution receives.
 pub type Shared = Result<Arc<Answer>, Arc<str>>;
 
-/// Resolutions in flight, by key: the first asker resolves, later ones wait for its result.
+/// Resolutions in flight, by key: the first asker starts the resolution, and every asker (the
+/// first one too) waits for its result. The resolution belongs to this table, not to any asker:
+/// an asker that goes away (a DoH stream reset, a closed connection) cancels only its own wait.
 #[derive(Default)]
 pub struct Inflight {
     waiting: std::sync::Mutex<std::collections::HashMap<Key, Vec<tokio::sync::oneshot::Sender<Shared>>>>,
 }
 
-/// Held by the asker that resolves a key; dropping it (done or cancelled) releases the waiters.
-pub struct Leader<'a> {
-    inflight: &'a Inflight,
+/// Held by the resolution of a key; dropping it unfinished (a panic) releases the waiters.
+pub struct Leader {
+    inflight: Arc<Inflight>,
     key: Key,
 }
 
-pub enum Join<'a> {
-    Lead(Leader<'a>),
+pub enum Join {
+    /// No resolution of the key was in flight: the caller starts one with the [`Leader`]; the
+    /// receiver gets its result like every other asker's.
+    Lead(Leader, tokio::sync::oneshot::Receiver<Shared>),
     Wait(tokio::sync::oneshot::Receiver<Shared>),
 }
 
 impl Inflight {
-    pub fn join(&self, key: &[u8]) -> Join<'_> {
+    pub fn join(self: &Arc<Self>, key: &[u8]) -> Join {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let (tx, rx) = tokio::sync::oneshot::channel();
         match w.get_mut(key) {
             Some(waiters) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
                 waiters.push(tx);
                 Join::Wait(rx)
             }
             None => {
-                w.insert(key.into(), Vec::new());
-                Join::Lead(Leader { inflight: self, key: key.into() })
+                w.insert(key.into(), vec![tx]);
+                Join::Lead(Leader { inflight: self.clone(), key: key.into() }, rx)
             }
         }
     }
+
+    /// Keys being resolved now.
+    pub fn resolving(&self) -> usize {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
-impl Leader<'_> {
-    /// Hands the result to everyone waiting.
+impl Leader {
+    /// Hands the result to everyone still waiting.
     pub fn finish(self, result: &Shared) {
         for tx in self.take_waiters() {
             let _ = tx.send(result.clone());
@@ -517,8 +526,9 @@ impl Leader<'_> {
     }
 }
 
-impl Drop for Leader<'_> {
-    /// A leader cancelled mid-resolution drops its waiters' senders: they answer SERVFAIL.
+impl Drop for Leader {
+    /// A resolution that ended without a result (it panicked) drops its waiters' senders: they
+    /// answer SERVFAIL.
     fn drop(&mut self) {
         drop(self.take_waiters());
     }

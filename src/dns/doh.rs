@@ -51,6 +51,9 @@ pub struct FrameCut<S> {
     /// Off for HTTP/1.1, whose output is not framed this way.
     on: bool,
     frames: Frames,
+    /// Response body bytes written so far (HTTP/2 DATA payload), read by the connection to tell
+    /// a client that does not take its responses.
+    sent: Arc<AtomicU64>,
 }
 
 /// Where the output stands in the HTTP/2 frame it is in (frames are a 9-byte header, then as
@@ -64,6 +67,10 @@ struct Frames {
     left: usize,
     /// The current frame is DATA or HEADERS with END_STREAM.
     ends: bool,
+    /// The current frame is DATA.
+    data: bool,
+    /// DATA payload bytes moved over so far: response bodies, as written.
+    data_bytes: u64,
 }
 
 impl Frames {
@@ -82,9 +89,13 @@ impl Frames {
                 let h = self.head;
                 self.left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
                 self.ends = matches!(h[3], 0 | 1) && h[4] & 1 != 0;
+                self.data = h[3] == 0;
             }
             let k = self.left.min(buf.len() - i);
             self.left -= k;
+            if self.data {
+                self.data_bytes += k as u64;
+            }
             i += k;
             if self.left == 0 {
                 self.have = 0;
@@ -99,7 +110,7 @@ impl Frames {
 
 impl<S> FrameCut<S> {
     pub fn new(inner: S, http2: bool) -> Self {
-        FrameCut { inner, on: http2, frames: Frames::default() }
+        FrameCut { inner, on: http2, frames: Frames::default(), sent: Arc::default() }
     }
 }
 
@@ -118,6 +129,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameCut<S> {
         let upto = this.frames.clone().advance(buf);
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..upto]))?;
         this.frames.advance(&buf[..n]);
+        this.sent.store(this.frames.data_bytes, Ordering::Relaxed);
         Poll::Ready(Ok(n))
     }
 
@@ -137,11 +149,17 @@ pub struct DohSettings {
     pub max_streams: u32,
 }
 
-/// Serves one TLS connection until the client closes it or leaves it idle for
-/// `limits.idle_timeout` with no request open.
+/// Response body bytes one HTTP/2 connection may have waiting to be sent (answered, not yet
+/// taken by the client). Past it, new requests get 503 and the connection a GOAWAY.
+pub const MAX_UNSENT: u64 = 256 * 1024;
+
+/// Serves one TLS connection until the client closes it, leaves it idle for
+/// `limits.idle_timeout` with no request open, or stops taking its responses: responses not
+/// sent for `limits.write_timeout` close it. A request's body must arrive within
+/// `limits.idle_timeout` (408 otherwise); only then does the request count as open.
 pub async fn connection<S>(
     engine: Arc<Engine>,
-    stream: S,
+    stream: FrameCut<S>,
     from: Origin,
     settings: Arc<DohSettings>,
     limits: TcpLimits,
@@ -151,16 +169,24 @@ where
 {
     let epoch = Instant::now();
     let max_streams = settings.max_streams;
-    let activity = Arc::new(Activity { last: AtomicU64::new(0), open: AtomicUsize::new(0) });
+    let activity = Arc::new(Activity {
+        last: AtomicU64::new(0),
+        open: AtomicUsize::new(0),
+        queued: AtomicU64::new(0),
+        sent: stream.sent.clone(),
+        http2: stream.on,
+    });
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let (engine, settings, activity) = (engine.clone(), settings.clone(), activity.clone());
             async move {
-                activity.open.fetch_add(1, Ordering::Relaxed);
-                let r = respond(&engine, from, &settings, req).await;
+                let r = respond(&engine, from, &settings, req, &activity, limits.idle_timeout).await;
+                if activity.http2 {
+                    let len = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0);
+                    activity.queued.fetch_add(len, Ordering::Relaxed);
+                }
                 activity.last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                activity.open.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(r)
             }
         })
@@ -176,16 +202,36 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(max_streams)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_send_buf_size(256 * 1024);
+        .max_send_buf_size(64 * 1024)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(limits.write_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let check = (limits.idle_timeout / 4).max(Duration::from_millis(50));
+    let check = (limits.idle_timeout.min(limits.write_timeout) / 4).max(Duration::from_millis(50));
+    // When the responses waiting to be sent last made progress (or there were none).
+    let (mut sent_before, mut progress_at) = (0u64, Instant::now());
+    let mut closing = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => return r.map_err(io::Error::other),
             _ = tokio::time::sleep(check) => {
+                let sent = activity.sent.load(Ordering::Relaxed);
+                let unsent = activity.unsent();
+                if unsent == 0 || sent != sent_before {
+                    (sent_before, progress_at) = (sent, Instant::now());
+                } else if progress_at.elapsed() >= limits.write_timeout {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "client does not take its responses"));
+                }
+                if unsent > MAX_UNSENT && !closing {
+                    // No new streams; the stalled check above ends it if the client never reads.
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
                 let quiet = (epoch.elapsed().as_millis() as u64).saturating_sub(activity.last.load(Ordering::Relaxed));
-                if activity.open.load(Ordering::Relaxed) == 0 && quiet >= limits.idle_timeout.as_millis() as u64 {
+                if !closing && activity.open.load(Ordering::Relaxed) == 0 && unsent == 0
+                    && quiet >= limits.idle_timeout.as_millis() as u64 {
                     break;
                 }
             }
@@ -199,11 +245,28 @@ where
     }
 }
 
+/// HTTP/2 receive windows: how much request data a client may send ahead per stream and per
+/// connection (a DNS message is at most 64 KiB; larger bodies are drained within these).
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+
 struct Activity {
     /// Milliseconds since the connection's start when the last request was answered.
     last: AtomicU64,
-    /// Requests being answered.
+    /// Requests whose body is whole, being answered.
     open: AtomicUsize,
+    /// Response body bytes handed to hyper (HTTP/2), error pages included.
+    queued: AtomicU64,
+    /// Response body bytes written (HTTP/2 DATA payload; see [`FrameCut`]).
+    sent: Arc<AtomicU64>,
+    http2: bool,
+}
+
+impl Activity {
+    /// Response bytes answered and not yet written: what a client that does not read holds here.
+    fn unsent(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed).saturating_sub(self.sent.load(Ordering::Relaxed))
+    }
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
@@ -282,20 +345,31 @@ async fn respond(
     from: Origin,
     settings: &DohSettings,
     req: Request<Incoming>,
+    activity: &Activity,
+    body_deadline: Duration,
 ) -> Response<Full<Bytes>> {
-    let pkt = match message(settings, req).await {
-        Ok(p) => p,
-        Err(r) => return r,
+    let pkt = match tokio::time::timeout(body_deadline, message(settings, req)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(r)) => return r,
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "the request did not arrive in time\n"),
     };
     if pkt.len() < 12 {
         return plain(StatusCode::BAD_REQUEST, "not a DNS message\n");
     }
+    if activity.unsent() > MAX_UNSENT {
+        // Nothing more is answered for a client that does not take what it was given.
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "responses are waiting to be read\n");
+    }
+    activity.open.fetch_add(1, Ordering::Relaxed);
+    let _open = Open(&activity.open);
     let mut out = Vec::with_capacity(512);
     let handled = match engine.handle(&pkt, from, &mut out) {
-        Handled::Miss => engine.resolve(&pkt, from, &mut out).await,
+        Handled::Miss => engine.resolve_or_servfail(&pkt, from, &mut out).await,
         Handled::ReplyAndPrefetch => {
-            let (engine, pkt) = (engine.clone(), pkt.clone());
-            tokio::spawn(async move { engine.prefetch(&pkt, from).await });
+            if let Some(permit) = engine.miss_permit() {
+                let (engine, pkt) = (engine.clone(), pkt.clone());
+                tokio::spawn(async move { engine.prefetch(&pkt, from, permit).await });
+            }
             Handled::Reply
         }
         h => h,
@@ -310,6 +384,15 @@ async fn respond(
     h.insert(CONTENT_TYPE, DNS_MESSAGE.parse().expect("static"));
     h.insert(CACHE_CONTROL, format!("max-age={max_age}").parse().expect("digits"));
     r
+}
+
+/// A request counted open until its answer is built (or its task is dropped).
+struct Open<'a>(&'a AtomicUsize);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::cache;
 use super::catalog::{Catalog, Local};
@@ -128,7 +129,20 @@ pub struct Engine {
     current: ArcSwap<Snapshot>,
     outcomes: Outcomes,
     panic_count: std::sync::atomic::AtomicU64,
+    /// `dns.max_inflight`: misses and prefetches resolving at once, over every transport; each
+    /// holds an upstream socket, so this is also what bounds the descriptors misses take.
+    inflight: Arc<Semaphore>,
+    inflight_limit: std::sync::atomic::AtomicUsize,
+    over_inflight: metrics::Counter,
 }
+
+/// Misses being resolved at once at most; past the limit a query gets SERVFAIL at once, not a
+/// queue. Each holds a socket, so the limit also follows the open-file limit (see
+/// `server::inflight_limit`).
+pub const MAX_INFLIGHT_MISSES: usize = 16_384;
+
+/// A slot of `dns.max_inflight`, held for as long as one miss is resolved or waited for.
+pub type MissPermit = OwnedSemaphorePermit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -143,7 +157,39 @@ impl Engine {
             current: ArcSwap::from_pointee(snapshot),
             outcomes: Outcomes::new(),
             panic_count: Default::default(),
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_MISSES)),
+            inflight_limit: MAX_INFLIGHT_MISSES.into(),
+            over_inflight: metrics::counter!("mskdns_inflight_rejected_total"),
         }))
+    }
+
+    /// Sets the in-flight limit shared by every transport (at most [`MAX_INFLIGHT_MISSES`]);
+    /// called once, at the start, before any query.
+    pub fn limit_inflight(&self, limit: usize) {
+        let limit = limit.clamp(1, MAX_INFLIGHT_MISSES);
+        let was = self.inflight_limit.swap(limit, std::sync::atomic::Ordering::Relaxed);
+        if limit < was {
+            self.inflight.forget_permits(was - limit);
+        } else {
+            self.inflight.add_permits(limit - was);
+        }
+    }
+
+    /// A slot for one more miss, or `None` when `dns.max_inflight` are being resolved (the
+    /// caller answers SERVFAIL at once; counted in `mskdns_inflight_rejected_total`).
+    pub fn miss_permit(&self) -> Option<MissPermit> {
+        match self.inflight.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                self.over_inflight.increment(1);
+                None
+            }
+        }
+    }
+
+    /// Misses being resolved or waited for now, over every transport.
+    pub fn inflight(&self) -> usize {
+        self.inflight_limit.load(std::sync::atomic::Ordering::Relaxed) - self.inflight.available_permits()
     }
 
     /// Builds a snapshot of `config` (reusing what the running one can give: cluster resolvers
@@ -351,23 +397,31 @@ impl Engine {
 
     /// Refreshes the cached answer for a packet that [`Engine::handle`] answered from the cache
     /// near its expiry; the client already has its answer, so nothing is sent.
-    pub async fn prefetch(&self, pkt: &[u8], from: Origin) {
+    pub async fn prefetch(&self, pkt: &[u8], from: Origin, permit: MissPermit) {
         let mut out = Vec::new();
-        if let Err(e) = crate::panic::guarded(self.lookup(pkt, from, &mut out, true)).await {
+        if let Err(e) = crate::panic::guarded(self.lookup(pkt, from, &mut out, true, permit)).await {
             self.panicked(pkt, from, &mut out, &e);
         }
     }
 
     /// Resolves a packet that [`Engine::handle`] called a miss: one upstream query per key
     /// however many clients ask at once; SERVFAIL if the upstreams fail.
-    pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
-        match crate::panic::guarded(self.lookup(pkt, from, out, false)).await {
+    pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, permit: MissPermit) -> Handled {
+        match crate::panic::guarded(self.lookup(pkt, from, out, false, permit)).await {
             Ok(h) => h,
             Err(e) => self.panicked(pkt, from, out, &e),
         }
     }
 
-    async fn lookup(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, refresh: bool) -> Handled {
+    /// [`Engine::resolve`] with a slot of its own, or SERVFAIL at once when none is free.
+    pub async fn resolve_or_servfail(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+        match self.miss_permit() {
+            Some(permit) => self.resolve(pkt, from, out, permit).await,
+            None => self.servfail_packet(pkt, from.transport, out),
+        }
+    }
+
+    async fn lookup(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, refresh: bool, permit: MissPermit) -> Handled {
         let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
         let snap = self.current.load_full();
         let client = from.client.to_canonical();
@@ -394,7 +448,7 @@ impl Engine {
         } else {
             self.outcomes.cache_misses.increment(1);
         }
-        let result = forwarder.resolve(key.clone(), question, refresh).await;
+        let result = forwarder.resolve(key.clone(), question, refresh, Some(permit)).await;
         if refresh {
             return Handled::Drop;
         }
@@ -582,7 +636,7 @@ mod tests {
         let pkt = query("www.example.org.", RecordType::A);
         let mut out = Vec::new();
         assert_eq!(engine.handle(&pkt, from("127.0.0.1"), &mut out), Handled::Miss);
-        assert_eq!(engine.resolve(&pkt, from("127.0.0.1"), &mut out).await, Handled::Reply);
+        assert_eq!(engine.resolve_or_servfail(&pkt, from("127.0.0.1"), &mut out).await, Handled::Reply);
         assert_eq!(a_records(&out), (ResponseCode::NoError, vec!["192.0.2.7".into()]));
         out.clear();
         assert_eq!(engine.handle(&pkt, from("127.0.0.1"), &mut out), Handled::Reply, "cached");

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::cache::{self, Answer, Cache, Inflight, Join, Shared};
 use super::upstream::{Question, Upstreams};
 use crate::config::CacheConfig;
@@ -13,8 +15,8 @@ pub struct Forwarder {
     cache: Arc<Cache>,
     /// This forwarder's key prefix in the shared cache.
     id: u32,
-    inflight: Inflight,
-    upstreams: Upstreams,
+    inflight: Arc<Inflight>,
+    upstreams: Arc<Upstreams>,
     /// What it was built from: a reload with the same settings keeps this forwarder and its cache.
     pub settings: Settings,
 }
@@ -32,8 +34,8 @@ impl Forwarder {
         Forwarder {
             id: cache.forwarder_id(),
             cache,
-            inflight: Inflight::default(),
-            upstreams: Upstreams::new(&settings.addrs, settings.attempt_timeout, settings.cache.clone()),
+            inflight: Arc::default(),
+            upstreams: Arc::new(Upstreams::new(&settings.addrs, settings.attempt_timeout, settings.cache.clone())),
             settings,
         }
     }
@@ -51,24 +53,55 @@ impl Forwarder {
 
     /// Resolves `key` upstream, once however many ask at the same time, and caches the answer.
     /// `refresh`: ask upstream even if a valid answer is cached (prefetch).
-    pub async fn resolve(&self, key: cache::Key, question: Question<'_>, refresh: bool) -> Shared {
-        match self.inflight.join(&key) {
-            Join::Wait(rx) => rx.await.unwrap_or_else(|_| Err("the resolving client went away".into())),
-            Join::Lead(leader) => {
-                // Another client's resolution may have finished between the lookup and now.
-                let result = match self.cached(&key, Instant::now()).filter(|_| !refresh) {
-                    Some(a) => Ok(a),
-                    None => self.upstreams.resolve(question).await.map(Arc::new).map_err(|e| e.to_string().into()),
-                };
-                if let Ok(a) = &result
-                    && a.ttl > 0
-                {
-                    self.cache.insert(key, a.clone());
-                }
-                leader.finish(&result);
-                result
+    ///
+    /// The upstream exchange runs in a task of its own that holds `permit` (a slot of
+    /// `dns.max_inflight`, so its socket is counted); cancelling this future (a client that went
+    /// away) only stops this asker's wait, never the lookup other askers share. A waiter keeps its
+    /// permit while it waits, so askers are bounded too.
+    pub async fn resolve(
+        &self,
+        key: cache::Key,
+        question: Question<'_>,
+        refresh: bool,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Shared {
+        let rx = match self.inflight.join(&key) {
+            Join::Wait(rx) => {
+                let r = rx.await;
+                drop(permit);
+                return r.unwrap_or_else(|_| Err("the shared resolution ended without an answer".into()));
             }
-        }
+            Join::Lead(leader, rx) => {
+                let (cache, upstreams) = (self.cache.clone(), self.upstreams.clone());
+                let (lc, qtype, qclass) = (question.lc_name.to_vec(), question.qtype, question.qclass);
+                let (dnssec_ok, checking_disabled) = (question.dnssec_ok, question.checking_disabled);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    // Another client's resolution may have finished between the lookup and now.
+                    let cached = cache.get(&key).filter(|a| !refresh && a.remaining(Instant::now()) > 0);
+                    let result = match cached {
+                        Some(a) => Ok(a),
+                        None => {
+                            let q = Question { lc_name: &lc, qtype, qclass, dnssec_ok, checking_disabled };
+                            upstreams.resolve(q).await.map(Arc::new).map_err(|e| e.to_string().into())
+                        }
+                    };
+                    if let Ok(a) = &result
+                        && a.ttl > 0
+                    {
+                        cache.insert(key, a.clone());
+                    }
+                    leader.finish(&result);
+                });
+                rx
+            }
+        };
+        rx.await.unwrap_or_else(|_| Err("the shared resolution ended without an answer".into()))
+    }
+
+    /// Keys being resolved upstream now.
+    pub fn resolving(&self) -> usize {
+        self.inflight.resolving()
     }
 
     /// The A and AAAA addresses of `lc` (a lowercase wire-form name), through this forwarder's
@@ -87,7 +120,7 @@ impl Forwarder {
             let question = Question { lc_name: lc, qtype, qclass: 1, dnssec_ok: false, checking_disabled: false };
             let answer = match self.cached(key, Instant::now()) {
                 Some(a) => a,
-                None => self.resolve(key.into(), question, false).await.map_err(|e| e.to_string())?,
+                None => self.resolve(key.into(), question, false, None).await.map_err(|e| e.to_string())?,
             };
             let mut resp = Vec::new();
             answer.serve(&q, &mut resp, Instant::now(), u16::MAX as usize, u16::MAX);

@@ -16,9 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::engine::{Engine, Handled, Origin, Transport};
 use crate::limits::PerClient;
 
-/// Misses being resolved at once at most; past the limit a query gets SERVFAIL at once, not a
-/// queue. Each holds a socket, so the limit also follows the open-file limit: see [`inflight_limit`].
-pub const MAX_INFLIGHT_MISSES: usize = 16_384;
+pub use super::engine::MAX_INFLIGHT_MISSES;
 /// File descriptors kept for everything but misses: listeners, the admin endpoint, logs, AWS calls.
 const FD_RESERVE: u64 = 64;
 
@@ -136,21 +134,59 @@ pub fn bind_stream(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(tcp_listener(addr)?.into())
 }
 
+/// The connection caps every DNS stream listener (TCP, DoT and DoH) shares: `max_tcp_connections`
+/// and `max_tcp_connections_per_client` count per process, not per listener.
+pub struct StreamGate {
+    slots: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+    max_per_client: usize,
+    /// `dns.tcp_per_client_exempt`: past the per-client cap (the process-wide one still counts).
+    exempt: Vec<ipnet::IpNet>,
+}
+
+/// What the gate lets in: a slot in all, and one of the client's unless it is exempt.
+pub struct Admitted {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _client: Option<crate::limits::ClientSlot>,
+}
+
+impl StreamGate {
+    pub fn new(limits: &TcpLimits, exempt: Vec<ipnet::IpNet>) -> Arc<Self> {
+        Arc::new(StreamGate {
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            per_client: Arc::default(),
+            max_per_client: limits.max_per_client,
+            exempt,
+        })
+    }
+
+    /// A connection from `client`, or the reason it is closed (`"per_client"` or `"limit"`).
+    fn admit(&self, client: std::net::IpAddr) -> Result<Admitted, &'static str> {
+        let own = match self.exempt.iter().any(|n| n.contains(&client)) {
+            true => None,
+            false => Some(self.per_client.take(client, self.max_per_client).ok_or("per_client")?),
+        };
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| "limit")?;
+        Ok(Admitted { _slot: slot, _client: own })
+    }
+}
+
 /// Accepts connections until `shutdown`: plain TCP (`secure` unset), DoT or DoH; each serves
 /// its queries as they come (answers out of order). Clients outside `dns.allow` are closed at
-/// accept, before anything is read or any handshake is done. Limits are per listener.
+/// accept, before anything is read or any handshake is done. `gate` is shared by every stream
+/// listener of the process.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_tcp(
     engine: Arc<Engine>,
     listener: TcpListener,
     index: usize,
     limits: TcpLimits,
+    gate: Arc<StreamGate>,
     secure: Option<Secure>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
     let transport = secure.as_ref().map_or(Transport::Tcp, Secure::transport);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let per_client: Arc<PerClient> = Arc::default();
     let rejected = |reason: &'static str| metrics::counter!("mskdns_tcp_connections_rejected_total", "reason" => reason, "transport" => transport.label());
     let (over_limit, over_client, not_allowed) = (rejected("limit"), rejected("per_client"), rejected("not_allowed"));
     let active = metrics::gauge!("mskdns_tcp_connections_active", "transport" => transport.label());
@@ -173,13 +209,12 @@ pub async fn serve_tcp(
             not_allowed.increment(1);
             continue;
         }
-        let Some(slot) = per_client.take(client, limits.max_per_client) else {
-            over_client.increment(1);
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            over_limit.increment(1);
-            continue;
+        let admitted = match gate.admit(client) {
+            Ok(a) => a,
+            Err(reason) => {
+                if reason == "per_client" { &over_client } else { &over_limit }.increment(1);
+                continue;
+            }
         };
         // A token of the connection's own: its task polls it on every wake-up, and polling the
         // listener's (shared by every connection) would take that one's lock each time.
@@ -187,8 +222,9 @@ pub async fn serve_tcp(
             (engine.clone(), shutdown.child_token(), active.clone(), secure.clone());
         let handshake_errors = handshake_errors.clone();
         active.increment(1.0);
-        tasks.spawn(async move {
-            let _held = (permit, slot, Active(active));
+        let span = tracing::debug_span!("dns_conn", %peer, transport = transport.label());
+        let task = async move {
+            let _held = (admitted, Active(active));
             let _ = stream.set_nodelay(limits.nodelay || transport == Transport::Doh);
             let from = Origin { client: peer.ip(), listener: index, transport };
             let serve = async {
@@ -216,12 +252,13 @@ pub async fn serve_tcp(
             tokio::select! {
                 r = serve => {
                     if let Err(e) = r {
-                        tracing::debug!(error = %e, %peer, transport = transport.label(), "connection ended");
+                        tracing::debug!(error = %e, "connection ended");
                     }
                 }
                 _ = shutdown.cancelled() => {}
             }
-        });
+        };
+        tasks.spawn(tracing::Instrument::instrument(task, span));
     }
 }
 
@@ -280,7 +317,10 @@ struct Writer<W> {
 impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
     /// One answer, framed here.
     async fn send(&self, answer: &[u8]) -> io::Result<()> {
-        let mut guard = self.half.lock().await;
+        let mut guard = tokio::select! {
+            g = self.half.lock() => g,
+            () = self.failed.cancelled() => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the connection failed")),
+        };
         let (half, framed) = &mut *guard;
         framed.clear();
         push_framed(framed, answer);
@@ -294,6 +334,10 @@ impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn write(&self, half: &mut W, bytes: &[u8]) -> io::Result<()> {
+        // Writes queued behind one that failed fail at once, not after a timeout each.
+        if self.failed.is_cancelled() {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "an earlier answer could not be written"));
+        }
         let mut write = std::pin::pin!(async {
             half.write_all(bytes).await?;
             half.flush().await
@@ -407,6 +451,9 @@ where
         failed: CancellationToken::new(),
     });
     let inflight = Arc::new(Semaphore::new(TCP_INFLIGHT_PER_CONNECTION));
+    // Cancelled when this function returns, however it returns: the miss tasks end with it.
+    let gone = CancellationToken::new();
+    let _gone = gone.clone().drop_guard();
     let mut inbox = Inbox::new();
     let mut out = Vec::with_capacity(4096);
     let mut batch = Vec::with_capacity(TCP_ANSWER_BATCH);
@@ -457,23 +504,43 @@ where
             Handled::Reply => push_framed(&mut batch, &out),
             Handled::ReplyAndPrefetch => {
                 push_framed(&mut batch, &out);
-                let (engine, pkt) = (engine.clone(), pkt.to_vec());
-                tokio::spawn(async move { engine.prefetch(&pkt, from).await });
+                if let Some(permit) = engine.miss_permit() {
+                    let (engine, pkt) = (engine.clone(), pkt.to_vec());
+                    tokio::spawn(async move { engine.prefetch(&pkt, from, permit).await });
+                }
             }
             Handled::Miss => {
-                // At the cap, stop reading until a miss is answered: the client waits, not memory.
+                // At the connection's cap, stop reading until a miss is answered: the client
+                // waits, not memory. A failed write ends the wait (and the connection).
                 if inflight.available_permits() == 0 && !batch.is_empty() {
                     writer.send_framed(&batch).await?;
                     batch.clear();
                 }
-                let (engine, writer, pkt) = (engine.clone(), writer.clone(), pkt.to_vec());
-                let Ok(permit) = inflight.clone().acquire_owned().await else { break Ok(()) };
-                tokio::spawn(async move {
-                    let mut out = Vec::with_capacity(512);
-                    if engine.resolve(&pkt, from, &mut out).await == Handled::Reply {
-                        let _ = writer.send(&out).await;
+                let local = tokio::select! {
+                    p = inflight.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break Ok(()),
+                    },
+                    () = &mut failed => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "writing an answer failed")),
+                };
+                // Past `dns.max_inflight` (all transports together): SERVFAIL at once.
+                let Some(permit) = engine.miss_permit() else {
+                    if engine.servfail_packet(pkt, from.transport, &mut out) == Handled::Reply {
+                        push_framed(&mut batch, &out);
                     }
-                    drop(permit);
+                    continue;
+                };
+                let (engine, writer, pkt, gone) = (engine.clone(), writer.clone(), pkt.to_vec(), gone.clone());
+                tokio::spawn(async move {
+                    let _local = local;
+                    let mut out = Vec::with_capacity(512);
+                    // A miss task ends with its connection.
+                    tokio::select! {
+                        h = engine.resolve(&pkt, from, &mut out, permit) => if h == Handled::Reply {
+                            let _ = writer.send(&out).await;
+                        },
+                        () = gone.cancelled() => {}
+                    }
                 });
             }
             _ => {}

@@ -15,7 +15,6 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,7 +26,7 @@ const RX_BUF: usize = 4096;
 /// How often a blocked receive wakes to notice shutdown.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Everything a receive thread needs; `inflight` bounds the misses resolving at once.
+/// Everything a receive thread needs (the engine's in-flight limit bounds the misses it starts).
 pub struct Worker {
     /// Thread 0 runs at normal priority, the rest at idle priority.
     pub index: usize,
@@ -37,7 +36,6 @@ pub struct Worker {
     pub sock: Arc<UdpSocket>,
     pub runtime: tokio::runtime::Handle,
     pub tasks: TaskTracker,
-    pub inflight: Arc<Semaphore>,
     pub shutdown: CancellationToken,
     pub health: Arc<crate::admin::Health>,
 }
@@ -166,23 +164,22 @@ impl Worker {
 
     /// Hands a miss to the runtime, or answers SERVFAIL at once when too many are in flight.
     fn miss(&self, pkt: &[u8], peer: SocketAddr, from: Origin, out: &mut Vec<u8>, reply_to: &mut Vec<usize>, i: usize) {
-        match self.inflight.clone().try_acquire_owned() {
-            Ok(permit) => {
+        match self.engine.miss_permit() {
+            Some(permit) => {
                 let (engine, sock, pkt) = (self.engine.clone(), self.sock.clone(), pkt.to_vec());
                 self.tasks.spawn_on(
                     async move {
                         let mut out = Vec::with_capacity(512);
-                        if engine.resolve(&pkt, from, &mut out).await == Handled::Reply
+                        if engine.resolve(&pkt, from, &mut out, permit).await == Handled::Reply
                             && let Err(e) = sock.send_to(&out, peer)
                         {
                             tracing::debug!(error = %e, %peer, "udp send failed");
                         }
-                        drop(permit);
                     },
                     &self.runtime,
                 );
             }
-            Err(_) => {
+            None => {
                 if self.engine.servfail_packet(pkt, Transport::Udp, out) == Handled::Reply {
                     reply_to.push(i);
                 }
@@ -192,12 +189,11 @@ impl Worker {
 
     /// Refreshes a cached answer in the background, if a slot for it is free.
     fn prefetch(&self, pkt: &[u8], from: Origin) {
-        if let Ok(permit) = self.inflight.clone().try_acquire_owned() {
+        if let Some(permit) = self.engine.miss_permit() {
             let (engine, pkt) = (self.engine.clone(), pkt.to_vec());
             self.tasks.spawn_on(
                 async move {
-                    engine.prefetch(&pkt, from).await;
-                    drop(permit);
+                    engine.prefetch(&pkt, from, permit).await;
                 },
                 &self.runtime,
             );
