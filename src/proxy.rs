@@ -252,7 +252,7 @@ async fn accept_loop(
             let _held = (permit, slot);
             let upstream = match (upstream, which) {
                 (Some(u), _) => u,
-                (None, Listener::Port(p)) => match shared2.upstream_at(p).await {
+                (None, Listener::Port(p)) => match first_bytes_then(&shared2, &sock, shared2.upstream_at(p)).await {
                     Some(u) => {
                         tracing::Span::current().record("upstream", tracing::field::display(&u));
                         u
@@ -280,6 +280,23 @@ async fn accept_loop(
             }
         };
         shared.tasks.spawn(tracing::Instrument::instrument(task, span));
+    }
+}
+
+/// Runs `then` (which may ask the cluster for its brokers) once the client has sent its first
+/// bytes, within `first_request_timeout_ms`: a silent client costs the cluster nothing.
+async fn first_bytes_then<T>(
+    shared: &Shared,
+    sock: &tokio::net::TcpStream,
+    then: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    let wait = Duration::from_millis(shared.cfg.first_request_timeout_ms);
+    match tokio::time::timeout(wait, sock.peek(&mut [0u8; 1])).await {
+        Ok(Ok(n)) if n > 0 => then.await,
+        _ => {
+            tracing::debug!("nothing sent on a port of no known broker: closed");
+            None
+        }
     }
 }
 

@@ -94,6 +94,8 @@ pub struct Cluster {
     /// Provisioned clusters: per-broker addresses by broker number.
     pub brokers: HashMap<u64, Addrs>,
     pub ttl: u32,
+    /// Found by discovery (its target written by the cluster's own account), not in the file.
+    pub discovered: bool,
     answers: metrics::Counter,
 }
 
@@ -427,6 +429,8 @@ pub struct Route {
     /// The cluster's label (`Cluster::label`), for metrics and logs.
     pub cluster: String,
     pub via: Via,
+    /// The cluster was discovered, not configured in the file.
+    pub discovered: bool,
 }
 
 impl Catalog {
@@ -453,7 +457,7 @@ impl Catalog {
                 None => Via::Unavailable,
             },
         };
-        Some(Route { cluster: cluster.label.clone(), via })
+        Some(Route { cluster: cluster.label.clone(), via, discovered: cluster.discovered })
     }
 }
 
@@ -503,7 +507,7 @@ fn cluster_entry(
     };
     let brokers = c.brokers.iter().filter_map(|(b, a)| Some((b.parse().ok()?, Addrs::new(a)))).collect();
     let answers = metrics::counter!("mskdns_cluster_answers_total", "cluster" => label.clone());
-    Some((key.into(), Arc::new(Cluster { label, origin, target, brokers, ttl: c.ttl, answers })))
+    Some((key.into(), Arc::new(Cluster { label, origin, target, brokers, ttl: c.ttl, discovered: c.source.is_some(), answers })))
 }
 
 /// Where a cluster name's addresses come from.

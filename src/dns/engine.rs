@@ -612,10 +612,10 @@ mod tests {
         assert_eq!(engine.panics(), 0);
     }
 
-    #[tokio::test]
-    async fn a_miss_is_resolved_upstream_once_then_served_from_the_cache() {
-        // An upstream answering every A query with 192.0.2.7, counting what it is asked.
-        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    /// An upstream on loopback answering every A query with 192.0.2.7 after `delay`; its
+    /// address and the count of queries it was asked.
+    async fn slow_upstream(delay: Duration) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let upstream = sock.local_addr().unwrap();
         let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = asked.clone();
@@ -629,9 +629,71 @@ mod tests {
                 r.add_queries(q.queries.clone());
                 let name = q.queries[0].name().clone();
                 r.add_answer(Record::from_rdata(name, 300, RData::A(A::new(192, 0, 2, 7))));
-                sock.send_to(&r.to_vec().unwrap(), peer).await.unwrap();
+                let sock = sock.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+                });
             }
         });
+        (upstream, asked)
+    }
+
+    #[tokio::test]
+    async fn an_asker_that_goes_away_does_not_fail_the_others_waiting_on_its_lookup() {
+        // Under the first retransmission timer (200 ms): one datagram per lookup.
+        let (upstream, asked) = slow_upstream(Duration::from_millis(150)).await;
+        let engine = Engine::from_config(&config(&upstream.to_string())).unwrap();
+        let pkt = query("shared.example.org.", RecordType::A);
+        // The first asker leads the lookup, then goes away (a DoH stream reset drops its future).
+        let first = {
+            let (engine, pkt) = (engine.clone(), pkt.clone());
+            tokio::spawn(async move { engine.resolve_or_servfail(&pkt, from("127.0.0.1"), &mut Vec::new()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let second = {
+            let (engine, pkt) = (engine.clone(), pkt.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                engine.resolve_or_servfail(&pkt, from("127.0.0.2"), &mut out).await;
+                out
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        first.abort();
+        let out = second.await.unwrap();
+        assert_eq!(a_records(&out), (ResponseCode::NoError, vec!["192.0.2.7".into()]));
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "one lookup, shared");
+        // The lookup's slot is given back once it is done.
+        assert_eq!(engine.inflight(), 0);
+    }
+
+    #[tokio::test]
+    async fn past_the_inflight_limit_a_miss_gets_servfail_at_once_on_any_transport() {
+        let (upstream, _) = slow_upstream(Duration::from_millis(500)).await;
+        let engine = Engine::from_config(&config(&upstream.to_string())).unwrap();
+        engine.limit_inflight(2);
+        let held = [engine.miss_permit().unwrap(), engine.miss_permit().unwrap()];
+        assert!(engine.miss_permit().is_none());
+        for transport in Transport::ALL {
+            let pkt = query("busy.example.org.", RecordType::A);
+            let mut out = Vec::new();
+            let at = Origin { client: "127.0.0.1".parse().unwrap(), listener: 0, transport };
+            let started = std::time::Instant::now();
+            assert_eq!(engine.resolve_or_servfail(&pkt, at, &mut out).await, Handled::Reply);
+            assert!(started.elapsed() < Duration::from_millis(100), "at once");
+            assert_eq!(a_records(&out).0, ResponseCode::ServFail, "{transport:?}");
+        }
+        drop(held);
+        assert_eq!(engine.inflight(), 0);
+        engine.limit_inflight(5);
+        let five: Vec<_> = (0..5).map_while(|_| engine.miss_permit()).collect();
+        assert_eq!(five.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_resolved_upstream_once_then_served_from_the_cache() {
+        let (upstream, asked) = slow_upstream(Duration::ZERO).await;
         let engine = Engine::from_config(&config(&upstream.to_string())).unwrap();
         let pkt = query("www.example.org.", RecordType::A);
         let mut out = Vec::new();

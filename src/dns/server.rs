@@ -746,6 +746,36 @@ mod tests {
         assert!(closed >= Duration::from_secs(5) && closed < Duration::from_secs(6), "{closed:?}");
     }
 
+    #[tokio::test]
+    async fn a_client_that_pipelines_misses_and_never_reads_is_cut_off_within_about_one_write_timeout() {
+        // Misses (upstream 127.0.0.1:9 refuses at once: each is answered SERVFAIL) whose answers
+        // fill the pipe the client never reads from.
+        let (mut client, server) = tokio::io::duplex(2048);
+        let (rd, wr) = tokio::io::split(server);
+        let engine = engine();
+        let limits = TcpLimits { write_timeout: Duration::from_millis(500), ..limits() };
+        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits).await });
+        let started = tokio::time::Instant::now();
+        let writer = tokio::spawn(async move {
+            for id in 0..2000u16 {
+                let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+                let name = Name::from_ascii(format!("n{id}.example.org.")).unwrap();
+                m.add_query(Query::query(name, RecordType::TXT));
+                let mut framed = Vec::new();
+                push_framed(&mut framed, &m.to_vec().unwrap());
+                if client.write_all(&framed).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let ended = tokio::time::timeout(Duration::from_secs(5), served).await.expect("cut off, not held");
+        let err = ended.unwrap().unwrap_err();
+        assert!(matches!(err.kind(), io::ErrorKind::TimedOut | io::ErrorKind::BrokenPipe), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        drop(writer.await);
+    }
+
     #[test]
     fn a_message_is_whole_only_with_its_length_and_every_byte() {
         assert!(!holds_message(&[]));

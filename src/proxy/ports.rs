@@ -249,8 +249,15 @@ async fn ask_brokers(shared: &Arc<Shared>) -> Result<Vec<(i32, String, i32)>, St
     let mut size = [0u8; 4];
     s.read_exact(&mut size).await.map_err(|e| e.to_string())?;
     let n = super::frame::frame_size(size, shared.cfg.max_frame_bytes).map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::zeroed(n);
-    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    // Read as it arrives: a declared size is not allocated before its bytes come.
+    let mut buf = BytesMut::new();
+    while buf.len() < n {
+        buf.reserve((n - buf.len()).min(64 * 1024));
+        let room = (n - buf.len()).min(buf.capacity() - buf.len());
+        if (&mut s).take(room as u64).read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err(format!("the Metadata response ended after {} of {n} bytes", buf.len()));
+        }
+    }
     let mut buf = buf.freeze();
     let header = ResponseHeader::decode(&mut buf, ApiKey::Metadata.response_header_version(VERSION))
         .map_err(|e| format!("Metadata response header: {e}"))?;

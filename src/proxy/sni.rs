@@ -35,6 +35,12 @@ struct Shared {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     connect_latency: metrics::Histogram,
+    /// The addresses this block listens on (a destination among them would loop).
+    own: Vec<SocketAddr>,
+    /// Clusters whose refused destination was logged already (logged once each).
+    refused_logged: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Lines about refused connections: allowed clients could otherwise flood the log.
+    log_budget: crate::limits::LogBudget,
 }
 
 /// A `mode = "sni"` block, bound.
@@ -56,6 +62,8 @@ enum Outcome {
     Timeout,
     TooLarge,
     Limit,
+    /// The cluster's target is an address the proxy will not connect to (itself, loopback …).
+    RefusedTarget,
 }
 
 impl Outcome {
@@ -71,6 +79,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::TooLarge => "too_large",
             Outcome::Limit => "limit",
+            Outcome::RefusedTarget => "refused_target",
         }
     }
 }
@@ -90,7 +99,11 @@ impl SniProxy {
             .map(|&addr| bind_listener(addr).map_err(|source| ProxyError::Bind { index, addr, source }))
             .collect::<Result<Vec<_>, _>>()?;
         let label = format!("proxies[{index}]");
+        let own = own_addresses(&listeners);
         let shared = Arc::new(Shared {
+            own,
+            refused_logged: Default::default(),
+            log_budget: Default::default(),
             connect_latency: metrics::histogram!("mskdns_proxy_sni_connect_seconds", "proxy" => label.clone()),
             label,
             cfg: cfg.clone(),
@@ -135,9 +148,26 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
             continue;
         }
+        // The client's slot is taken now, before anything is read; behind a PROXY header, once
+        // the header names the client.
+        let slot = match cfg.proxy_protocol {
+            true => None,
+            false => match shared.per_client.take(client, cfg.max_connections_per_client) {
+                Some(slot) => Some(slot),
+                None => {
+                    count(&shared, "-", Outcome::Limit);
+                    if let Some(skipped) = shared.log_budget.take() {
+                        tracing::warn!(proxy = %shared.label, %peer, skipped, "max_connections_per_client reached: closed");
+                    }
+                    continue;
+                }
+            },
+        };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
             count(&shared, "-", Outcome::Limit);
-            tracing::warn!(proxy = %shared.label, %peer, "max_connections reached: connection closed");
+            if let Some(skipped) = shared.log_budget.take() {
+                tracing::warn!(proxy = %shared.label, %peer, skipped, "max_connections reached: connection closed");
+            }
             continue;
         };
         let shared2 = shared.clone();
@@ -146,7 +176,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let _permit = permit;
             let _active =
                 ActiveGuard::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared2.label.clone()));
-            connection(&shared2, sock, peer, port).await;
+            connection(&shared2, sock, peer, port, slot).await;
         };
         shared.tasks.spawn(tracing::Instrument::instrument(task, span));
     }
@@ -233,9 +263,17 @@ enum FrontError {
     Header(HeaderError),
     Hello(HelloError),
     NotAllowed(SocketAddr, Option<String>),
+    Limit(SocketAddr),
 }
 
-async fn read_front(shared: &Shared, sock: &mut TcpStream, peer: SocketAddr) -> Result<Front, FrontError> {
+/// Reads the PROXY header (when `proxy_protocol`) and the ClientHello. Behind a PROXY header
+/// the client's slot is taken into `slot` as soon as the header names the client.
+async fn read_front(
+    shared: &Shared,
+    sock: &mut TcpStream,
+    peer: SocketAddr,
+    slot: &mut Option<crate::limits::ClientSlot>,
+) -> Result<Front, FrontError> {
     let mut buf = Vec::with_capacity(2048);
     let (mut client, mut endpoint) = (peer, None);
     if shared.cfg.proxy_protocol {
@@ -245,14 +283,23 @@ async fn read_front(shared: &Shared, sock: &mut TcpStream, peer: SocketAddr) -> 
         }
         client = origin.client.unwrap_or(peer);
         endpoint = origin.endpoint;
+        let max = shared.cfg.max_connections_per_client;
+        *slot = Some(shared.per_client.take(client.ip().to_canonical(), max).ok_or(FrontError::Limit(client))?);
     }
     let name = read_client_hello(sock, &mut buf, shared.cfg.client_hello_max_bytes).await.map_err(FrontError::Hello)?;
     Ok(Front { client, endpoint, name, buf })
 }
 
-async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port: u16) {
+async fn connection(
+    shared: &Shared,
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    mut slot: Option<crate::limits::ClientSlot>,
+) {
     let timeout = Duration::from_millis(shared.cfg.client_hello_timeout_ms);
-    let front = match tokio::time::timeout(timeout, read_front(shared, &mut sock, peer)).await {
+    let budget = &shared.log_budget;
+    let front = match tokio::time::timeout(timeout, read_front(shared, &mut sock, peer, &mut slot)).await {
         Err(_) => {
             count(shared, "-", Outcome::Timeout);
             tracing::debug!(?timeout, "no ClientHello within client_hello_timeout_ms: closed");
@@ -260,12 +307,23 @@ async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port
         }
         Ok(Err(FrontError::NotAllowed(client, endpoint))) => {
             count(shared, "-", Outcome::NotAllowed);
-            tracing::info!(%client, endpoint = endpoint.as_deref().unwrap_or("-"), "client or endpoint not allowed: closed");
+            if let Some(skipped) = budget.take() {
+                tracing::info!(%client, endpoint = endpoint.as_deref().unwrap_or("-"), skipped, "client or endpoint not allowed: closed");
+            }
+            return;
+        }
+        Ok(Err(FrontError::Limit(client))) => {
+            count(shared, "-", Outcome::Limit);
+            if let Some(skipped) = budget.take() {
+                tracing::warn!(%client, skipped, "max_connections_per_client reached: closed");
+            }
             return;
         }
         Ok(Err(FrontError::Header(e))) => {
             count(shared, "-", Outcome::NotTls);
-            tracing::info!("{e}: closed");
+            if let Some(skipped) = budget.take() {
+                tracing::info!(skipped, "{e}: closed");
+            }
             return;
         }
         Ok(Err(FrontError::Hello(e))) => {
@@ -274,20 +332,18 @@ async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port
                 _ => Outcome::NotTls,
             };
             count(shared, "-", outcome);
-            tracing::info!("{e}: closed");
+            if let Some(skipped) = budget.take() {
+                tracing::info!(skipped, "{e}: closed");
+            }
             return;
         }
         Ok(Ok(f)) => f,
     };
-    let client_ip = front.client.ip().to_canonical();
-    let Some(_slot) = shared.per_client.take(client_ip, shared.cfg.max_connections_per_client) else {
-        count(shared, "-", Outcome::Limit);
-        tracing::warn!(client = %front.client, "max_connections_per_client reached: closed");
-        return;
-    };
     let Some(name) = front.name.as_deref() else {
         count(shared, "-", Outcome::NoSni);
-        tracing::info!(client = %front.client, "ClientHello without a server name: closed");
+        if let Some(skipped) = budget.take() {
+            tracing::info!(client = %front.client, skipped, "ClientHello without a server name: closed");
+        }
         return;
     };
     let route =
@@ -295,7 +351,9 @@ async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port
     let Some((route, lc)) = route else {
         // Never connected anywhere: not an open relay.
         count(shared, "-", Outcome::UnknownName);
-        tracing::info!(client = %front.client, server_name = %name, "not a broker of a cluster served here: unrecognized_name");
+        if let Some(skipped) = budget.take() {
+            tracing::info!(client = %front.client, server_name = %name, skipped, "not a broker of a cluster served here: unrecognized_name");
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&UNRECOGNIZED_NAME)).await;
         return;
     };
@@ -316,6 +374,17 @@ async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port
             return;
         }
     };
+    let (addrs, refused): (Vec<IpAddr>, Vec<IpAddr>) =
+        addrs.into_iter().partition(|&ip| destination_allowed(ip, port, route.discovered, &shared.own));
+    if addrs.is_empty() {
+        count(shared, &route.cluster, Outcome::RefusedTarget);
+        let first = shared.refused_logged.lock().unwrap_or_else(|e| e.into_inner()).insert(route.cluster.clone());
+        if first {
+            tracing::warn!(cluster = %route.cluster, server_name = %name, ?refused, discovered = route.discovered,
+                "the cluster's target is the proxy itself, an unspecified address, or (discovered) loopback or link-local: not connected (logged once per cluster)");
+        }
+        return;
+    }
     let started = Instant::now();
     let Some(mut upstream) = connect_any(shared, &addrs, port, name).await else {
         count(shared, &route.cluster, Outcome::ConnectFailed);
@@ -337,6 +406,73 @@ async fn connection(shared: &Shared, mut sock: TcpStream, peer: SocketAddr, port
         .increment(up);
     metrics::counter!("mskdns_proxy_sni_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_client")
         .increment(down);
+}
+
+/// Whether the SNI proxy may connect to `ip`:`port`. Never to an unspecified, multicast or
+/// broadcast address, nor to one of its own listeners (a loop); for a discovered cluster, whose
+/// target is written by that cluster's own account, not to loopback or link-local either (the
+/// proxy's host and the instance metadata service). A cluster in the file may name loopback:
+/// its operator runs the proxy.
+fn destination_allowed(ip: IpAddr, port: u16, discovered: bool, own: &[SocketAddr]) -> bool {
+    let ip = ip.to_canonical();
+    let special = match ip {
+        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+    };
+    let local = match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local(),
+    };
+    let ours = own.iter().any(|l| l.port() == port && l.ip().to_canonical() == ip);
+    !(special || ours || (discovered && local))
+}
+
+/// Every address a connection to the listeners arrives at: a listener on an unspecified address
+/// is reached at each of the host's interface addresses (read once, at bind).
+fn own_addresses(listeners: &[TcpListener]) -> Vec<SocketAddr> {
+    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let host = if bound.iter().any(|a| a.ip().is_unspecified()) { interface_addresses() } else { Vec::new() };
+    let mut own = Vec::new();
+    for a in bound {
+        if a.ip().is_unspecified() {
+            let same_family = host.iter().filter(|ip| ip.is_ipv4() == a.is_ipv4() || a.is_ipv6());
+            own.extend(same_family.map(|&ip| SocketAddr::new(ip, a.port())));
+        }
+        own.push(a);
+    }
+    own
+}
+
+/// The host's interface addresses (getifaddrs(3)); empty if they cannot be read.
+fn interface_addresses() -> Vec<IpAddr> {
+    let mut found = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we only read and then free once.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return found;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        found.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        found.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    found
 }
 
 /// The first of `addrs` that accepts on `port`, each within `connect_timeout_ms`.
@@ -538,6 +674,8 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use super::{destination_allowed, interface_addresses};
+    use std::net::SocketAddr;
     use tokio::net::{TcpListener, TcpStream};
     use tokio_util::sync::CancellationToken;
 
@@ -577,6 +715,32 @@ mod tests {
         let back = writer.await.unwrap();
         assert!(back == down, "the client got {} bytes back", back.len());
         assert_eq!(relay.await.unwrap(), (up.len() as u64, down.len() as u64));
+    }
+
+    #[test]
+    fn destinations_that_loop_or_reach_the_host_are_refused() {
+        let own: Vec<SocketAddr> = vec!["10.0.0.5:9098".parse().unwrap(), "127.0.0.1:9098".parse().unwrap()];
+        let ok = |ip: &str, port, discovered| destination_allowed(ip.parse().unwrap(), port, discovered, &own);
+        // A broker elsewhere, on the same port as the listeners.
+        assert!(ok("10.0.0.6", 9098, true));
+        // The proxy's own listening addresses, for any cluster.
+        assert!(!ok("10.0.0.5", 9098, false));
+        assert!(!ok("127.0.0.1", 9098, false));
+        assert!(ok("10.0.0.5", 9099, false), "another port of the same host is not a listener");
+        // Unspecified, multicast and broadcast, for any cluster.
+        for ip in ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "ff02::1"] {
+            assert!(!ok(ip, 9094, false), "{ip}");
+        }
+        // Loopback and link-local: refused for a discovered cluster, allowed from the file.
+        for ip in ["127.0.0.10", "169.254.169.254", "::1", "fe80::1", "::ffff:127.0.0.10"] {
+            assert!(!ok(ip, 9094, true), "{ip}");
+            assert!(ok(ip, 9094, false), "{ip}");
+        }
+    }
+
+    #[test]
+    fn interface_addresses_include_loopback() {
+        assert!(interface_addresses().iter().any(|ip| ip.is_loopback()));
     }
 
     #[tokio::test]
