@@ -507,7 +507,10 @@ fn cluster_entry(
     };
     let brokers = c.brokers.iter().filter_map(|(b, a)| Some((b.parse().ok()?, Addrs::new(a)))).collect();
     let answers = metrics::counter!("mskdns_cluster_answers_total", "cluster" => label.clone());
-    Some((key.into(), Arc::new(Cluster { label, origin, target, brokers, ttl: c.ttl, discovered: c.source.is_some(), answers })))
+    Some((
+        key.into(),
+        Arc::new(Cluster { label, origin, target, brokers, ttl: c.ttl, discovered: c.source.is_some(), answers }),
+    ))
 }
 
 /// Where a cluster name's addresses come from.

@@ -10,6 +10,7 @@ import time
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import h2.config
 import h2.connection
@@ -29,8 +30,8 @@ class SlowUpstream:
     """A UDP upstream on loopback that answers every A query with 192.0.2.7 after `delay`
     seconds (or never, with `delay=None`), counting the queries it gets."""
 
-    def __init__(self, delay):
-        self.delay = delay
+    def __init__(self, delay, txt=0):
+        self.delay, self.txt = delay, txt
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -48,8 +49,15 @@ class SlowUpstream:
                 continue
             q = dns.message.from_wire(data)
             r = dns.message.make_response(q)
-            r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "192.0.2.7"))
-            threading.Timer(self.delay, self.reply, args=(r.to_wire(), peer)).start()
+            if self.txt and q.question[0].rdtype == dns.rdatatype.TXT:
+                chunks = " ".join(f'"{"x" * 250}"' for _ in range(self.txt // 250))
+                r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "TXT", chunks))
+            else:
+                r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "192.0.2.7"))
+            if self.delay:
+                threading.Timer(self.delay, self.reply, args=(r.to_wire(), peer)).start()
+            else:
+                self.reply(r.to_wire(), peer)
 
     def reply(self, wire, peer):
         try:
@@ -65,8 +73,8 @@ class SlowUpstream:
 def slow_upstream():
     made = []
 
-    def make(delay):
-        u = SlowUpstream(delay)
+    def make(delay, **kw):
+        u = SlowUpstream(delay, **kw)
         made.append(u)
         return u
 
@@ -211,34 +219,48 @@ def test_doh_zero_window_client_is_closed_while_others_are_served(daemon, nsd, p
     s.close()
 
 
-def test_dot_clients_that_never_read_or_send_half_a_query_are_cut_off(daemon, slow_upstream, pki, tmp_path):
-    up = slow_upstream(0.0)
-    d = daemon(dns_config(pki, tmp_path, up.port, extra_dns=LIMITS))
-    # A client that pipelines misses and never reads, with a small receive buffer.
+@pytest.mark.parametrize("kind", ["dns", "dot"])
+def test_stream_clients_that_never_read_or_send_half_a_query_are_cut_off(daemon, slow_upstream, pki, tmp_path, kind):
+    """A client that pipelines misses and never reads held its slot for a minute and more: every
+    answer queued behind the first failed write waited a write timeout of its own."""
+    up = slow_upstream(0.0, txt=1000)  # within the 1232 bytes mskdns asks for
+    d = daemon(dns_config(pki, tmp_path, up.port, extra_dns=LIMITS + "\nrate_limit = 0"))
     ca, _, _ = pki
-    ctx = ssl.create_default_context(cafile=str(ca.file))
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.connect(d.dot[0])
-    deaf = ctx.wrap_socket(raw, server_hostname=HOST)
-    half = tls(d, "dot", pki)
+    raw.connect(d.dns[0] if kind == "dns" else d.dot[0])
+    deaf = raw if kind == "dns" else ssl.create_default_context(cafile=str(ca.file)).wrap_socket(raw, server_hostname=HOST)
+    half = socket.create_connection(d.dns[0]) if kind == "dns" else tls(d, "dot", pki)
     half.sendall(tcp_query("www.example.test")[:9])
-    deaf.settimeout(0.2)
-    burst = b"".join(tcp_query(f"n{i}.example.test", qid=i % 65536) for i in range(4000))
-    sent, started = 0, time.time()
-    while sent < len(burst) and time.time() - started < 3:
-        try:
-            sent += deaf.send(burst[sent:sent + 16384])
-        except (socket.timeout, ssl.SSLWantWriteError):
-            continue
-        except OSError:
-            break
-    assert dot_works(d, pki), "another client is served"
+    stop = threading.Event()
+
+    def flood():
+        # Misses with large answers, sent on and on: the client is busy, never idle.
+        i = 0
+        while not stop.is_set():
+            try:
+                deaf.sendall(b"".join(tcp_query(f"n{i + k}.example.test", "TXT", qid=(i + k) % 65536) for k in range(50)))
+            except OSError:
+                return
+            i += 50
+            time.sleep(0.05)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    transport = "tcp" if kind == "dns" else "dot"
+    assert wait_for(lambda: d.metric("mskdns_tcp_connections_active", transport=transport) == 2, timeout=3)
+    assert (dot_works(d, pki) if kind == "dot" else dns.query.tcp(
+        dns.message.make_query("other.example.test", "A"), d.host, port=d.port, timeout=3, source="127.0.0.2").answer)
     assert closed_within(half, 4), "half a query: closed at the idle timeout"
-    t0 = time.time()
-    assert closed_within(deaf, 6), "never reads: closed by the write timeout"
-    assert time.time() - t0 < 6
-    assert dot_works(d, pki)
+    started = time.time()
+    # Closed about one write timeout after its answers stop being taken, though it still sends.
+    gone = wait_for(lambda: d.metric("mskdns_tcp_connections_active", transport=transport) == 0, timeout=10)
+    stop.set()
+    assert gone, "the client that never reads still holds its connection"
+    assert time.time() - started < 6
+    assert up.asked > 64
+    deaf.close()
+    half.close()
 
 
 def test_connection_caps_are_per_process_with_an_exempt_list(daemon, nsd, pki, tmp_path):
