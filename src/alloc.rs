@@ -43,17 +43,31 @@ unsafe fn reserve(size: usize) -> *mut u8 {
 // apart by the layout the caller must pass back unchanged; mappings are page-aligned and zeroed.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if mapped(&layout) { unsafe { reserve(layout.size()) } } else { unsafe { MiMalloc.alloc(layout) } }
+        if mapped(&layout) {
+            // SAFETY: a fresh mapping of the layout's size; pages are page-aligned (align <= PAGE).
+            unsafe { reserve(layout.size()) }
+        } else {
+            // SAFETY: the caller's layout goes to mimalloc unchanged.
+            unsafe { MiMalloc.alloc(layout) }
+        }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if mapped(&layout) { unsafe { reserve(layout.size()) } } else { unsafe { MiMalloc.alloc_zeroed(layout) } }
+        if mapped(&layout) {
+            // SAFETY: as in `alloc`; an anonymous mapping is zeroed by the kernel.
+            unsafe { reserve(layout.size()) }
+        } else {
+            // SAFETY: the caller's layout goes to mimalloc unchanged.
+            unsafe { MiMalloc.alloc_zeroed(layout) }
+        }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if mapped(&layout) {
+            // SAFETY: the same layout as at `alloc` means `ptr` is a mapping of exactly this size.
             unsafe { libc::munmap(ptr.cast(), layout.size()) };
         } else {
+            // SAFETY: the same layout as at `alloc` means `ptr` came from mimalloc.
             unsafe { MiMalloc.dealloc(ptr, layout) }
         }
     }
@@ -62,10 +76,14 @@ unsafe impl GlobalAlloc for Allocator {
         // SAFETY: the caller guarantees new_size, rounded to align, does not overflow isize.
         let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         if !mapped(&layout) && !mapped(&new) {
+            // SAFETY: both sizes are mimalloc's; `ptr` came from it with `layout`.
             return unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         }
+        // SAFETY: `new` is a valid layout (see above).
         let q = unsafe { self.alloc(new) };
         if !q.is_null() {
+            // SAFETY: both blocks are live and distinct, each at least the smaller size long;
+            // `ptr` is freed with the layout it was allocated with.
             unsafe {
                 std::ptr::copy_nonoverlapping(ptr, q, layout.size().min(new_size));
                 self.dealloc(ptr, layout);
@@ -83,6 +101,7 @@ mod tests {
     fn a_huge_block_is_reserved_not_refused() {
         // 2^31 elements of 256 bytes: what a hostile array count asks kafka-protocol for.
         let layout = Layout::from_size_align(256 << 31, 8).unwrap();
+        // SAFETY: each block is used within its size and freed once with its own layout.
         unsafe {
             let p = Allocator.alloc(layout);
             assert!(!p.is_null());
@@ -93,6 +112,7 @@ mod tests {
             Allocator.dealloc(q, Layout::from_size_align(4096, 8).unwrap());
         }
         let small = Layout::from_size_align(64, 8).unwrap();
+        // SAFETY: as above.
         unsafe {
             let p = Allocator.alloc(small);
             let q = Allocator.realloc(p, small, HUGE);

@@ -91,7 +91,12 @@ impl Control {
     /// Where discovery sources publish: each message replaces the discovered clusters. Applied
     /// here, in one place: a map the engine cannot take is logged and counted, and the previous
     /// one stays.
-    pub fn discovery_channel(self: &Arc<Self>, tasks: &TaskTracker, shutdown: CancellationToken) -> Discovered {
+    #[cfg(feature = "aws")]
+    pub fn discovery_channel(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> crate::discovery::Discovered {
         let (tx, mut rx) = mpsc::channel::<Vec<ClusterConfig>>(4);
         let control = self.clone();
         tasks.spawn(async move {
@@ -106,7 +111,7 @@ impl Control {
                 }
             }
         });
-        Discovered { config: self.subscribe(), found: tx }
+        crate::discovery::Discovered { config: self.subscribe(), found: tx }
     }
 
     fn apply(&self, file: &Config, discovered: &[ClusterConfig]) -> Result<(), EngineError> {
@@ -119,14 +124,6 @@ impl Control {
     fn lock(&self) -> std::sync::MutexGuard<'_, Sources> {
         self.sources.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// What a discovery source holds: the configuration in force (its own settings are read there
-/// on every pass, so a reload applies), and the channel its findings go to.
-#[derive(Clone)]
-pub struct Discovered {
-    pub config: watch::Receiver<Arc<Config>>,
-    pub found: mpsc::Sender<Vec<ClusterConfig>>,
 }
 
 /// The EC2 cells of the engine's snapshot in force (its VPC endpoints' addresses, its views'
@@ -219,6 +216,7 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
     }
 
+    #[cfg(feature = "aws")]
     #[tokio::test]
     async fn discovery_publishes_on_its_channel() {
         let c = control();

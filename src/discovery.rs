@@ -3,3 +3,17 @@
 
 pub mod ec2;
 pub mod msk;
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{ClusterConfig, Config};
+
+/// What a discovery source holds: the configuration in force (its own settings are read there
+/// on every pass, so a reload applies), and the channel its findings go to.
+#[derive(Clone)]
+pub struct Discovered {
+    pub config: watch::Receiver<Arc<Config>>,
+    pub found: mpsc::Sender<Vec<ClusterConfig>>,
+}

@@ -12,6 +12,8 @@
 //! [`Server::bind`] binds everything (port 0 allowed) so the caller can report the real ports,
 //! then [`Server::run`] serves until the cancellation token fires.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod admin;
 pub mod alloc;
 pub mod config;
@@ -24,6 +26,7 @@ pub mod names;
 pub mod panic;
 pub mod proxy;
 pub mod reload;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,22 +54,20 @@ pub enum StartError {
     #[error("dns.{key} {addr}: {source}")]
     BindSecure { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
-    Tls(#[from] proxy::tls::TlsError),
+    Tls(#[from] tls::TlsError),
 }
 
 /// The TLS pairs of the DoT and DoH listeners (`dns.tls_cert`, `dns.tls_key`), loaded; `None`
 /// when neither kind of listener is configured. ALPN: `dot` (RFC 7858), `h2` and `http/1.1`.
-pub fn dns_terminators(
-    config: &Config,
-) -> Result<Option<(proxy::tls::Terminator, proxy::tls::Terminator)>, proxy::tls::TlsError> {
+pub fn dns_terminators(config: &Config) -> Result<Option<(tls::Terminator, tls::Terminator)>, tls::TlsError> {
     let d = &config.dns;
     let (Some(cert), Some(key)) = (&d.tls_cert, &d.tls_key) else { return Ok(None) };
     if d.listen_dot.is_empty() && d.listen_doh.is_empty() {
         return Ok(None);
     }
     let keys = ("dns.tls_cert", "dns.tls_key");
-    let dot = proxy::tls::Terminator::load_with(cert, key, keys, vec![b"dot".to_vec()])?;
-    let doh = proxy::tls::Terminator::load_with(cert, key, keys, vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
+    let dot = tls::Terminator::load_with(cert, key, keys, vec![b"dot".to_vec()])?;
+    let doh = tls::Terminator::load_with(cert, key, keys, vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
     Ok(Some((dot, doh)))
 }
 
@@ -222,87 +223,16 @@ impl Server {
         metrics::gauge!("mskdns_inflight_limit").set(limit as f64);
         tracing::info!(open_files = nofile, inflight = limit, "limits");
         self.engine.limit_inflight(limit);
-        let gate = server::StreamGate::new(&self.tcp_limits, self.config.dns.tcp_per_client_exempt.clone());
-        let mut threads = Vec::new();
-        let first_secure = self.listeners.len();
-        let mut terminators: Vec<Arc<proxy::tls::Terminator>> = Vec::new();
-        for (i, (l, secure)) in self.secure.into_iter().enumerate() {
-            if !terminators.iter().any(|t| Arc::ptr_eq(t, &secure.terminator)) {
-                terminators.push(secure.terminator.clone());
-            }
-            let listener = first_secure + i;
-            let kind = if secure.doh.is_some() { "doh" } else { "dot" };
-            let serve = server::serve_tcp(
-                self.engine.clone(),
-                l,
-                listener,
-                self.tcp_limits,
-                gate.clone(),
-                Some(secure),
-                shutdown.clone(),
-                tasks.clone(),
-            );
-            let (health, shutdown) = (self.health.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                let ended = panic::guarded(serve).await;
-                if !shutdown.is_cancelled() {
-                    let why = match ended {
-                        Ok(()) => "the accept loop ended".to_string(),
-                        Err(e) => format!("the accept loop panicked: {e}"),
-                    };
-                    tracing::error!(listener, "{kind}: {why}");
-                    health.set_lost(&format!("dns {kind} listener {listener}"), Some(why));
-                }
-            });
-        }
-        if !terminators.is_empty() {
-            tasks.spawn(watch_dns_certificates(terminators, shutdown.clone()));
-        }
-        for (listener, l) in self.listeners.into_iter().enumerate() {
-            let sock = Arc::new(l.udp);
-            for index in 0..self.udp_threads {
-                let worker = dns::udp::Worker {
-                    index,
-                    listener,
-                    engine: self.engine.clone(),
-                    sock: sock.clone(),
-                    runtime: tokio::runtime::Handle::current(),
-                    tasks: tasks.clone(),
-                    shutdown: shutdown.clone(),
-                    health: self.health.clone(),
-                };
-                match std::thread::Builder::new().name("mskdns-udp".into()).spawn(move || worker.run()) {
-                    Ok(t) => threads.push(t),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a UDP thread; shutting down");
-                        shutdown.cancel();
-                    }
-                }
-            }
-            let tcp = server::serve_tcp(
-                self.engine.clone(),
-                l.tcp,
-                listener,
-                self.tcp_limits,
-                gate.clone(),
-                None,
-                shutdown.clone(),
-                tasks.clone(),
-            );
-            let (health, shutdown) = (self.health.clone(), shutdown.clone());
-            let addr = self.config.dns.listen.get(listener).copied();
-            tasks.spawn(async move {
-                let ended = panic::guarded(tcp).await;
-                if !shutdown.is_cancelled() {
-                    let why = match ended {
-                        Ok(()) => "the accept loop ended".to_string(),
-                        Err(e) => format!("the accept loop panicked: {e}"),
-                    };
-                    tracing::error!(listener = ?addr, "{why}");
-                    health.set_lost(&format!("dns tcp listener {listener}"), Some(why));
-                }
-            });
-        }
+        let ctx = Serving {
+            engine: self.engine.clone(),
+            limits: self.tcp_limits,
+            gate: server::StreamGate::new(&self.tcp_limits, self.config.dns.tcp_per_client_exempt.clone()),
+            health: self.health.clone(),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+        };
+        ctx.secure(self.secure, self.listeners.len());
+        let threads = ctx.plain(self.listeners, self.udp_threads);
         if let Some(path) = config_path {
             tasks.spawn(reload::run(
                 self.control.clone(),
@@ -321,27 +251,7 @@ impl Server {
             let to = self.control.discovery_channel(&tasks, shutdown.clone());
             tasks.spawn(discovery::msk::run(to, self.health.clone(), self.restored, shutdown.clone()));
         }
-        let engine = self.engine.clone();
-        let (cache_entries, cache_bytes, front_reserved) = (
-            metrics::gauge!("mskdns_cache_entries"),
-            metrics::gauge!("mskdns_cache_bytes"),
-            metrics::gauge!("mskdns_cache_front_reserved_bytes"),
-        );
-        let render: Render = Arc::new(move || {
-            let (entries, bytes, reserved) = engine.cache_usage();
-            cache_entries.set(entries as f64);
-            cache_bytes.set(bytes as f64);
-            front_reserved.set(reserved as f64);
-            render()
-        });
-        let (health, admin_shutdown) = (self.health.clone(), shutdown.clone());
-        let admin = self.admin;
-        tasks.spawn(async move {
-            if let Err(e) = admin::serve(admin, render, health, admin_shutdown.clone()).await {
-                tracing::error!(error = %e, "admin endpoint failed; shutting down");
-                admin_shutdown.cancel();
-            }
-        });
+        ctx.admin(self.admin, render);
         for p in self.proxies {
             tasks.spawn(p.run());
         }
@@ -358,18 +268,138 @@ impl Server {
         self.health.set_serving(false);
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         tasks.close();
+        self.engine.tasks().close();
         let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        let all = async { tokio::join!(tasks.wait(), self.engine.tasks().wait()) };
+        if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(?grace, "tasks still running at the end of the shutdown grace period");
         }
     }
 }
 
+/// What every DNS listener is started with: a listener kind is one method here.
+struct Serving {
+    engine: Arc<Engine>,
+    limits: TcpLimits,
+    gate: Arc<server::StreamGate>,
+    health: Arc<Health>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Serving {
+    /// DoT and DoH listeners (their indices follow the `dns.listen` ones), and the watcher of
+    /// their certificate files.
+    fn secure(&self, secure: Vec<(tokio::net::TcpListener, server::Secure)>, first: usize) {
+        let mut terminators: Vec<Arc<tls::Terminator>> = Vec::new();
+        for (i, (l, secure)) in secure.into_iter().enumerate() {
+            if !terminators.iter().any(|t| Arc::ptr_eq(t, &secure.terminator)) {
+                terminators.push(secure.terminator.clone());
+            }
+            let listener = first + i;
+            let kind = if secure.doh.is_some() { "doh" } else { "dot" };
+            let serve = self.stream(l, listener, Some(secure));
+            supervise(&self.tasks, &self.health, &self.shutdown, format!("dns {kind} listener {listener}"), serve);
+        }
+        if !terminators.is_empty() {
+            self.tasks.spawn(watch_dns_certificates(terminators, self.shutdown.clone()));
+        }
+    }
+
+    /// UDP (`udp_threads` threads per address, returned to be joined) and TCP on every `dns.listen`.
+    fn plain(&self, listeners: Vec<Listener>, udp_threads: usize) -> Vec<std::thread::JoinHandle<()>> {
+        let mut threads = Vec::new();
+        for (listener, l) in listeners.into_iter().enumerate() {
+            let sock = Arc::new(l.udp);
+            for index in 0..udp_threads {
+                let worker = dns::udp::Worker {
+                    index,
+                    listener,
+                    engine: self.engine.clone(),
+                    sock: sock.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                    tasks: self.tasks.clone(),
+                    shutdown: self.shutdown.clone(),
+                    health: self.health.clone(),
+                };
+                match std::thread::Builder::new().name("mskdns-udp".into()).spawn(move || worker.run()) {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a UDP thread; shutting down");
+                        self.shutdown.cancel();
+                    }
+                }
+            }
+            let tcp = self.stream(l.tcp, listener, None);
+            supervise(&self.tasks, &self.health, &self.shutdown, format!("dns tcp listener {listener}"), tcp);
+        }
+        threads
+    }
+
+    fn stream(
+        &self,
+        l: tokio::net::TcpListener,
+        index: usize,
+        secure: Option<server::Secure>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (engine, gate, shutdown, tasks) =
+            (self.engine.clone(), self.gate.clone(), self.shutdown.clone(), self.tasks.clone());
+        server::serve_tcp(engine, l, index, self.limits, gate, secure, shutdown, tasks)
+    }
+
+    /// `/metrics`, `/healthz`, `/readyz`; the cache's gauges are read when metrics are rendered.
+    fn admin(&self, admin: tokio::net::TcpListener, render: Render) {
+        let engine = self.engine.clone();
+        let (cache_entries, cache_bytes, front_reserved) = (
+            metrics::gauge!("mskdns_cache_entries"),
+            metrics::gauge!("mskdns_cache_bytes"),
+            metrics::gauge!("mskdns_cache_front_reserved_bytes"),
+        );
+        let render: Render = Arc::new(move || {
+            let (entries, bytes, reserved) = engine.cache_usage();
+            cache_entries.set(entries as f64);
+            cache_bytes.set(bytes as f64);
+            front_reserved.set(reserved as f64);
+            render()
+        });
+        let (health, shutdown) = (self.health.clone(), self.shutdown.clone());
+        self.tasks.spawn(async move {
+            if let Err(e) = admin::serve(admin, render, health, shutdown.clone()).await {
+                tracing::error!(error = %e, "admin endpoint failed; shutting down");
+                shutdown.cancel();
+            }
+        });
+    }
+}
+
+/// Runs a listener's accept loop; one that ends or panics before shutdown is logged and marks
+/// `/healthz` failed with its name (the process goes on serving what it still can).
+fn supervise(
+    tasks: &TaskTracker,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+    name: String,
+    serve: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (health, shutdown) = (health.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        let ended = panic::guarded(serve).await;
+        if !shutdown.is_cancelled() {
+            let why = match ended {
+                Ok(()) => "the accept loop ended".to_string(),
+                Err(e) => format!("the accept loop panicked: {e}"),
+            };
+            tracing::error!(listener = %name, "{why}");
+            health.set_lost(&name, Some(why));
+        }
+    });
+}
+
 /// Picks up a renewed `dns.tls_cert`/`dns.tls_key` pair; one that does not load keeps the previous.
-async fn watch_dns_certificates(terminators: Vec<Arc<proxy::tls::Terminator>>, shutdown: CancellationToken) {
+async fn watch_dns_certificates(terminators: Vec<Arc<tls::Terminator>>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(proxy::tls::WATCH_EVERY) => {}
+            _ = tokio::time::sleep(tls::WATCH_EVERY) => {}
             _ = shutdown.cancelled() => return,
         }
         for t in &terminators {

@@ -100,6 +100,7 @@ impl<F: Future> Future for Guarded<F> {
         if this.done {
             return Poll::Ready(Err(Caught("polled after a panic".into())));
         }
+        // SAFETY: `this` is pinned, so `inner` stays where it is until dropped.
         let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
         let _g = Catching::enter();
         match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {

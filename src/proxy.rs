@@ -11,7 +11,7 @@ pub mod proxy_protocol;
 mod relay;
 pub mod rewrite;
 pub mod sni;
-pub mod tls;
+mod splice;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ProxyBlock, ProxyConfig};
+use crate::tls;
 use frame::FrameError;
 use ports::{NodeEntry, load_state, sweep};
 use relay::relay;

@@ -16,9 +16,9 @@ use aws_sdk_kafka::Client;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::Discovered;
 use crate::admin::Health;
 use crate::config::{AwsDiscoveryConfig, ClusterConfig, parse_target};
-use crate::control::Discovered;
 use crate::names::cluster_key;
 
 mod aws;

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::engine::{Engine, Handled, Origin};
-use super::server::TcpLimits;
+use super::stream::TcpLimits;
 use super::wire;
 
 const DNS_MESSAGE: &str = "application/dns-message";
@@ -368,7 +368,7 @@ async fn respond(
         Handled::ReplyAndPrefetch => {
             if let Some(permit) = engine.miss_permit() {
                 let (engine, pkt) = (engine.clone(), pkt.clone());
-                tokio::spawn(async move { engine.prefetch(&pkt, from, permit).await });
+                engine.clone().tasks().spawn(async move { engine.prefetch(&pkt, from, permit).await });
             }
             Handled::Reply
         }

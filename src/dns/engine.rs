@@ -12,41 +12,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::cache;
 use super::catalog::{Catalog, Local};
 use super::cookie::{self, Cookies};
+use super::query::Outcomes;
+pub use super::query::{Observer, ObserverSlot, Origin, Outcome, ServFail, Transport};
 use super::ratelimit::{RateLimiter, Verdict};
 use super::upstream::Question;
 use super::wire::{self, Query, Reject, Response};
 use crate::config::Config;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-    /// DNS over TLS (RFC 7858).
-    Dot,
-    /// DNS over HTTPS (RFC 8484).
-    Doh,
-}
-
-impl Transport {
-    const ALL: [Transport; 4] = [Transport::Udp, Transport::Tcp, Transport::Dot, Transport::Doh];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-            Transport::Dot => "dot",
-            Transport::Doh => "doh",
-        }
-    }
-}
-
-/// Where a query came from: the client, and which `dns.listen` entry it arrived on.
-#[derive(Debug, Clone, Copy)]
-pub struct Origin {
-    pub client: IpAddr,
-    pub listener: usize,
-    pub transport: Transport,
-}
 
 /// What became of a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,59 +31,6 @@ pub enum Handled {
     /// `out` holds the response (a cached answer near its expiry): send it, and call
     /// [`Engine::prefetch`] off the receive loop to refresh the cache.
     ReplyAndPrefetch,
-}
-
-/// Responses by outcome, registered once so the hot path only bumps an atomic.
-struct Outcomes {
-    cluster: metrics::Counter,
-    zone: metrics::Counter,
-    unknown_cluster: metrics::Counter,
-    cache_hit: metrics::Counter,
-    forwarded: metrics::Counter,
-    stale: metrics::Counter,
-    servfail: metrics::Counter,
-    refused: metrics::Counter,
-    formerr: metrics::Counter,
-    notimp: metrics::Counter,
-    notauth: metrics::Counter,
-    badvers: metrics::Counter,
-    dropped: metrics::Counter,
-    rate_limited: metrics::Counter,
-    any: metrics::Counter,
-    cache_hits: metrics::Counter,
-    cache_misses: metrics::Counter,
-    prefetches: metrics::Counter,
-    panics: metrics::Counter,
-    /// Queries by transport, in the order of [`Transport::ALL`].
-    queries: [metrics::Counter; 4],
-}
-
-impl Outcomes {
-    fn new() -> Self {
-        let o = |k: &'static str| metrics::counter!("mskdns_responses_total", "outcome" => k);
-        Outcomes {
-            cluster: o("cluster"),
-            zone: o("zone"),
-            unknown_cluster: o("unknown_cluster"),
-            cache_hit: o("cache_hit"),
-            forwarded: o("forwarded"),
-            stale: o("stale"),
-            servfail: o("servfail"),
-            refused: o("refused"),
-            formerr: o("formerr"),
-            notimp: o("notimp"),
-            notauth: o("notauth"),
-            badvers: o("badvers"),
-            dropped: o("dropped"),
-            rate_limited: o("rate_limited"),
-            any: o("any_rfc8482"),
-            cache_hits: metrics::counter!("mskdns_cache_hits_total"),
-            cache_misses: metrics::counter!("mskdns_cache_misses_total"),
-            prefetches: metrics::counter!("mskdns_cache_prefetches_total"),
-            panics: metrics::counter!("mskdns_panics_total", "where" => "dns"),
-            queries: Transport::ALL.map(|t| metrics::counter!("mskdns_queries_total", "transport" => t.label())),
-        }
-    }
 }
 
 /// Everything a reload replaces, swapped as one.
@@ -134,6 +52,10 @@ pub struct Engine {
     inflight: Arc<Semaphore>,
     inflight_limit: std::sync::atomic::AtomicUsize,
     over_inflight: metrics::Counter,
+    /// Told of every query's outcome; empty (one atomic load per query) when nothing listens.
+    observer: arc_swap::ArcSwapOption<ObserverSlot>,
+    /// Misses and prefetches resolving off the receive paths; shutdown waits for them.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Misses being resolved at once at most; past the limit a query gets SERVFAIL at once, not a
@@ -160,7 +82,27 @@ impl Engine {
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_MISSES)),
             inflight_limit: MAX_INFLIGHT_MISSES.into(),
             over_inflight: metrics::counter!("mskdns_inflight_rejected_total"),
+            observer: Default::default(),
+            tasks: Default::default(),
         }))
+    }
+
+    /// Where the listeners spawn misses and prefetches, so that shutdown can wait for them.
+    pub fn tasks(&self) -> &tokio_util::task::TaskTracker {
+        &self.tasks
+    }
+
+    /// Sets (or, with `None`, removes) the observer told of every query's outcome.
+    pub fn set_observer(&self, observer: Option<Box<dyn Observer>>) {
+        self.observer.store(observer.map(|o| Arc::new(ObserverSlot(o))));
+    }
+
+    /// Counts a query's final outcome and tells the observer.
+    fn done(&self, from: Origin, query: &[u8], response: &[u8], outcome: Outcome) {
+        self.outcomes.count(outcome);
+        if let Some(o) = &*self.observer.load() {
+            o.0.observe(from, query, response, outcome);
+        }
     }
 
     /// Sets the in-flight limit shared by every transport (at most [`MAX_INFLIGHT_MISSES`]);
@@ -234,7 +176,11 @@ impl Engine {
     pub fn handle(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
         self.outcomes.queries[from.transport as usize].increment(1);
         match crate::panic::catch(|| self.answer_now(pkt, from, out)) {
-            Ok(h) => h,
+            Ok((Handled::Miss, _)) => Handled::Miss,
+            Ok((h, outcome)) => {
+                self.done(from, pkt, if h == Handled::Drop { &[] } else { out }, outcome);
+                h
+            }
             Err(e) => self.panicked(pkt, from, out, &e),
         }
     }
@@ -252,10 +198,10 @@ impl Engine {
             .flatten()
             .unwrap_or_else(|| "(unparsed)".into());
         tracing::error!(query = %name, client = %from.client, panic = %e, "panic while answering a query: SERVFAIL sent, the listener goes on");
-        crate::panic::catch(|| self.servfail_packet(pkt, from.transport, out)).unwrap_or(Handled::Drop)
+        crate::panic::catch(|| self.servfail(pkt, from, out, ServFail::Panic)).unwrap_or(Handled::Drop)
     }
 
-    fn answer_now(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
+    fn answer_now(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> (Handled, Outcome) {
         let snap = self.current.load();
         let client = from.client.to_canonical();
         let q = match Query::parse(pkt) {
@@ -263,11 +209,11 @@ impl Engine {
             Err(reject) => return self.reject(&snap, reject, client, out),
         };
         let allowed = snap.allowed(client);
-        let h = self.answer_query(&snap, &q, allowed, client, from, out);
+        let (h, outcome) = self.answer_query(&snap, &q, allowed, client, from, out);
         if allowed && matches!(h, Handled::Reply | Handled::ReplyAndPrefetch) {
             snap.add_cookie(&q, client, out);
         }
-        h
+        (h, outcome)
     }
 
     fn answer_query(
@@ -278,7 +224,7 @@ impl Engine {
         client: IpAddr,
         from: Origin,
         out: &mut Vec<u8>,
-    ) -> Handled {
+    ) -> (Handled, Outcome) {
         let q = *q;
         let limit = snap.limit(&q, from.transport);
         // Every UDP answer counts, REFUSED too, unless the client proved its address with a
@@ -290,107 +236,71 @@ impl Engine {
         {
             match rl.check(client) {
                 Verdict::Send => {}
-                Verdict::Drop => {
-                    self.outcomes.rate_limited.increment(1);
-                    return Handled::Drop;
-                }
+                Verdict::Drop => return (Handled::Drop, Outcome::RateLimited),
                 Verdict::Truncate => {
-                    self.outcomes.rate_limited.increment(1);
                     Response::new(out, &q, wire::RCODE_NOERROR, false).finish(&q, 0, snap.max_payload);
-                    return Handled::Reply;
+                    return (Handled::Reply, Outcome::RateLimited);
                 }
             }
         }
         if !allowed {
-            self.outcomes.refused.increment(1);
             Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, snap.max_payload);
-            return Handled::Reply;
+            return (Handled::Reply, Outcome::Refused);
         }
         if q.tsig.is_some() {
             // No keys are configured here, so no signature can be checked (RFC 8945 5.2).
             if wire::tsig_badkey(out, &q, snap.max_payload) {
-                self.outcomes.notauth.increment(1);
-            } else {
-                self.outcomes.formerr.increment(1);
-                wire::header_only(out, q.id, q.flags(), wire::RCODE_FORMERR);
+                return (Handled::Reply, Outcome::NotAuth);
             }
-            return Handled::Reply;
+            wire::header_only(out, q.id, q.flags(), wire::RCODE_FORMERR);
+            return (Handled::Reply, Outcome::FormErr);
         }
         if q.edns.is_some_and(|e| e.version > 0) {
-            self.outcomes.badvers.increment(1);
             wire::badvers(out, &q, snap.max_payload);
-            return Handled::Reply;
+            return (Handled::Reply, Outcome::BadVers);
         }
         if matches!(q.qtype, wire::TYPE_AXFR | wire::TYPE_IXFR | wire::TYPE_OPT) {
-            self.outcomes.refused.increment(1);
             Response::new(out, &q, wire::RCODE_REFUSED, false).finish(&q, limit, snap.max_payload);
-            return Handled::Reply;
+            return (Handled::Reply, Outcome::Refused);
         }
         let mut lc_buf = [0u8; wire::MAX_NAME_LEN];
         let lc_len = wire::lowercase_name(q.name(), &mut lc_buf);
         let lc = &lc_buf[..lc_len];
         let forwarder = match snap.catalog.answer(&q, lc, from.listener, client, out, limit, snap.max_payload) {
-            Local::Cluster => {
-                self.outcomes.cluster.increment(1);
-                return Handled::Reply;
-            }
-            Local::Zone => {
-                self.outcomes.zone.increment(1);
-                return Handled::Reply;
-            }
-            Local::UnknownCluster => {
-                self.outcomes.unknown_cluster.increment(1);
-                return Handled::Reply;
-            }
-            Local::Unavailable => {
-                self.outcomes.servfail.increment(1);
-                return Handled::Reply;
-            }
-            Local::Refused => {
-                self.outcomes.refused.increment(1);
-                return Handled::Reply;
-            }
             Local::Forward(f, _) => f,
+            local => return (Handled::Reply, local_outcome(&local)),
         };
         if q.qtype == wire::TYPE_ANY {
             // RFC 8482: no upstream ANY (an amplification vector); one synthesized HINFO instead.
-            self.outcomes.any.increment(1);
             let mut r = Response::new(out, &q, wire::RCODE_NOERROR, false);
             r.record_at_qname(wire::Section::Answer, &wire::RFC8482_HINFO);
             r.finish(&q, limit, snap.max_payload);
-            return Handled::Reply;
+            return (Handled::Reply, Outcome::Any);
         }
         let mut kb = [0u8; cache::KEY_MAX];
         let now = Instant::now();
         if let Some(answer) = forwarder.cached(cache::key_into(&mut kb, forwarder.id(), lc, &q), now) {
-            self.outcomes.cache_hits.increment(1);
-            self.outcomes.cache_hit.increment(1);
             answer.serve(&q, out, now, limit, snap.max_payload);
-            return if answer.take_prefetch(now) { Handled::ReplyAndPrefetch } else { Handled::Reply };
+            let h = if answer.take_prefetch(now) { Handled::ReplyAndPrefetch } else { Handled::Reply };
+            return (h, Outcome::CacheHit);
         }
-        Handled::Miss
+        (Handled::Miss, Outcome::Forwarded)
     }
 
-    fn reject(&self, snap: &Snapshot, reject: Reject, client: IpAddr, out: &mut Vec<u8>) -> Handled {
+    fn reject(&self, snap: &Snapshot, reject: Reject, client: IpAddr, out: &mut Vec<u8>) -> (Handled, Outcome) {
         // Say nothing to strangers, not even FORMERR.
         if !snap.allowed(client) {
-            self.outcomes.dropped.increment(1);
-            return Handled::Drop;
+            return (Handled::Drop, Outcome::Dropped);
         }
         match reject {
-            Reject::Drop => {
-                self.outcomes.dropped.increment(1);
-                Handled::Drop
-            }
+            Reject::Drop => (Handled::Drop, Outcome::Dropped),
             Reject::FormErr { id, flags } => {
-                self.outcomes.formerr.increment(1);
                 wire::header_only(out, id, flags, wire::RCODE_FORMERR);
-                Handled::Reply
+                (Handled::Reply, Outcome::FormErr)
             }
             Reject::NotImp { id, flags } => {
-                self.outcomes.notimp.increment(1);
                 wire::header_only(out, id, flags, wire::RCODE_NOTIMP);
-                Handled::Reply
+                (Handled::Reply, Outcome::NotImp)
             }
         }
     }
@@ -400,6 +310,7 @@ impl Engine {
     pub async fn prefetch(&self, pkt: &[u8], from: Origin, permit: MissPermit) {
         let mut out = Vec::new();
         if let Err(e) = crate::panic::guarded(self.lookup(pkt, from, &mut out, true, permit)).await {
+            // The client has its answer already: nothing is sent, only the panic is counted.
             self.panicked(pkt, from, &mut out, &e);
         }
     }
@@ -408,7 +319,11 @@ impl Engine {
     /// however many clients ask at once; SERVFAIL if the upstreams fail.
     pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, permit: MissPermit) -> Handled {
         match crate::panic::guarded(self.lookup(pkt, from, out, false, permit)).await {
-            Ok(h) => h,
+            Ok((h, Some(outcome))) => {
+                self.done(from, pkt, if h == Handled::Drop { &[] } else { out }, outcome);
+                h
+            }
+            Ok((h, None)) => h,
             Err(e) => self.panicked(pkt, from, out, &e),
         }
     }
@@ -417,12 +332,19 @@ impl Engine {
     pub async fn resolve_or_servfail(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>) -> Handled {
         match self.miss_permit() {
             Some(permit) => self.resolve(pkt, from, out, permit).await,
-            None => self.servfail_packet(pkt, from.transport, out),
+            None => self.servfail(pkt, from, out, ServFail::Busy),
         }
     }
 
-    async fn lookup(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, refresh: bool, permit: MissPermit) -> Handled {
-        let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
+    async fn lookup(
+        &self,
+        pkt: &[u8],
+        from: Origin,
+        out: &mut Vec<u8>,
+        refresh: bool,
+        permit: MissPermit,
+    ) -> (Handled, Option<Outcome>) {
+        let Ok(q) = Query::parse(pkt) else { return (Handled::Drop, (!refresh).then_some(Outcome::Dropped)) };
         let snap = self.current.load_full();
         let client = from.client.to_canonical();
         let limit = snap.limit(&q, from.transport);
@@ -432,7 +354,8 @@ impl Engine {
         let (forwarder, cluster) =
             match snap.catalog.answer(&q, lc, from.listener, client, out, limit, snap.max_payload) {
                 Local::Forward(f, c) => (f, c),
-                _ => return Handled::Reply,
+                // The configuration changed since `handle`: answered here after all.
+                local => return (Handled::Reply, (!refresh).then(|| local_outcome(&local))),
             };
         let mut kb = [0u8; cache::KEY_MAX];
         let key: cache::Key = cache::key_into(&mut kb, forwarder.id(), lc, &q).into();
@@ -450,11 +373,12 @@ impl Engine {
         }
         let result = forwarder.resolve(key.clone(), question, refresh, Some(permit)).await;
         if refresh {
-            return Handled::Drop;
+            return (Handled::Drop, None);
         }
+        let outcome;
         match result {
             Ok(answer) => {
-                self.outcomes.forwarded.increment(1);
+                outcome = Outcome::Forwarded;
                 if let Some(c) = cluster {
                     c.count_answer();
                 }
@@ -463,25 +387,41 @@ impl Engine {
             Err(e) => {
                 tracing::debug!(error = %e, name = %wire::wire_to_string(lc), "resolution failed");
                 if let Some(stale) = forwarder.stale(&key, Instant::now()) {
-                    self.outcomes.stale.increment(1);
+                    outcome = Outcome::Stale;
                     stale.serve_stale(&q, out, limit, snap.max_payload);
                 } else {
-                    self.outcomes.servfail.increment(1);
+                    outcome = Outcome::ServFail(ServFail::Upstream);
                     Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
                 }
             }
         }
         snap.add_cookie(&q, client, out);
-        Handled::Reply
+        (Handled::Reply, Some(outcome))
     }
 
-    /// SERVFAIL for a query we cannot resolve now (too many in flight).
-    pub fn servfail_packet(&self, pkt: &[u8], transport: Transport, out: &mut Vec<u8>) -> Handled {
+    /// SERVFAIL for `pkt` (nothing for what does not parse), counted with `why` and observed.
+    pub fn servfail(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, why: ServFail) -> Handled {
         let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
         let snap = self.current.load();
-        self.outcomes.servfail.increment(1);
-        Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, snap.limit(&q, transport), snap.max_payload);
+        Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(
+            &q,
+            snap.limit(&q, from.transport),
+            snap.max_payload,
+        );
+        self.done(from, pkt, out, Outcome::ServFail(why));
         Handled::Reply
+    }
+}
+
+/// The outcome of a query the catalog answered itself.
+fn local_outcome(local: &Local<'_>) -> Outcome {
+    match local {
+        Local::Cluster => Outcome::Cluster,
+        Local::Zone => Outcome::Zone,
+        Local::UnknownCluster => Outcome::UnknownCluster,
+        Local::Unavailable => Outcome::ServFail(ServFail::Unavailable),
+        Local::Refused => Outcome::Refused,
+        Local::Forward(..) => Outcome::Forwarded,
     }
 }
 
@@ -689,6 +629,63 @@ mod tests {
         engine.limit_inflight(5);
         let five: Vec<_> = (0..5).map_while(|_| engine.miss_permit()).collect();
         assert_eq!(five.len(), 5);
+    }
+
+    /// Remembers what it is told: the client, the outcome and the response's size.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<std::sync::Mutex<Vec<(String, Outcome, usize)>>>);
+
+    impl Observer for Seen {
+        fn observe(&self, from: Origin, _query: &[u8], response: &[u8], outcome: Outcome) {
+            self.0.lock().unwrap().push((from.client.to_string(), outcome, response.len()));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_query_has_one_outcome_told_to_the_observer() {
+        let (upstream, _) = slow_upstream(Duration::ZERO).await;
+        let engine = Engine::from_config(&config(&upstream.to_string())).unwrap();
+        let seen = Seen::default();
+        engine.set_observer(Some(Box::new(seen.clone())));
+        let mut out = Vec::new();
+        assert_eq!(engine.handle(&query(BOOT, RecordType::A), from("127.0.0.1"), &mut out), Handled::Reply);
+        out.clear();
+        assert_eq!(engine.handle(&query(BOOT, RecordType::A), from("192.0.2.1"), &mut out), Handled::Reply);
+        out.clear();
+        assert_eq!(engine.handle(&[0xff; 5], from("192.0.2.1"), &mut out), Handled::Drop);
+        let pkt = query("www.example.org.", RecordType::A);
+        out.clear();
+        assert_eq!(engine.handle(&pkt, from("127.0.0.2"), &mut out), Handled::Miss);
+        assert_eq!(seen.0.lock().unwrap().len(), 3, "a miss is not final: nothing told yet");
+        out.clear();
+        assert_eq!(engine.resolve_or_servfail(&pkt, from("127.0.0.2"), &mut out).await, Handled::Reply);
+        let answered = out.len();
+        out.clear();
+        assert_eq!(engine.handle(&pkt, from("127.0.0.3"), &mut out), Handled::Reply);
+        engine.limit_inflight(1);
+        let _held = engine.miss_permit().unwrap();
+        out.clear();
+        let other = query("busy.example.org.", RecordType::A);
+        assert_eq!(engine.resolve_or_servfail(&other, from("127.0.0.4"), &mut out).await, Handled::Reply);
+        let got = seen.0.lock().unwrap().clone();
+        let outcomes: Vec<(&str, Outcome)> = got.iter().map(|(c, o, _)| (c.as_str(), *o)).collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("127.0.0.1", Outcome::Cluster),
+                ("192.0.2.1", Outcome::Refused),
+                ("192.0.2.1", Outcome::Dropped),
+                ("127.0.0.2", Outcome::Forwarded),
+                ("127.0.0.3", Outcome::CacheHit),
+                ("127.0.0.4", Outcome::ServFail(ServFail::Busy)),
+            ]
+        );
+        assert_eq!(got[2].2, 0, "nothing was sent to the stranger");
+        assert_eq!(got[3].2, answered, "the response as sent");
+        engine.set_observer(None);
+        out.clear();
+        engine.handle(&query(BOOT, RecordType::A), from("127.0.0.1"), &mut out);
+        assert_eq!(seen.0.lock().unwrap().len(), 6, "no observer, nothing told");
     }
 
     #[tokio::test]

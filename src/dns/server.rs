@@ -13,10 +13,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::engine::{Engine, Handled, Origin, Transport};
+use super::engine::{Engine, Handled, Origin, ServFail, Transport};
 use crate::limits::PerClient;
 
 pub use super::engine::MAX_INFLIGHT_MISSES;
+pub use super::stream::TcpLimits;
 /// File descriptors kept for everything but misses: listeners, the admin endpoint, logs, AWS calls.
 const FD_RESERVE: u64 = 64;
 
@@ -103,22 +104,10 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// TCP limits: connections at once (in all and per client address), how long a connection may
-/// go without completing a query, and how long writing one answer may take.
-#[derive(Debug, Clone, Copy)]
-pub struct TcpLimits {
-    pub max_connections: usize,
-    pub max_per_client: usize,
-    pub idle_timeout: Duration,
-    pub write_timeout: Duration,
-    /// TCP_NODELAY on TCP and DoT connections (DoH always has it).
-    pub nodelay: bool,
-}
-
 /// TLS on a stream listener: DNS over TLS, or DNS over HTTPS when `doh` is set.
 #[derive(Clone)]
 pub struct Secure {
-    pub terminator: Arc<crate::proxy::tls::Terminator>,
+    pub terminator: Arc<crate::tls::Terminator>,
     pub handshake_timeout: Duration,
     pub doh: Option<Arc<super::doh::DohSettings>>,
 }
@@ -506,7 +495,7 @@ where
                 push_framed(&mut batch, &out);
                 if let Some(permit) = engine.miss_permit() {
                     let (engine, pkt) = (engine.clone(), pkt.to_vec());
-                    tokio::spawn(async move { engine.prefetch(&pkt, from, permit).await });
+                    engine.clone().tasks().spawn(async move { engine.prefetch(&pkt, from, permit).await });
                 }
             }
             Handled::Miss => {
@@ -525,13 +514,13 @@ where
                 };
                 // Past `dns.max_inflight` (all transports together): SERVFAIL at once.
                 let Some(permit) = engine.miss_permit() else {
-                    if engine.servfail_packet(pkt, from.transport, &mut out) == Handled::Reply {
+                    if engine.servfail(pkt, from, &mut out, ServFail::Busy) == Handled::Reply {
                         push_framed(&mut batch, &out);
                     }
                     continue;
                 };
                 let (engine, writer, pkt, gone) = (engine.clone(), writer.clone(), pkt.to_vec(), gone.clone());
-                tokio::spawn(async move {
+                engine.clone().tasks().spawn(async move {
                     let _local = local;
                     let mut out = Vec::with_capacity(512);
                     // A miss task ends with its connection.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::engine::{Engine, Handled, Origin, Transport};
+use super::engine::{Engine, Handled, Origin, ServFail, Transport};
 
 const BATCH: usize = 64;
 /// Queries are small; a larger datagram (flagged MSG_TRUNC) is dropped unread.
@@ -59,6 +59,7 @@ impl Batch {
         let iov = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
         Box::new(Batch {
             bufs: vec![[0; RX_BUF]; BATCH],
+            // SAFETY: all-zero is a valid sockaddr_storage.
             names: vec![unsafe { zeroed() }; BATCH],
             rx_iov: vec![iov; BATCH],
             rx: (0..BATCH).map(|_| zeroed_hdr()).collect(),
@@ -180,7 +181,7 @@ impl Worker {
                 );
             }
             None => {
-                if self.engine.servfail_packet(pkt, Transport::Udp, out) == Handled::Reply {
+                if self.engine.servfail(pkt, from, out, ServFail::Busy) == Handled::Reply {
                     reply_to.push(i);
                 }
             }

@@ -4,6 +4,7 @@
 //! whole request with kafka-protocol to learn those would cost a copy of every Produce batch.
 
 use kafka_protocol::messages::ApiKey;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 
 pub const PRODUCE: i16 = 0;
 pub const FETCH: i16 = 1;
@@ -142,6 +143,19 @@ pub fn parse_request(message: &[u8]) -> Result<RequestHeader, FrameError> {
 /// The correlation id at the start of a response message.
 pub fn response_correlation(message: &[u8]) -> Option<i32> {
     Some(i32::from_be_bytes(message.get(..4)?.try_into().ok()?))
+}
+
+/// Streams exactly `n` bytes from `r` to `w` (straight from `r`'s buffer); the peer closing
+/// before that is an error.
+pub(super) async fn copy_exact<R, W>(r: &mut BufReader<R>, w: &mut W, n: u64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if n > 0 && tokio::io::copy_buf(&mut r.take(n), w).await? < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 
-use super::frame::{self, FrameError, RequestHeader};
+use super::frame::{self, FrameError, RequestHeader, copy_exact};
 use super::{ConnError, Shared, hints, rewrite};
 
 /// Requests in flight per connection before the proxy stops reading from the client.
@@ -82,19 +82,6 @@ async fn read_size<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<[u
     }
     r.read_exact(&mut size[1..]).await?;
     Ok(Some(size))
-}
-
-/// Streams exactly `n` bytes from `r` to `w` (straight from `r`'s buffer); the peer closing
-/// before that is an error.
-pub(super) async fn copy_exact<R, W>(r: &mut BufReader<R>, w: &mut W, n: u64) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    if n > 0 && tokio::io::copy_buf(&mut r.take(n), w).await? < n {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
 
 /// Writes out what `w` holds unless the next frame is already complete in `r`'s buffer: then it

@@ -1,5 +1,5 @@
-//! TLS on either side of the proxy (rustls): termination towards clients with the
-//! `tls_cert`/`tls_key` files, origination towards brokers with SNI set to the broker's own name
+//! TLS (rustls) for every listener that terminates it (DoT, DoH, the proxy) and the proxy's
+//! connections to brokers: termination towards clients with the `tls_cert`/`tls_key` files, origination towards brokers with SNI set to the broker's own name
 //! and its certificate verified against the system roots or `upstream_ca_file`, presenting
 //! `upstream_tls_cert`/`upstream_tls_key` when the brokers ask for a client certificate (MSK's
 //! mutual-TLS authentication, port 9094).
