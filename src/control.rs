@@ -30,9 +30,27 @@ pub fn merge_discovered(config: &Config, discovered: &[ClusterConfig]) -> Config
     merged
 }
 
+/// The discovery sources, in the order their clusters are merged after the file's: for one
+/// cluster key the file wins, then the earlier source here. MSK's own API answers before a
+/// snapshot another instance published.
+pub const SOURCES: [&str; 2] = ["msk", "snapshot"];
+
 struct Sources {
     file: Config,
-    discovered: Arc<Vec<ClusterConfig>>,
+    /// Each source's clusters, by its index in [`SOURCES`]: one source never replaces another's.
+    discovered: [Arc<Vec<ClusterConfig>>; SOURCES.len()],
+}
+
+impl Sources {
+    /// Every source's clusters, in [`SOURCES`] order.
+    fn all(&self) -> Vec<ClusterConfig> {
+        self.discovered.iter().flat_map(|d| d.iter().cloned()).collect()
+    }
+}
+
+/// The index of a source's name in [`SOURCES`].
+fn source_index(source: &str) -> usize {
+    SOURCES.iter().position(|s| *s == source).unwrap_or_else(|| panic!("unknown discovery source {source}"))
 }
 
 pub struct Control {
@@ -45,7 +63,8 @@ impl Control {
     /// Takes over `engine`, built from `file`.
     pub fn new(engine: Arc<Engine>, file: Config) -> Arc<Control> {
         let (published, _) = watch::channel(Arc::new(file.clone()));
-        Arc::new(Control { engine, sources: Mutex::new(Sources { file, discovered: Arc::default() }), published })
+        let sources = Sources { file, discovered: Default::default() };
+        Arc::new(Control { engine, sources: Mutex::new(sources), published })
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -62,41 +81,47 @@ impl Control {
         self.lock().file.clone()
     }
 
-    /// The discovered clusters in force.
-    pub fn discovered(&self) -> Arc<Vec<ClusterConfig>> {
-        self.lock().discovered.clone()
+    /// The discovered clusters in force, every source's, in [`SOURCES`] order.
+    pub fn discovered(&self) -> Vec<ClusterConfig> {
+        self.lock().all()
     }
 
     /// A new file configuration; on error (the engine cannot be built from it) nothing changes.
     pub fn reload(&self, file: Config) -> Result<(), EngineError> {
         let mut s = self.lock();
-        self.apply(&file, &s.discovered)?;
+        self.apply(&file, &s.all())?;
         s.file = file;
         Ok(())
     }
 
-    /// Replaces the discovered clusters. Clusters in the file (by cluster key) win over them; a
-    /// view's own entries win as they do over the file's top-level clusters.
-    pub fn set_discovered(&self, clusters: Vec<ClusterConfig>) -> Result<(), EngineError> {
+    /// Replaces the clusters `source` (one of [`SOURCES`]) discovered; other sources' stay.
+    /// Clusters in the file (by cluster key) win over them, then earlier sources; a view's own
+    /// entries win as they do over the file's top-level clusters.
+    pub fn set_discovered(&self, source: &str, clusters: Vec<ClusterConfig>) -> Result<(), EngineError> {
+        let i = source_index(source);
         let mut s = self.lock();
-        if *s.discovered == clusters {
+        if *s.discovered[i] == clusters {
             return Ok(());
         }
-        let clusters = Arc::new(clusters);
-        self.apply(&s.file, &clusters)?;
-        s.discovered = clusters;
+        let previous = std::mem::replace(&mut s.discovered[i], Arc::new(clusters));
+        if let Err(e) = self.apply(&s.file, &s.all()) {
+            s.discovered[i] = previous;
+            return Err(e);
+        }
         Ok(())
     }
 
-    /// Where discovery sources publish: each message replaces the discovered clusters. Applied
-    /// here, in one place: a map the engine cannot take is logged and counted, and the previous
-    /// one stays.
+    /// Where discovery source `source` publishes: each message replaces that source's clusters.
+    /// Applied here, in one place: a map the engine cannot take is logged and counted, and the
+    /// previous one stays.
     #[cfg(feature = "aws")]
     pub fn discovery_channel(
         self: &Arc<Self>,
+        source: &'static str,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> crate::discovery::Discovered {
+        source_index(source);
         let (tx, mut rx) = mpsc::channel::<Vec<ClusterConfig>>(4);
         let control = self.clone();
         tasks.spawn(async move {
@@ -105,9 +130,9 @@ impl Control {
                     c = rx.recv() => match c { Some(c) => c, None => return },
                     _ = shutdown.cancelled() => return,
                 };
-                if let Err(e) = control.set_discovered(clusters) {
+                if let Err(e) = control.set_discovered(source, clusters) {
                     metrics::counter!("mskdns_discovery_apply_errors_total").increment(1);
-                    tracing::error!(error = %e, "cannot apply the discovered clusters; the previous map stays");
+                    tracing::error!(source, error = %e, "cannot apply the discovered clusters; the previous map stays");
                 }
             }
         });
@@ -127,9 +152,18 @@ impl Control {
 }
 
 /// The EC2 cells of the engine's snapshot in force (its VPC endpoints' addresses, its views'
-/// AZs), for the EC2 refresh. A rebuild carries the cells over, so setting one never rebuilds.
+/// AZs), for the EC2 refresh: control's narrow handle, from [`Control::endpoints`]. A rebuild
+/// carries the cells over, so setting one never rebuilds.
 #[cfg(feature = "aws")]
-pub struct EngineEndpoints(pub Arc<Engine>);
+pub struct EngineEndpoints(Arc<Engine>);
+
+#[cfg(feature = "aws")]
+impl Control {
+    /// The handle through which EC2 refreshes set endpoint addresses and subnet AZs.
+    pub fn endpoints(&self) -> EngineEndpoints {
+        EngineEndpoints(self.engine.clone())
+    }
+}
 
 #[cfg(feature = "aws")]
 impl crate::discovery::ec2::Endpoints for EngineEndpoints {
@@ -188,7 +222,7 @@ mod tests {
     fn the_file_wins_by_cluster_key_and_every_change_is_published() {
         let c = control();
         let mut rx = c.subscribe();
-        c.set_discovered(vec![cluster(A, "10.9.9.9"), cluster(B, "10.0.0.2")]).unwrap();
+        c.set_discovered("msk", vec![cluster(A, "10.9.9.9"), cluster(B, "10.0.0.2")]).unwrap();
         assert!(rx.has_changed().unwrap());
         let now = rx.borrow_and_update().clone();
         let seen: Vec<_> = now.clusters.iter().map(|c| (c.bootstrap.as_str(), c.addresses[0].to_string())).collect();
@@ -207,12 +241,32 @@ mod tests {
     }
 
     #[test]
+    fn each_source_keeps_its_own_clusters_and_the_earlier_source_wins() {
+        const C: &str = "boot-cccc3333.c1.kafka-serverless.us-east-1.amazonaws.com";
+        let c = control();
+        c.set_discovered("snapshot", vec![cluster(B, "10.0.8.2"), cluster(C, "10.0.8.3")]).unwrap();
+        c.set_discovered("msk", vec![cluster(B, "10.0.0.2")]).unwrap();
+        let addr = |name: &str| {
+            let now = c.subscribe().borrow().clone();
+            now.clusters.iter().find(|x| x.bootstrap == name).map(|x| x.addresses[0].to_string())
+        };
+        // MSK's answer for B wins over the snapshot's; the snapshot's C is not overwritten.
+        assert_eq!(addr(B).as_deref(), Some("10.0.0.2"));
+        assert_eq!(addr(C).as_deref(), Some("10.0.8.3"));
+        assert_eq!(c.engine().snapshot().catalog.cluster_count(), 3);
+        // MSK finding nothing leaves the snapshot's clusters in force.
+        c.set_discovered("msk", Vec::new()).unwrap();
+        assert_eq!(addr(B).as_deref(), Some("10.0.8.2"));
+        assert_eq!(c.discovered().len(), 2);
+    }
+
+    #[test]
     fn the_same_discovered_map_twice_rebuilds_nothing() {
         let c = control();
         let mut rx = c.subscribe();
-        c.set_discovered(vec![cluster(B, "10.0.0.2")]).unwrap();
+        c.set_discovered("msk", vec![cluster(B, "10.0.0.2")]).unwrap();
         rx.borrow_and_update();
-        c.set_discovered(vec![cluster(B, "10.0.0.2")]).unwrap();
+        c.set_discovered("msk", vec![cluster(B, "10.0.0.2")]).unwrap();
         assert!(!rx.has_changed().unwrap());
     }
 
@@ -221,7 +275,7 @@ mod tests {
     async fn discovery_publishes_on_its_channel() {
         let c = control();
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let d = c.discovery_channel(&tasks, shutdown.clone());
+        let d = c.discovery_channel("msk", &tasks, shutdown.clone());
         let mut rx = d.config.clone();
         d.found.send(vec![cluster(B, "10.0.0.2")]).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();

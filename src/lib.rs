@@ -148,7 +148,7 @@ impl Server {
         let restored = match &config.discovery.aws {
             Some(d) => {
                 let found = discovery::msk::restore(&health, d);
-                if let Err(e) = control.set_discovered(discovery::msk::clusters_of(&found, d.ttl)) {
+                if let Err(e) = control.set_discovered("msk", discovery::msk::clusters_of(&found, d.ttl)) {
                     tracing::error!(error = %e, "cannot apply the restored discovered clusters");
                 }
                 found
@@ -156,7 +156,7 @@ impl Server {
             None => Vec::new(),
         };
         #[cfg(feature = "aws")]
-        discovery::ec2::restore(&control::EngineEndpoints(engine.clone()), &health, config.ec2_state_dir());
+        discovery::ec2::restore(&control.endpoints(), &health, config.ec2_state_dir());
         Ok(Server {
             engine,
             control,
@@ -245,10 +245,10 @@ impl Server {
         }
         #[cfg(feature = "aws")]
         {
-            let cells = Arc::new(control::EngineEndpoints(self.engine.clone()));
+            let cells = Arc::new(self.control.endpoints());
             let config = self.control.subscribe();
             tasks.spawn(discovery::ec2::run(cells, config, self.health.clone(), self.ec2_refresh, shutdown.clone()));
-            let to = self.control.discovery_channel(&tasks, shutdown.clone());
+            let to = self.control.discovery_channel("msk", &tasks, shutdown.clone());
             tasks.spawn(discovery::msk::run(to, self.health.clone(), self.restored, shutdown.clone()));
         }
         ctx.admin(self.admin, render);
@@ -256,7 +256,7 @@ impl Server {
             tasks.spawn(p.run());
         }
         #[cfg(feature = "aws")]
-        discovery::ec2::mark_unread(&control::EngineEndpoints(self.engine.clone()), &self.health);
+        discovery::ec2::mark_unread(&self.control.endpoints(), &self.health);
         self.health.set_serving(true);
         on_ready();
         tracing::info!(

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=""
-for pair in nsd:nsd dig:bind9-dnsutils kdig:knot-dnsutils dnsperf:dnsperf systemd-analyze:systemd haproxy:haproxy named:bind9; do
+for pair in nsd:nsd dig:bind9-dnsutils kdig:knot-dnsutils dnsperf:dnsperf systemd-analyze:systemd haproxy:haproxy named:bind9 openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
 done
 if [ -n "$need" ]; then
