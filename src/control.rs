@@ -9,9 +9,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::watch;
 
 use crate::config::{ClusterConfig, Config};
 use crate::dns::Engine;
@@ -118,11 +116,11 @@ impl Control {
     pub fn discovery_channel(
         self: &Arc<Self>,
         source: &'static str,
-        tasks: &TaskTracker,
-        shutdown: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> crate::discovery::Discovered {
         source_index(source);
-        let (tx, mut rx) = mpsc::channel::<Vec<ClusterConfig>>(4);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<ClusterConfig>>(4);
         let control = self.clone();
         tasks.spawn(async move {
             loop {
@@ -274,7 +272,7 @@ mod tests {
     #[tokio::test]
     async fn discovery_publishes_on_its_channel() {
         let c = control();
-        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let (tasks, shutdown) = (tokio_util::task::TaskTracker::new(), tokio_util::sync::CancellationToken::new());
         let d = c.discovery_channel("msk", &tasks, shutdown.clone());
         let mut rx = d.config.clone();
         d.found.send(vec![cluster(B, "10.0.0.2")]).await.unwrap();

@@ -191,22 +191,7 @@ where
             }
         })
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(max_streams)
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_send_buf_size(64 * 1024)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .keep_alive_interval(Some(limits.idle_timeout))
-        .keep_alive_timeout(limits.write_timeout);
+    let builder = http(limits, max_streams);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let check = (limits.idle_timeout.min(limits.write_timeout) / 4).max(Duration::from_millis(50));
@@ -243,6 +228,27 @@ where
         Ok(r) => r.map_err(io::Error::other),
         Err(_) => Ok(()),
     }
+}
+
+/// hyper's settings for both protocols: header and body bounds, flow-control windows, pings.
+fn http(limits: TcpLimits, max_streams: u32) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(max_streams)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_send_buf_size(64 * 1024)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(limits.write_timeout);
+    builder
 }
 
 /// HTTP/2 receive windows: how much request data a client may send ahead per stream and per

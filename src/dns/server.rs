@@ -216,28 +216,7 @@ pub async fn serve_tcp(
             let _held = (admitted, Active(active));
             let _ = stream.set_nodelay(limits.nodelay || transport == Transport::Doh);
             let from = Origin { client: peer.ip(), listener: index, transport };
-            let serve = async {
-                let Some(secure) = secure else {
-                    let (rd, wr) = stream.into_split();
-                    return stream_connection(&engine, rd, wr, from, limits).await;
-                };
-                match secure.doh.clone() {
-                    Some(settings) => {
-                        // TLS records are gathered below TLS and leave in one write per flush
-                        // (see doh::FrameCut for why a record carries at most one response).
-                        let io = tokio::io::BufWriter::with_capacity(super::doh::WRITE_BUFFER, stream);
-                        let tls = handshake(&secure, io, &handshake_errors).await?;
-                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let tls = super::doh::FrameCut::new(tls, h2);
-                        super::doh::connection(engine.clone(), tls, from, settings, limits).await
-                    }
-                    None => {
-                        let tls = handshake(&secure, stream, &handshake_errors).await?;
-                        let (rd, wr) = tokio::io::split(tls);
-                        stream_connection(&engine, rd, wr, from, limits).await
-                    }
-                }
-            };
+            let serve = serve_connection(&engine, stream, from, limits, secure, &handshake_errors);
             tokio::select! {
                 r = serve => {
                     if let Err(e) = r {
@@ -248,6 +227,38 @@ pub async fn serve_tcp(
             }
         };
         tasks.spawn(tracing::Instrument::instrument(task, span));
+    }
+}
+
+/// One accepted connection: plain TCP, or TLS first (bounded by the handshake timeout), then DoT
+/// or DoH by the listener's kind.
+async fn serve_connection(
+    engine: &Arc<Engine>,
+    stream: tokio::net::TcpStream,
+    from: Origin,
+    limits: TcpLimits,
+    secure: Option<Secure>,
+    handshake_errors: &metrics::Counter,
+) -> io::Result<()> {
+    let Some(secure) = secure else {
+        let (rd, wr) = stream.into_split();
+        return stream_connection(engine, rd, wr, from, limits).await;
+    };
+    match secure.doh.clone() {
+        Some(settings) => {
+            // TLS records are gathered below TLS and leave in one write per flush
+            // (see doh::FrameCut for why a record carries at most one response).
+            let io = tokio::io::BufWriter::with_capacity(super::doh::WRITE_BUFFER, stream);
+            let tls = handshake(&secure, io, handshake_errors).await?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let tls = super::doh::FrameCut::new(tls, h2);
+            super::doh::connection(engine.clone(), tls, from, settings, limits).await
+        }
+        None => {
+            let tls = handshake(&secure, stream, handshake_errors).await?;
+            let (rd, wr) = tokio::io::split(tls);
+            stream_connection(engine, rd, wr, from, limits).await
+        }
     }
 }
 
@@ -304,6 +315,14 @@ struct Writer<W> {
 }
 
 impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
+    fn new(half: W, timeout: Duration) -> Self {
+        Writer {
+            half: tokio::sync::Mutex::new((half, Vec::with_capacity(4098))),
+            timeout,
+            failed: CancellationToken::new(),
+        }
+    }
+
     /// One answer, framed here.
     async fn send(&self, answer: &[u8]) -> io::Result<()> {
         let mut guard = tokio::select! {
@@ -434,11 +453,7 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let writer = Arc::new(Writer {
-        half: tokio::sync::Mutex::new((wr, Vec::with_capacity(4098))),
-        timeout: limits.write_timeout,
-        failed: CancellationToken::new(),
-    });
+    let writer = Arc::new(Writer::new(wr, limits.write_timeout));
     let inflight = Arc::new(Semaphore::new(TCP_INFLIGHT_PER_CONNECTION));
     // Cancelled when this function returns, however it returns: the miss tasks end with it.
     let gone = CancellationToken::new();
@@ -454,38 +469,16 @@ where
     tokio::pin!(idle);
     let failed = writer.failed.clone().cancelled_owned();
     tokio::pin!(failed);
-    let ended = 'serve: loop {
+    let ended = loop {
         // Gathered answers leave before the reader would wait for the client.
         if !batch.is_empty() && (batch.len() >= TCP_ANSWER_BATCH || !inbox.holds_message()) {
             writer.send_framed(&batch).await?;
             batch.clear();
         }
-        let at = loop {
-            match inbox.take() {
-                Ok(Some(at)) => break at,
-                Ok(None) => {}
-                Err(e) => break 'serve Err(e),
-            }
-            tokio::select! {
-                biased;
-                () = &mut failed => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "writing an answer failed")),
-                r = inbox.fill(&mut rd) => match r {
-                    Ok(0) if inbox.unread().is_empty() => break 'serve Ok(()),
-                    Ok(0) => break 'serve Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ended mid-message")),
-                    Ok(_) => {}
-                    Err(e) => break 'serve Err(e),
-                },
-                () = &mut idle => {
-                    let due = last_query + limits.idle_timeout;
-                    if due > tokio::time::Instant::now() {
-                        idle.as_mut().reset(due);
-                    } else if inbox.unread().is_empty() {
-                        break 'serve Ok(());
-                    } else {
-                        break 'serve Err(io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message"));
-                    }
-                }
-            }
+        let at = match next_query(&mut inbox, &mut rd, idle.as_mut(), last_query, limits, failed.as_mut()).await {
+            Next::Query(at) => at,
+            Next::Ended(r) => break r,
+            Next::Failed => return Err(write_failed()),
         };
         last_query = tokio::time::Instant::now();
         let pkt = &inbox.bytes[at];
@@ -510,29 +503,19 @@ where
                         Ok(p) => p,
                         Err(_) => break Ok(()),
                     },
-                    () = &mut failed => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "writing an answer failed")),
+                    () = failed.as_mut() => return Err(write_failed()),
                 };
                 // Past `dns.max_inflight` (all transports together): SERVFAIL at once.
-                let Some(permit) = engine.miss_permit() else {
-                    if engine.servfail(pkt, from, &mut out, ServFail::Busy) == Handled::Reply {
-                        push_framed(&mut batch, &out);
+                match engine.miss_permit() {
+                    Some(permit) => spawn_miss(engine, &writer, pkt, from, (local, permit), &gone),
+                    None => {
+                        if engine.servfail(pkt, from, &mut out, ServFail::Busy) == Handled::Reply {
+                            push_framed(&mut batch, &out);
+                        }
                     }
-                    continue;
-                };
-                let (engine, writer, pkt, gone) = (engine.clone(), writer.clone(), pkt.to_vec(), gone.clone());
-                engine.clone().tasks().spawn(async move {
-                    let _local = local;
-                    let mut out = Vec::with_capacity(512);
-                    // A miss task ends with its connection.
-                    tokio::select! {
-                        h = engine.resolve(&pkt, from, &mut out, permit) => if h == Handled::Reply {
-                            let _ = writer.send(&out).await;
-                        },
-                        () = gone.cancelled() => {}
-                    }
-                });
+                }
             }
-            _ => {}
+            Handled::Drop => {}
         }
     };
     if !batch.is_empty() {
@@ -544,6 +527,82 @@ where
         _ = writer.failed.cancelled() => {}
     }
     ended
+}
+
+fn write_failed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "writing an answer failed")
+}
+
+/// What the read side of a stream connection found next.
+enum Next {
+    /// A whole query, at this place in the inbox's bytes.
+    Query(std::ops::Range<usize>),
+    /// The client is done (`Ok`: at a message boundary) or broke the framing or went idle.
+    Ended(io::Result<()>),
+    /// Writing an answer failed: the connection is over.
+    Failed,
+}
+
+/// Reads until a whole query is in `inbox`, the client ends or stalls (no query completed for
+/// the idle timeout since `last_query`), or a write fails.
+async fn next_query<R: tokio::io::AsyncRead + Unpin>(
+    inbox: &mut Inbox,
+    rd: &mut R,
+    mut idle: std::pin::Pin<&mut tokio::time::Sleep>,
+    last_query: tokio::time::Instant,
+    limits: TcpLimits,
+    mut failed: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+) -> Next {
+    loop {
+        match inbox.take() {
+            Ok(Some(at)) => return Next::Query(at),
+            Ok(None) => {}
+            Err(e) => return Next::Ended(Err(e)),
+        }
+        tokio::select! {
+            biased;
+            () = failed.as_mut() => return Next::Failed,
+            r = inbox.fill(rd) => match r {
+                Ok(0) if inbox.unread().is_empty() => return Next::Ended(Ok(())),
+                Ok(0) => return Next::Ended(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ended mid-message"))),
+                Ok(_) => {}
+                Err(e) => return Next::Ended(Err(e)),
+            },
+            () = idle.as_mut() => {
+                let due = last_query + limits.idle_timeout;
+                if due > tokio::time::Instant::now() {
+                    idle.as_mut().reset(due);
+                } else if inbox.unread().is_empty() {
+                    return Next::Ended(Ok(()));
+                } else {
+                    return Next::Ended(Err(io::Error::new(io::ErrorKind::TimedOut, "stalled mid-message")));
+                }
+            }
+        }
+    }
+}
+
+/// Resolves a miss in a task of its own that answers on `writer`, holding the connection's slot
+/// and the engine's; the task ends with its connection (`gone`).
+fn spawn_miss<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    engine: &Arc<Engine>,
+    writer: &Arc<Writer<W>>,
+    pkt: &[u8],
+    from: Origin,
+    (local, permit): (tokio::sync::OwnedSemaphorePermit, super::engine::MissPermit),
+    gone: &CancellationToken,
+) {
+    let (engine, writer, pkt, gone) = (engine.clone(), writer.clone(), pkt.to_vec(), gone.clone());
+    engine.clone().tasks().spawn(async move {
+        let _local = local;
+        let mut out = Vec::with_capacity(512);
+        tokio::select! {
+            h = engine.resolve(&pkt, from, &mut out, permit) => if h == Handled::Reply {
+                let _ = writer.send(&out).await;
+            },
+            () = gone.cancelled() => {}
+        }
+    });
 }
 
 #[cfg(test)]

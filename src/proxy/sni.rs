@@ -288,6 +288,39 @@ async fn read_front(
     Ok(Front { client, endpoint, name, buf })
 }
 
+/// Counts a connection closed for what its front said (or left unsaid), and logs it within the
+/// block's log budget.
+fn refused_front(shared: &Shared, e: FrontError) {
+    let budget = &shared.log_budget;
+    match e {
+        FrontError::NotAllowed(client, endpoint) => {
+            count(shared, "-", Outcome::NotAllowed);
+            if let Some(skipped) = budget.take() {
+                tracing::info!(%client, endpoint = endpoint.as_deref().unwrap_or("-"), skipped, "client or endpoint not allowed: closed");
+            }
+        }
+        FrontError::Limit(client) => {
+            count(shared, "-", Outcome::Limit);
+            if let Some(skipped) = budget.take() {
+                tracing::warn!(%client, skipped, "max_connections_per_client reached: closed");
+            }
+        }
+        FrontError::Header(e) => {
+            count(shared, "-", Outcome::NotTls);
+            if let Some(skipped) = budget.take() {
+                tracing::info!(skipped, "{e}: closed");
+            }
+        }
+        FrontError::Hello(e) => {
+            let outcome = if matches!(e, HelloError::TooLarge) { Outcome::TooLarge } else { Outcome::NotTls };
+            count(shared, "-", outcome);
+            if let Some(skipped) = budget.take() {
+                tracing::info!(skipped, "{e}: closed");
+            }
+        }
+    }
+}
+
 async fn connection(
     shared: &Shared,
     mut sock: TcpStream,
@@ -298,44 +331,13 @@ async fn connection(
     let timeout = Duration::from_millis(shared.cfg.client_hello_timeout_ms);
     let budget = &shared.log_budget;
     let front = match tokio::time::timeout(timeout, read_front(shared, &mut sock, peer, &mut slot)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => return refused_front(shared, e),
         Err(_) => {
             count(shared, "-", Outcome::Timeout);
             tracing::debug!(?timeout, "no ClientHello within client_hello_timeout_ms: closed");
             return;
         }
-        Ok(Err(FrontError::NotAllowed(client, endpoint))) => {
-            count(shared, "-", Outcome::NotAllowed);
-            if let Some(skipped) = budget.take() {
-                tracing::info!(%client, endpoint = endpoint.as_deref().unwrap_or("-"), skipped, "client or endpoint not allowed: closed");
-            }
-            return;
-        }
-        Ok(Err(FrontError::Limit(client))) => {
-            count(shared, "-", Outcome::Limit);
-            if let Some(skipped) = budget.take() {
-                tracing::warn!(%client, skipped, "max_connections_per_client reached: closed");
-            }
-            return;
-        }
-        Ok(Err(FrontError::Header(e))) => {
-            count(shared, "-", Outcome::NotTls);
-            if let Some(skipped) = budget.take() {
-                tracing::info!(skipped, "{e}: closed");
-            }
-            return;
-        }
-        Ok(Err(FrontError::Hello(e))) => {
-            let outcome = match e {
-                HelloError::TooLarge => Outcome::TooLarge,
-                _ => Outcome::NotTls,
-            };
-            count(shared, "-", outcome);
-            if let Some(skipped) = budget.take() {
-                tracing::info!(skipped, "{e}: closed");
-            }
-            return;
-        }
-        Ok(Ok(f)) => f,
     };
     let Some(name) = front.name.as_deref() else {
         count(shared, "-", Outcome::NoSni);
