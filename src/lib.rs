@@ -23,6 +23,7 @@ pub mod discovery;
 pub mod dns;
 pub mod limits;
 pub mod names;
+pub mod net;
 pub mod panic;
 pub mod proxy;
 pub mod reload;

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ProxyBlock, ProxyConfig};
+use crate::net::{Active, next_client};
 use crate::tls;
 use frame::FrameError;
 use ports::{NodeEntry, load_state, sweep};
@@ -194,7 +195,7 @@ async fn accept_loop(
     let kind = if matches!(which, Listener::Bootstrap) { "bootstrap" } else { "broker" };
     loop {
         let (sock, peer) = tokio::select! {
-            c = next_client(&listener) => c,
+            c = next_client(&listener, "proxy") => c,
             _ = stop.cancelled() => return,
             _ = shared.shutdown.cancelled() => return,
         };
@@ -274,7 +275,7 @@ async fn accept_loop(
                 .increment(1);
             // Decremented however the connection ends (a panic included).
             let _active =
-                ActiveGuard::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared2.label.clone()));
+                Active::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared2.label.clone()));
             match connection(&shared2, sock, &upstream).await {
                 Ok(()) => tracing::debug!("connection closed"),
                 Err(e) => e.log(&shared2.label),
@@ -355,36 +356,6 @@ async fn behind_proxy_protocol(
         tracing::warn!(%client, "max_connections_per_client reached: connection closed");
     }
     slot
-}
-
-/// The next accepted connection; accept errors (out of descriptors, say) are logged and
-/// retried after a pause rather than ending the listener.
-async fn next_client(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(c) => return c,
-            Err(e) => {
-                tracing::warn!(error = %e, "proxy accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// One active connection in the gauge, for as long as it lives.
-struct ActiveGuard(metrics::Gauge);
-
-impl ActiveGuard {
-    fn new(g: metrics::Gauge) -> Self {
-        g.increment(1.0);
-        ActiveGuard(g)
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

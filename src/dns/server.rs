@@ -182,15 +182,7 @@ pub async fn serve_tcp(
     let handshake_errors = metrics::counter!("mskdns_tls_handshake_errors_total", "transport" => transport.label());
     loop {
         let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "tcp accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = crate::net::next_client(&listener, transport.label()) => c,
             _ = shutdown.cancelled() => break,
         };
         let client = peer.ip().to_canonical();
@@ -210,10 +202,9 @@ pub async fn serve_tcp(
         let (engine, shutdown, active, secure) =
             (engine.clone(), shutdown.child_token(), active.clone(), secure.clone());
         let handshake_errors = handshake_errors.clone();
-        active.increment(1.0);
         let span = tracing::debug_span!("dns_conn", %peer, transport = transport.label());
         let task = async move {
-            let _held = (admitted, Active(active));
+            let _held = (admitted, crate::net::Active::new(active));
             let _ = stream.set_nodelay(limits.nodelay || transport == Transport::Doh);
             let from = Origin { client: peer.ip(), listener: index, transport };
             let serve = serve_connection(&engine, stream, from, limits, secure, &handshake_errors);
@@ -281,15 +272,6 @@ where
             errors.increment(1);
             Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake not done in time"))
         }
-    }
-}
-
-/// One connection in the active gauge for as long as its task lives (a panic included).
-struct Active(metrics::Gauge);
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
     }
 }
 

@@ -16,10 +16,11 @@ use tokio_util::task::TaskTracker;
 
 use super::proxy_protocol::{self, HeaderError};
 use super::splice::splice;
-use super::{ActiveGuard, ProxyError, bind_listener, next_client};
+use super::{ProxyError, bind_listener};
 use crate::config::SniConfig;
 use crate::dns::catalog::Via;
 use crate::dns::engine::Engine;
+use crate::net::{Active, next_client};
 
 /// A TLS alert record, fatal, `unrecognized_name` (RFC 6066 section 3).
 const UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
@@ -136,7 +137,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     loop {
         let (sock, peer) = tokio::select! {
-            c = next_client(&listener) => c,
+            c = next_client(&listener, "sni proxy") => c,
             _ = shared.shutdown.cancelled() => return,
         };
         // Strangers are closed before anything is read from them.
@@ -173,7 +174,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let task = async move {
             let _permit = permit;
             let _active =
-                ActiveGuard::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared2.label.clone()));
+                Active::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared2.label.clone()));
             connection(&shared2, sock, peer, port, slot).await;
         };
         shared.tasks.spawn(tracing::Instrument::instrument(task, span));
