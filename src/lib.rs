@@ -116,13 +116,14 @@ impl Server {
                 max_streams: config.dns.doh_max_streams,
             });
             let kinds = [
-                ("listen_dot", &config.dns.listen_dot, Arc::new(dot), None),
-                ("listen_doh", &config.dns.listen_doh, Arc::new(doh), Some(settings)),
+                ("listen_dot", &config.dns.listen_dot, Arc::new(dot), server::Inside::Dot),
+                ("listen_doh", &config.dns.listen_doh, Arc::new(doh), server::Inside::Doh(settings)),
             ];
-            for (key, addrs, terminator, doh) in kinds {
+            for (key, addrs, terminator, inside) in kinds {
                 for &addr in addrs {
                     let l = server::bind_stream(addr).map_err(|source| StartError::BindSecure { key, addr, source })?;
-                    let s = server::Secure { terminator: terminator.clone(), handshake_timeout, doh: doh.clone() };
+                    let s =
+                        server::Secure { terminator: terminator.clone(), handshake_timeout, inside: inside.clone() };
                     secure.push((l, s));
                 }
             }
@@ -184,10 +185,7 @@ impl Server {
 
     /// The DoT (`"dot"`) and DoH (`"doh"`) addresses actually bound.
     pub fn secure_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
-        self.secure
-            .iter()
-            .filter_map(|(l, s)| Some((if s.doh.is_some() { "doh" } else { "dot" }, l.local_addr().ok()?)))
-            .collect()
+        self.secure.iter().filter_map(|(l, s)| Some((s.transport().label(), l.local_addr().ok()?))).collect()
     }
 
     /// Each `[[proxies]]` block's client-facing addresses, as bound (a bootstrap listener, or
@@ -298,7 +296,7 @@ impl Serving {
                 terminators.push(secure.terminator.clone());
             }
             let listener = first + i;
-            let kind = if secure.doh.is_some() { "doh" } else { "dot" };
+            let kind = secure.transport().label();
             let serve = self.stream(l, listener, Some(secure));
             supervise(&self.tasks, &self.health, &self.shutdown, format!("dns {kind} listener {listener}"), serve);
         }

@@ -21,13 +21,14 @@ use std::time::Duration;
 use kafka_protocol::protocol::StrBytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ProxyBlock, ProxyConfig};
+use crate::limits::ClientSlot;
 use crate::net::{Active, next_client};
 use crate::tls;
 use frame::FrameError;
@@ -62,6 +63,8 @@ struct Shared {
     /// When the brokers were last asked for by the proxy itself (`port_assignment = "node_id"`):
     /// one Metadata request at a time, at most one a second.
     learned: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Lines about refused connections: clients inside `allow` could otherwise flood the log.
+    log_budget: crate::limits::LogBudget,
 }
 
 /// What a listener leads to.
@@ -107,6 +110,7 @@ impl Proxy {
             terminator,
             connector,
             learned: tokio::sync::Mutex::new(None),
+            log_budget: Default::default(),
         });
         if cfg.port_assignment == crate::config::PortAssignment::NodeId {
             for port in cfg.broker_ports.first..=cfg.broker_ports.last {
@@ -199,35 +203,7 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
             _ = shared.shutdown.cancelled() => return,
         };
-        // Strangers are closed before anything is read from them or any broker is asked.
-        let client = peer.ip().to_canonical();
-        let rejected = |reason: &'static str| {
-            metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => reason)
-                .increment(1)
-        };
-        let cfg = &shared.cfg;
-        if stranger_at_accept(cfg.proxy_protocol, &cfg.allow, &cfg.proxy_protocol_from, client) {
-            rejected("not_allowed");
-            tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
-            continue;
-        }
-        // Behind a PROXY protocol sender the client's slot is taken once the header is read.
-        let slot = match cfg.proxy_protocol {
-            true => None,
-            false => match shared.per_client.take(client, cfg.max_connections_per_client) {
-                Some(s) => Some(s),
-                None => {
-                    rejected("per_client");
-                    tracing::warn!(proxy = %shared.label, %peer, "max_connections_per_client reached: connection closed");
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            rejected("limit");
-            tracing::warn!(proxy = %shared.label, %peer, "max_connections reached: connection closed");
-            continue;
-        };
+        let Some((slot, permit)) = admit(&shared, peer) else { continue };
         let upstream = match which {
             Listener::Node(n) => match shared.upstream_of(n) {
                 Some(u) => Some(u),
@@ -236,52 +212,102 @@ async fn accept_loop(
             Listener::Port(_) => None,
             Listener::Bootstrap => Some(bootstrap.clone()),
         };
-        let shared2 = shared.clone();
         // One span per connection: every event of it carries these fields.
         let span = tracing::info_span!("connection", proxy = %shared.label, %peer, upstream = tracing::field::Empty, listener = kind);
         if let Some(u) = &upstream {
             span.record("upstream", tracing::field::display(u));
         }
-        let task = async move {
-            let mut sock = sock;
-            let slot = match slot {
-                Some(s) => s,
-                None => match behind_proxy_protocol(&shared2, &mut sock, peer).await {
-                    Some(s) => s,
-                    None => return,
-                },
-            };
-            let _held = (permit, slot);
-            let upstream = match (upstream, which) {
-                (Some(u), _) => u,
-                (None, Listener::Port(p)) => match first_bytes_then(&shared2, &sock, shared2.upstream_at(p)).await {
-                    Some(u) => {
-                        tracing::Span::current().record("upstream", tracing::field::display(&u));
-                        u
-                    }
-                    None => {
-                        metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared2.label.clone(), "reason" => "unknown_broker")
-                            .increment(1);
-                        tracing::warn!(
-                            port = p,
-                            "no broker of the cluster has this port (node id modulo broker_ports): connection closed"
-                        );
-                        return;
-                    }
-                },
-                (None, _) => return,
-            };
-            metrics::counter!("mskdns_proxy_connections_total", "proxy" => shared2.label.clone(), "listener" => kind)
-                .increment(1);
-            // Decremented however the connection ends (a panic included).
-            let _active =
-                Active::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared2.label.clone()));
-            match connection(&shared2, sock, &upstream).await {
-                Ok(()) => tracing::debug!("connection closed"),
-                Err(e) => e.log(&shared2.label),
-            }
-        };
+        let task = serve_client(shared.clone(), sock, peer, which, upstream, (slot, permit));
         shared.tasks.spawn(tracing::Instrument::instrument(task, span));
+    }
+}
+
+/// Whether a connection from `peer` is served: strangers are closed before anything is read from
+/// them or any broker is asked; then the client's slot (behind a PROXY protocol sender, taken once
+/// the header is read) and one of `max_connections`.
+fn admit(shared: &Shared, peer: SocketAddr) -> Option<(Option<ClientSlot>, OwnedSemaphorePermit)> {
+    let client = peer.ip().to_canonical();
+    let rejected = |reason: &'static str| {
+        metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => reason)
+            .increment(1)
+    };
+    let cfg = &shared.cfg;
+    if stranger_at_accept(cfg.proxy_protocol, &cfg.allow, &cfg.proxy_protocol_from, client) {
+        rejected("not_allowed");
+        tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
+        return None;
+    }
+    let slot = match cfg.proxy_protocol {
+        true => None,
+        false => match shared.per_client.take(client, cfg.max_connections_per_client) {
+            Some(s) => Some(s),
+            None => {
+                rejected("per_client");
+                if let Some(skipped) = shared.log_budget.take() {
+                    tracing::warn!(proxy = %shared.label, %peer, skipped, "max_connections_per_client reached: connection closed");
+                }
+                return None;
+            }
+        },
+    };
+    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+        rejected("limit");
+        if let Some(skipped) = shared.log_budget.take() {
+            tracing::warn!(proxy = %shared.label, %peer, skipped, "max_connections reached: connection closed");
+        }
+        return None;
+    };
+    Some((slot, permit))
+}
+
+/// One admitted connection: its PROXY header (when expected), the broker it leads to (on a port
+/// of no known broker, once the client has sent something), then the relay.
+async fn serve_client(
+    shared: Arc<Shared>,
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    which: Listener,
+    upstream: Option<String>,
+    (slot, permit): (Option<ClientSlot>, OwnedSemaphorePermit),
+) {
+    let kind = if matches!(which, Listener::Bootstrap) { "bootstrap" } else { "broker" };
+    let slot = match slot {
+        Some(s) => s,
+        None => match behind_proxy_protocol(&shared, &mut sock, peer).await {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    let _held = (permit, slot);
+    let upstream = match (upstream, which) {
+        (Some(u), _) => u,
+        (None, Listener::Port(p)) => match first_bytes_then(&shared, &sock, shared.upstream_at(p)).await {
+            Some(u) => {
+                tracing::Span::current().record("upstream", tracing::field::display(&u));
+                u
+            }
+            None => {
+                metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => "unknown_broker")
+                    .increment(1);
+                if let Some(skipped) = shared.log_budget.take() {
+                    tracing::warn!(
+                        port = p,
+                        skipped,
+                        "no broker of the cluster has this port (node id modulo broker_ports): connection closed"
+                    );
+                }
+                return;
+            }
+        },
+        (None, _) => return,
+    };
+    metrics::counter!("mskdns_proxy_connections_total", "proxy" => shared.label.clone(), "listener" => kind)
+        .increment(1);
+    // Decremented however the connection ends (a panic included).
+    let _active = Active::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared.label.clone()));
+    match connection(&shared, sock, &upstream).await {
+        Ok(()) => tracing::debug!("connection closed"),
+        Err(e) => e.log(&shared.label),
     }
 }
 
@@ -335,25 +361,33 @@ async fn behind_proxy_protocol(
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
             rejected("proxy_protocol");
-            tracing::info!("{e}: connection closed");
+            if let Some(skipped) = shared.log_budget.take() {
+                tracing::info!(skipped, "{e}: connection closed");
+            }
             return None;
         }
         Err(_) => {
             rejected("proxy_protocol");
-            tracing::info!(?limit, "no PROXY protocol header in time: connection closed");
+            if let Some(skipped) = shared.log_budget.take() {
+                tracing::info!(?limit, skipped, "no PROXY protocol header in time: connection closed");
+            }
             return None;
         }
     };
     let client = origin.client.unwrap_or(peer);
     if !origin.allowed(peer, &shared.cfg.allow, &shared.cfg.allow_endpoints) {
         rejected("not_allowed");
-        tracing::info!(%client, endpoint = origin.endpoint.as_deref().unwrap_or("-"), "client or endpoint not allowed: connection closed");
+        if let Some(skipped) = shared.log_budget.take() {
+            tracing::info!(%client, endpoint = origin.endpoint.as_deref().unwrap_or("-"), skipped, "client or endpoint not allowed: connection closed");
+        }
         return None;
     }
     let slot = shared.per_client.take(client.ip().to_canonical(), shared.cfg.max_connections_per_client);
     if slot.is_none() {
         rejected("per_client");
-        tracing::warn!(%client, "max_connections_per_client reached: connection closed");
+        if let Some(skipped) = shared.log_budget.take() {
+            tracing::warn!(%client, skipped, "max_connections_per_client reached: connection closed");
+        }
     }
     slot
 }

@@ -246,39 +246,19 @@ impl Catalog {
                 }
             }
             by_client.extend(v.clients.iter().map(|n| (*n, index)));
-            let mut why = Vec::new();
-            if !v.listeners.is_empty() {
-                why.push(format!("listeners {:?}", v.listeners));
-            }
-            if !v.clients.is_empty() {
-                why.push(format!("clients in {:?}", v.clients.iter().map(|n| n.to_string()).collect::<Vec<_>>()));
-            }
             views.push(View {
                 name: v.name.clone(),
                 clusters,
                 az: ArcSwapOption::new(v.az.clone().map(|a| Arc::new(vec![a]))),
                 subnet: v.subnet.clone(),
                 affinity: v.az_affinity,
-                selector: why.join(" or "),
+                selector: selector(v),
             });
         }
-        let used: std::collections::HashSet<&str> = config
-            .clusters
-            .iter()
-            .chain(config.views.iter().flat_map(|v| &v.clusters))
-            .filter_map(|c| c.vpc_endpoint.as_deref())
-            .collect();
-        endpoints.retain(|id, _| used.contains(id.as_str()));
+        endpoints.retain(|id, _| endpoint_used(config, id));
         // Only those still used are kept for the next rebuild.
         let forwarders = used_forwarders.into_inner();
-        let zones = config
-            .zones
-            .iter()
-            .enumerate()
-            .map(|(index, z)| {
-                load_zone(z).map_err(|message| CatalogError::Zone { index, path: z.file.clone(), message })
-            })
-            .collect::<Result<_, _>>()?;
+        let zones = load_zones(config)?;
         let serial =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
         Ok(Catalog {
@@ -511,6 +491,36 @@ fn cluster_entry(
         key.into(),
         Arc::new(Cluster { label, origin, target, brokers, ttl: c.ttl, discovered: c.source.is_some(), answers }),
     ))
+}
+
+/// How a view is chosen, for `mskdns explain`.
+fn selector(v: &crate::config::ViewConfig) -> String {
+    let mut why = Vec::new();
+    if !v.listeners.is_empty() {
+        why.push(format!("listeners {:?}", v.listeners));
+    }
+    if !v.clients.is_empty() {
+        why.push(format!("clients in {:?}", v.clients.iter().map(|n| n.to_string()).collect::<Vec<_>>()));
+    }
+    why.join(" or ")
+}
+
+/// Whether any cluster entry (top level or a view's) still names the VPC endpoint `id`.
+fn endpoint_used(config: &Config, id: &str) -> bool {
+    config
+        .clusters
+        .iter()
+        .chain(config.views.iter().flat_map(|v| &v.clusters))
+        .any(|c| c.vpc_endpoint.as_deref() == Some(id))
+}
+
+fn load_zones(config: &Config) -> Result<Vec<Zone>, CatalogError> {
+    config
+        .zones
+        .iter()
+        .enumerate()
+        .map(|(index, z)| load_zone(z).map_err(|message| CatalogError::Zone { index, path: z.file.clone(), message }))
+        .collect()
 }
 
 /// Where a cluster name's addresses come from.

@@ -372,10 +372,7 @@ async fn respond(
     let handled = match engine.handle(&pkt, from, &mut out) {
         Handled::Miss => engine.resolve_or_servfail(&pkt, from, &mut out).await,
         Handled::ReplyAndPrefetch => {
-            if let Some(permit) = engine.miss_permit() {
-                let (engine, pkt) = (engine.clone(), pkt.clone());
-                engine.clone().tasks().spawn(async move { engine.prefetch(&pkt, from, permit).await });
-            }
+            engine.spawn_prefetch(&pkt, from);
             Handled::Reply
         }
         h => h,

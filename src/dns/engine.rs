@@ -305,6 +305,15 @@ impl Engine {
         }
     }
 
+    /// [`Engine::prefetch`] in a task of the engine's, when an in-flight slot is free (from a
+    /// tokio thread; the UDP threads spawn on the runtime's handle themselves).
+    pub fn spawn_prefetch(self: &Arc<Self>, pkt: &[u8], from: Origin) {
+        if let Some(permit) = self.miss_permit() {
+            let (engine, pkt) = (self.clone(), pkt.to_vec());
+            self.tasks.spawn(async move { engine.prefetch(&pkt, from, permit).await });
+        }
+    }
+
     /// Refreshes the cached answer for a packet that [`Engine::handle`] answered from the cache
     /// near its expiry; the client already has its answer, so nothing is sent.
     pub async fn prefetch(&self, pkt: &[u8], from: Origin, permit: MissPermit) {

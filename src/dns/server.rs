@@ -104,17 +104,29 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// TLS on a stream listener: DNS over TLS, or DNS over HTTPS when `doh` is set.
+/// TLS on a stream listener, and what runs inside it.
 #[derive(Clone)]
 pub struct Secure {
     pub terminator: Arc<crate::tls::Terminator>,
     pub handshake_timeout: Duration,
-    pub doh: Option<Arc<super::doh::DohSettings>>,
+    pub inside: Inside,
+}
+
+/// What a TLS listener serves once the handshake is done.
+#[derive(Clone)]
+pub enum Inside {
+    /// DNS over TLS (RFC 7858): length-prefixed messages, as plain TCP.
+    Dot,
+    /// DNS over HTTPS (RFC 8484).
+    Doh(Arc<super::doh::DohSettings>),
 }
 
 impl Secure {
-    fn transport(&self) -> Transport {
-        if self.doh.is_some() { Transport::Doh } else { Transport::Dot }
+    pub fn transport(&self) -> Transport {
+        match self.inside {
+            Inside::Dot => Transport::Dot,
+            Inside::Doh(_) => Transport::Doh,
+        }
     }
 }
 
@@ -235,8 +247,8 @@ async fn serve_connection(
         let (rd, wr) = stream.into_split();
         return stream_connection(engine, rd, wr, from, limits).await;
     };
-    match secure.doh.clone() {
-        Some(settings) => {
+    match secure.inside.clone() {
+        Inside::Doh(settings) => {
             // TLS records are gathered below TLS and leave in one write per flush
             // (see doh::FrameCut for why a record carries at most one response).
             let io = tokio::io::BufWriter::with_capacity(super::doh::WRITE_BUFFER, stream);
@@ -245,7 +257,7 @@ async fn serve_connection(
             let tls = super::doh::FrameCut::new(tls, h2);
             super::doh::connection(engine.clone(), tls, from, settings, limits).await
         }
-        None => {
+        Inside::Dot => {
             let tls = handshake(&secure, stream, handshake_errors).await?;
             let (rd, wr) = tokio::io::split(tls);
             stream_connection(engine, rd, wr, from, limits).await
@@ -468,10 +480,7 @@ where
             Handled::Reply => push_framed(&mut batch, &out),
             Handled::ReplyAndPrefetch => {
                 push_framed(&mut batch, &out);
-                if let Some(permit) = engine.miss_permit() {
-                    let (engine, pkt) = (engine.clone(), pkt.to_vec());
-                    engine.clone().tasks().spawn(async move { engine.prefetch(&pkt, from, permit).await });
-                }
+                engine.spawn_prefetch(pkt, from);
             }
             Handled::Miss => {
                 // At the connection's cap, stop reading until a miss is answered: the client
