@@ -443,6 +443,8 @@ first_request_timeout_ms = 3000
                 raise
     else:
         pytest.fail("no free broker port range in 5 tries")
+    assert d.proxies, "the bootstrap listener is up"
+
     def accepted_within(seconds):
         deadline = time.time() + seconds
         while time.time() < deadline:
