@@ -18,7 +18,7 @@ use super::proxy_protocol::{self, HeaderError};
 use super::splice::splice;
 use super::{ProxyError, bind_listener};
 use crate::config::SniConfig;
-use crate::dns::catalog::Via;
+use crate::dns::catalog::{Route, Via};
 use crate::dns::engine::Engine;
 use crate::net::{Active, next_client};
 
@@ -358,34 +358,7 @@ async fn connection(
         let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&UNRECOGNIZED_NAME)).await;
         return;
     };
-    let addrs = match route.via {
-        Via::Addrs(a) => a,
-        Via::Forward(f) => match f.lookup(&lc).await {
-            Ok(a) => a,
-            Err(e) => {
-                count(shared, &route.cluster, Outcome::ConnectFailed);
-                tracing::warn!(cluster = %route.cluster, server_name = %name, error = %e, "the cluster's resolver gave no address");
-                return;
-            }
-        },
-        Via::Unavailable | Via::Proxy => {
-            count(shared, &route.cluster, Outcome::NoTarget);
-            tracing::warn!(cluster = %route.cluster, server_name = %name,
-                "the cluster's top-level target has no address to connect to (a proxy target, or VPC endpoint addresses not read yet)");
-            return;
-        }
-    };
-    let (addrs, refused): (Vec<IpAddr>, Vec<IpAddr>) =
-        addrs.into_iter().partition(|&ip| destination_allowed(ip, port, route.discovered, &shared.own));
-    if addrs.is_empty() {
-        count(shared, &route.cluster, Outcome::RefusedTarget);
-        let first = shared.refused_logged.lock().unwrap_or_else(|e| e.into_inner()).insert(route.cluster.clone());
-        if first {
-            tracing::warn!(cluster = %route.cluster, server_name = %name, ?refused, discovered = route.discovered,
-                "the cluster's target is the proxy itself, an unspecified address, or (discovered) loopback or link-local: not connected (logged once per cluster)");
-        }
-        return;
-    }
+    let Some(addrs) = destinations(shared, &route, &lc, name, port).await else { return };
     let started = Instant::now();
     let Some(mut upstream) = connect_any(shared, &addrs, port, name).await else {
         count(shared, &route.cluster, Outcome::ConnectFailed);
@@ -407,6 +380,41 @@ async fn connection(
         .increment(up);
     metrics::counter!("mskdns_proxy_sni_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_client")
         .increment(down);
+}
+
+/// The addresses the proxy may connect to for a routed name: the cluster's own, or its resolver's
+/// answer, less those it must not reach (see [`destination_allowed`]). `None` (counted and
+/// logged) when none is left.
+async fn destinations(shared: &Shared, route: &Route, lc: &[u8], name: &str, port: u16) -> Option<Vec<IpAddr>> {
+    let addrs = match &route.via {
+        Via::Addrs(a) => a.clone(),
+        Via::Forward(f) => match f.lookup(lc).await {
+            Ok(a) => a,
+            Err(e) => {
+                count(shared, &route.cluster, Outcome::ConnectFailed);
+                tracing::warn!(cluster = %route.cluster, server_name = %name, error = %e, "the cluster's resolver gave no address");
+                return None;
+            }
+        },
+        Via::Unavailable | Via::Proxy => {
+            count(shared, &route.cluster, Outcome::NoTarget);
+            tracing::warn!(cluster = %route.cluster, server_name = %name,
+                "the cluster's top-level target has no address to connect to (a proxy target, or VPC endpoint addresses not read yet)");
+            return None;
+        }
+    };
+    let (addrs, refused): (Vec<IpAddr>, Vec<IpAddr>) =
+        addrs.into_iter().partition(|&ip| destination_allowed(ip, port, route.discovered, &shared.own));
+    if addrs.is_empty() {
+        count(shared, &route.cluster, Outcome::RefusedTarget);
+        let first = shared.refused_logged.lock().unwrap_or_else(|e| e.into_inner()).insert(route.cluster.clone());
+        if first {
+            tracing::warn!(cluster = %route.cluster, server_name = %name, ?refused, discovered = route.discovered,
+                "the cluster's target is the proxy itself, an unspecified address, or (discovered) loopback or link-local: not connected (logged once per cluster)");
+        }
+        return None;
+    }
+    Some(addrs)
 }
 
 /// Whether the SNI proxy may connect to `ip`:`port`. Never to an unspecified, multicast or
