@@ -346,19 +346,22 @@ impl Serving {
         server::serve_tcp(engine, l, index, self.limits, gate, secure, shutdown, tasks)
     }
 
-    /// `/metrics`, `/healthz`, `/readyz`; the cache's gauges are read when metrics are rendered.
+    /// `/metrics`, `/healthz`, `/readyz`; the cache's and the in-flight gauges are read when metrics
+    /// are rendered.
     fn admin(&self, admin: tokio::net::TcpListener, render: Render) {
         let engine = self.engine.clone();
-        let (cache_entries, cache_bytes, front_reserved) = (
+        let (cache_entries, cache_bytes, front_reserved, inflight) = (
             metrics::gauge!("mskdns_cache_entries"),
             metrics::gauge!("mskdns_cache_bytes"),
             metrics::gauge!("mskdns_cache_front_reserved_bytes"),
+            metrics::gauge!("mskdns_inflight"),
         );
         let render: Render = Arc::new(move || {
             let (entries, bytes, reserved) = engine.cache_usage();
             cache_entries.set(entries as f64);
             cache_bytes.set(bytes as f64);
             front_reserved.set(reserved as f64);
+            inflight.set(engine.inflight() as f64);
             render()
         });
         let (health, shutdown) = (self.health.clone(), self.shutdown.clone());

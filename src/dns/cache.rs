@@ -505,11 +505,6 @@ impl Inflight {
             }
         }
     }
-
-    /// Keys being resolved now.
-    pub fn resolving(&self) -> usize {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 impl Leader {

@@ -99,11 +99,6 @@ impl Forwarder {
         rx.await.unwrap_or_else(|_| Err("the shared resolution ended without an answer".into()))
     }
 
-    /// Keys being resolved upstream now.
-    pub fn resolving(&self) -> usize {
-        self.inflight.resolving()
-    }
-
     /// The A and AAAA addresses of `lc` (a lowercase wire-form name), through this forwarder's
     /// cache: where the SNI proxy connects for a cluster with a `forward` target.
     pub async fn lookup(&self, lc: &[u8]) -> Result<Vec<std::net::IpAddr>, String> {

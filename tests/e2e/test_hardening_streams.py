@@ -327,6 +327,8 @@ listen = "127.0.0.1:0"
     assert r.rcode() == dns.rcode.SERVFAIL
     assert time.time() - started < 1
     assert d.metric("mskdns_inflight_rejected_total") >= 7
+    assert d.metric("mskdns_inflight") == 4, "the four TCP misses still hold their slots"
+    assert wait_for(lambda: d.metric("mskdns_inflight") == 0, timeout=8), "given back once they time out"
     s.close()
 
 
