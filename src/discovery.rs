@@ -1,6 +1,8 @@
 //! What mskdns learns from AWS at run time: MSK clusters (ListClustersV2, GetBootstrapBrokers)
-//! and VPC endpoint addresses and subnet AZs (EC2).
+//! and VPC endpoint addresses and subnet AZs (EC2). Every cluster source runs under one driver
+//! ([`driver`]); EC2 refreshes write through control's narrow [`ec2::Endpoints`] handle.
 
+pub mod driver;
 pub mod ec2;
 pub mod msk;
 

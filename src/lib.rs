@@ -93,7 +93,7 @@ pub struct Server {
     shutdown: CancellationToken,
     /// Discovered clusters read from the snapshot before serving.
     #[cfg(feature = "aws")]
-    restored: Vec<discovery::msk::Found>,
+    msk: discovery::msk::Msk,
 }
 
 impl Server {
@@ -147,16 +147,7 @@ impl Server {
         let health: Arc<Health> = Arc::default();
         // A restart with AWS unreachable answers the discovered clusters from the first query.
         #[cfg(feature = "aws")]
-        let restored = match &config.discovery.aws {
-            Some(d) => {
-                let found = discovery::msk::restore(&health, d);
-                if let Err(e) = control.set_discovered("msk", discovery::msk::clusters_of(&found, d.ttl)) {
-                    tracing::error!(error = %e, "cannot apply the restored discovered clusters");
-                }
-                found
-            }
-            None => Vec::new(),
-        };
+        let msk = restore_source(discovery::msk::Msk::new(), config, &control, &health);
         #[cfg(feature = "aws")]
         discovery::ec2::restore(&control.endpoints(), &health, config.ec2_state_dir());
         Ok(Server {
@@ -174,7 +165,7 @@ impl Server {
             tasks,
             shutdown,
             #[cfg(feature = "aws")]
-            restored,
+            msk,
         })
     }
 
@@ -247,8 +238,8 @@ impl Server {
             let cells = Arc::new(self.control.endpoints());
             let config = self.control.subscribe();
             tasks.spawn(discovery::ec2::run(cells, config, self.health.clone(), self.ec2_refresh, shutdown.clone()));
-            let to = self.control.discovery_channel("msk", &tasks, shutdown.clone());
-            tasks.spawn(discovery::msk::run(to, self.health.clone(), self.restored, shutdown.clone()));
+            let to = self.control.discovery_channel(<discovery::msk::Msk as discovery::driver::Source>::NAME, &tasks, shutdown.clone());
+            tasks.spawn(discovery::driver::run(self.msk, to, self.health.clone(), shutdown.clone()));
         }
         ctx.admin(self.admin, render);
         for p in self.proxies {
@@ -376,6 +367,19 @@ impl Serving {
 
 /// Runs a listener's accept loop; one that ends or panics before shutdown is logged and marks
 /// `/healthz` failed with its name (the process goes on serving what it still can).
+/// Reads a discovery source's snapshot (if its settings name one) and puts its clusters in force,
+/// so that a restart with AWS unreachable answers them from the first query.
+#[cfg(feature = "aws")]
+fn restore_source<S: discovery::driver::Source>(mut source: S, config: &Config, control: &Control, health: &Health) -> S {
+    if let Some(s) = S::settings(config) {
+        discovery::driver::restore(&mut source, &s, health);
+        if let Err(e) = control.set_discovered(S::NAME, source.clusters(&s)) {
+            tracing::error!(source = S::NAME, error = %e, "cannot apply the restored discovered clusters");
+        }
+    }
+    source
+}
+
 fn supervise(
     tasks: &TaskTracker,
     health: &Arc<Health>,

@@ -8,17 +8,14 @@
 //! snapshot file that the next start reads before AWS answers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aws_sdk_kafka::Client;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
-use super::Discovered;
-use crate::admin::Health;
-use crate::config::{AwsDiscoveryConfig, ClusterConfig, parse_target};
+use super::driver::{ApiError, Round, Schedule, Source};
+use crate::config::{AwsDiscoveryConfig, ClusterConfig, Config, parse_target};
 use crate::names::cluster_key;
 
 mod aws;
@@ -27,7 +24,6 @@ mod state;
 pub use aws::*;
 pub use state::*;
 
-const HEALTH_KEY: &str = "discovery.aws";
 const SNAPSHOT_FILE: &str = "discovery-aws.json";
 const SNAPSHOT_VERSION: u32 = 1;
 
@@ -132,122 +128,78 @@ pub async fn pass_over(
     result
 }
 
-/// Reads the snapshot of `d.state_dir()` (the caller puts it in force); an unreadable one is
-/// logged, counted and shown on /readyz, and discovery starts from nothing.
-pub fn restore(health: &Health, d: &AwsDiscoveryConfig) -> Vec<Found> {
-    let Some(dir) = d.state_dir() else { return Vec::new() };
-    match load_snapshot(&dir) {
-        Ok(Some(found)) => {
-            tracing::info!(clusters = found.len(), dir = %dir.display(), "discovered clusters restored from the snapshot");
-            metrics::gauge!("mskdns_clusters", "source" => "discovery").set(found.len() as f64);
-            found
-        }
-        Ok(None) => Vec::new(),
-        Err(e) => {
-            metrics::counter!("mskdns_discovery_snapshot_errors_total").increment(1);
-            tracing::error!(error = %e, "discovery snapshot unreadable: ignored, discovering afresh");
-            health.set_degraded("discovery.aws.snapshot", Some(format!("snapshot unreadable, ignored: {e}")));
-            Vec::new()
-        }
+/// The MSK source: what AWS listed last, kept between passes (and in its snapshot).
+#[derive(Default)]
+pub struct Msk {
+    clients: Clients,
+    /// Each cluster ARN's bootstrap name, read once (GetBootstrapBrokers).
+    bootstraps: HashMap<String, String>,
+    known: Vec<Found>,
+}
+
+impl Msk {
+    pub fn new() -> Self {
+        Msk { clients: Clients::new(), ..Msk::default() }
     }
 }
 
-/// Runs until `shutdown`, following reloads of `[discovery.aws]` (read from the configuration in
-/// force on every pass) and publishing what it finds on `to`. `restored`: what [`restore`] read
-/// at start, already in force.
-pub async fn run(to: Discovered, health: Arc<Health>, restored: Vec<Found>, shutdown: CancellationToken) {
-    let settings = || to.config.borrow().discovery.aws.clone();
-    let mut clients = Clients::new();
-    let mut bootstraps: HashMap<String, String> = HashMap::new();
-    let mut loaded_from: Option<PathBuf> = settings().and_then(|d| d.state_dir());
-    let mut published = settings().map(|d| clusters_of(&restored, d.ttl)).unwrap_or_default();
-    let mut known: Vec<Found> = restored;
-    let mut failures = 0u32;
-    let duration = metrics::histogram!("mskdns_discovery_refresh_duration_seconds");
-    loop {
-        let Some(d) = settings() else {
-            if !published.is_empty() {
-                tracing::info!("discovery.aws removed from the configuration: discovered clusters dropped");
-                publish(&to, &mut published, Vec::new()).await;
-            }
-            known.clear();
-            health.set_degraded(HEALTH_KEY, None);
-            metrics::gauge!("mskdns_clusters", "source" => "discovery").set(0.0);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                _ = shutdown.cancelled() => return,
-            }
-        };
-        let state_dir = d.state_dir();
-        if loaded_from != state_dir {
-            loaded_from = state_dir.clone();
-            if known.is_empty() {
-                known = restore(&health, &d);
-                publish(&to, &mut published, clusters_of(&known, d.ttl)).await;
-            }
-        }
-        for f in &known {
-            bootstraps.entry(f.arn.clone()).or_insert_with(|| f.bootstrap.clone());
-        }
-        let started = Instant::now();
-        let p = pass(&d, &mut clients, &known, &mut bootstraps).await;
-        duration.record(started.elapsed().as_secs_f64());
-        for e in &p.errors {
-            metrics::counter!("mskdns_discovery_api_errors_total", "operation" => e.operation, "kind" => e.kind)
-                .increment(1);
-            tracing::warn!(operation = e.operation, kind = e.kind, error = %e.message, "AWS discovery call failed");
-        }
-        if p.failed.is_empty() {
-            failures = 0;
-            metrics::counter!("mskdns_discovery_refreshes_total", "result" => "ok").increment(1);
-        } else {
-            failures += 1;
-            metrics::counter!("mskdns_discovery_refreshes_total", "result" => "error").increment(1);
-        }
-        let reason = match (p.failed.is_empty(), p.errors.is_empty()) {
-            (true, true) => None,
-            (false, _) => Some(format!("serving the last known clusters; {}", p.failed.join("; "))),
-            (true, false) => Some(format!(
-                "some clusters could not be read: {}",
-                p.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-            )),
-        };
-        health.set_degraded(HEALTH_KEY, reason);
-        if p.clusters != known || p.failed.is_empty() {
-            if p.clusters != known {
-                for f in p.clusters.iter().filter(|f| !known.iter().any(|k| k.arn == f.arn)) {
-                    tracing::info!(arn = %f.arn, bootstrap = %f.bootstrap, target = %f.target, "cluster discovered");
-                }
-            }
-            known = p.clusters;
-            publish(&to, &mut published, clusters_of(&known, d.ttl)).await;
-            if let Some(dir) = &state_dir {
-                match write_snapshot(dir, &known) {
-                    Ok(()) => health.set_degraded("discovery.aws.snapshot", None),
-                    Err(e) => {
-                        metrics::counter!("mskdns_discovery_snapshot_errors_total").increment(1);
-                        tracing::error!(error = %e, dir = %dir.display(), "cannot write the discovery snapshot");
-                        health.set_degraded(
-                            "discovery.aws.snapshot",
-                            Some(format!("cannot write {}: {e}", dir.display())),
-                        );
-                    }
-                }
-            }
-        }
-        metrics::gauge!("mskdns_clusters", "source" => "discovery").set(known.len() as f64);
-        let delay = next_delay(&d, failures, rand::random::<f64>());
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return,
+impl Source for Msk {
+    const NAME: &'static str = "msk";
+    const HEALTH_KEY: &'static str = "discovery.aws";
+    type Settings = AwsDiscoveryConfig;
+
+    fn settings(config: &Config) -> Option<AwsDiscoveryConfig> {
+        config.discovery.aws.clone()
+    }
+
+    fn schedule(d: &AwsDiscoveryConfig) -> Schedule {
+        Schedule {
+            every: Duration::from_secs(d.refresh_secs),
+            jitter: d.jitter,
+            max_backoff: Duration::from_secs(d.max_backoff_secs),
         }
     }
-}
 
-/// Sends the clusters to the control plane, unless they are what it was sent last.
-async fn publish(to: &Discovered, last: &mut Vec<ClusterConfig>, clusters: Vec<ClusterConfig>) {
-    if *last != clusters && to.found.send(clusters.clone()).await.is_ok() {
-        *last = clusters;
+    fn snapshot_dir(d: &AwsDiscoveryConfig) -> Option<PathBuf> {
+        d.state_dir()
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<bool, String> {
+        let found = load_snapshot(dir)?;
+        let any = found.is_some();
+        self.known = found.unwrap_or_default();
+        Ok(any)
+    }
+
+    fn persist(&self, dir: &Path) -> std::io::Result<()> {
+        write_snapshot(dir, &self.known)
+    }
+
+    fn clear(&mut self) {
+        self.known.clear();
+    }
+
+    fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    fn clusters(&self, d: &AwsDiscoveryConfig) -> Vec<ClusterConfig> {
+        clusters_of(&self.known, d.ttl)
+    }
+
+    async fn pass(&mut self, d: &AwsDiscoveryConfig) -> Round {
+        for f in &self.known {
+            self.bootstraps.entry(f.arn.clone()).or_insert_with(|| f.bootstrap.clone());
+        }
+        let p = pass(d, &mut self.clients, &self.known, &mut self.bootstraps).await;
+        let changed = p.clusters != self.known;
+        for f in p.clusters.iter().filter(|f| !self.known.iter().any(|k| k.arn == f.arn)) {
+            tracing::info!(arn = %f.arn, bootstrap = %f.bootstrap, target = %f.target, "cluster discovered");
+        }
+        if changed || p.failed.is_empty() {
+            self.known = p.clusters;
+        }
+        Round { changed, failed: p.failed, errors: p.errors }
     }
 }
 
@@ -498,16 +450,6 @@ mod tests {
         assert_eq!(kept.iter().map(|f| f.arn.as_str()).collect::<Vec<_>>(), ["a", "b", "x"]);
         let kept = merge(&kept, "default", "us-east-1", fresh, 161, 60);
         assert_eq!(kept.iter().map(|f| f.arn.as_str()).collect::<Vec<_>>(), ["a", "x"]);
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_and_success_waits_the_jittered_interval() {
-        let d = AwsDiscoveryConfig { refresh_secs: 60, jitter: 0.1, max_backoff_secs: 30, ..Default::default() };
-        assert_eq!(next_delay(&d, 0, 0.0), Duration::from_secs(54));
-        assert_eq!(next_delay(&d, 0, 1.0), Duration::from_secs(66));
-        let top: Vec<u64> = (1..=7).map(|n| next_delay(&d, n, 1.0).as_secs()).collect();
-        assert_eq!(top, [1, 2, 4, 8, 16, 30, 30]);
-        assert_eq!(next_delay(&d, 3, 0.0), Duration::from_secs(2));
     }
 
     #[test]

@@ -6,25 +6,11 @@ use std::collections::HashMap;
 use aws_sdk_kafka::Client;
 use aws_sdk_kafka::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kafka::types::{Cluster, ClusterState, ClusterType};
-use serde::Serialize;
 
 use super::{Found, Skipped};
+use crate::discovery::driver::ApiError;
 use crate::config::{AwsDiscoveryConfig, parse_target};
 use crate::names::first_msk_host;
-
-/// A failed AWS call, classified for the error metric.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ApiError {
-    pub operation: &'static str,
-    pub kind: &'static str,
-    pub message: String,
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} failed ({}): {}", self.operation, self.kind, self.message)
-    }
-}
 
 fn api_error<E, R>(operation: &'static str, e: SdkError<E, R>) -> ApiError
 where

@@ -2,12 +2,12 @@
 //! the snapshot file read at start, and the backoff after failures.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::{Found, SNAPSHOT_FILE, SNAPSHOT_VERSION, Skipped};
-use crate::config::{AwsDiscoveryConfig, ClusterConfig};
+use crate::config::ClusterConfig;
 
 /// Merges one scope's (account, region) fresh listing into what was known: the listed clusters
 /// replace that scope's old entries; one no longer listed stays until `grace` has passed since
@@ -88,19 +88,4 @@ pub(super) fn unix_now() -> u64 {
 /// The clusters to hand the engine.
 pub fn clusters_of(found: &[Found], ttl: u32) -> Vec<ClusterConfig> {
     found.iter().filter_map(|f| f.cluster(ttl)).collect()
-}
-
-/// Delay before the next pass: the interval spread by ±jitter after a success; after
-/// `failures` failures in a row, 1 s doubling up to the cap (with full jitter), never more than
-/// the interval.
-pub fn next_delay(d: &AwsDiscoveryConfig, failures: u32, unit: f64) -> Duration {
-    let every = d.refresh_secs as f64;
-    let secs = if failures == 0 {
-        every * (1.0 + d.jitter * (2.0 * unit - 1.0))
-    } else {
-        let cap = (d.max_backoff_secs as f64).min(every);
-        let exp = 2f64.powi(failures.min(30) as i32 - 1).min(cap);
-        exp * (0.5 + 0.5 * unit)
-    };
-    Duration::from_secs_f64(secs.max(0.1))
 }
