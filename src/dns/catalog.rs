@@ -185,79 +185,30 @@ impl Catalog {
             _ => Arc::new(Forwarder::new(settings, cache.clone())),
         };
         // Cluster resolvers by their settings: kept (with their cached answers) when unchanged.
-        let mut forwarders: Vec<Arc<Forwarder>> = match previous {
-            Some(p) if same_cache(p) => p.forwarders.clone(),
-            _ => Vec::new(),
-        };
-        let used_forwarders = std::cell::RefCell::new(Vec::new());
-        let mut endpoints: HashMap<String, Arc<Endpoint>> = HashMap::new();
-        if let Some(p) = previous {
+        let mut parts = Parts {
+            config,
+            timeout,
+            cache: cache.clone(),
+            // Cluster resolvers by their settings: kept (with their cached answers) when unchanged.
+            pool: match previous {
+                Some(p) if same_cache(p) => p.forwarders.clone(),
+                _ => Vec::new(),
+            },
+            used: Vec::new(),
             // Only those still used are kept: see the retain below.
-            endpoints.extend(p.endpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
-        let mut build = |c: &ClusterConfig, origin: String| -> Option<(Box<[u8]>, Arc<Cluster>)> {
-            let mut forwarder = |settings: Settings| {
-                let f = match forwarders.iter().find(|f| f.settings == settings) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let f = Arc::new(Forwarder::new(settings, cache.clone()));
-                        forwarders.push(f.clone());
-                        f
-                    }
-                };
-                let mut used = used_forwarders.borrow_mut();
-                if !used.iter().any(|u| Arc::ptr_eq(u, &f)) {
-                    used.push(f.clone());
-                }
-                f
-            };
-            cluster_entry(c, origin, &mut endpoints, &mut forwarder, timeout, config)
+            endpoints: previous.map(|p| p.endpoints.clone()).unwrap_or_default(),
         };
         let top: HashMap<_, _> = config
             .clusters
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| build(c, c.source.clone().unwrap_or_else(|| format!("clusters[{i}]"))))
+            .filter_map(|(i, c)| parts.cluster(c, c.source.clone().unwrap_or_else(|| format!("clusters[{i}]"))))
             .collect();
-        let mut views = vec![View {
-            name: "default".into(),
-            clusters: top.clone(),
-            az: ArcSwapOption::empty(),
-            subnet: None,
-            affinity: AzAffinity::Off,
-            selector: "no view selects this client or listener".into(),
-        }];
-        let listeners = config.dns.all_listeners();
-        let mut by_listener = vec![0; listeners.len()];
-        let mut by_client = Vec::new();
-        for (vi, v) in config.views.iter().enumerate() {
-            let mut clusters = top.clone();
-            for (ci, c) in v.clusters.iter().enumerate() {
-                if let Some((k, cl)) = build(c, format!("views[{vi}].clusters[{ci}]")) {
-                    clusters.insert(k, cl);
-                }
-            }
-            let index = views.len();
-            for l in &v.listeners {
-                for (li, addr) in listeners.iter().enumerate() {
-                    if addr == l {
-                        by_listener[li] = index;
-                    }
-                }
-            }
-            by_client.extend(v.clients.iter().map(|n| (*n, index)));
-            views.push(View {
-                name: v.name.clone(),
-                clusters,
-                az: ArcSwapOption::new(v.az.clone().map(|a| Arc::new(vec![a]))),
-                subnet: v.subnet.clone(),
-                affinity: v.az_affinity,
-                selector: selector(v),
-            });
-        }
+        let (views, by_listener, by_client) = build_views(config, &mut parts, top);
+        let mut endpoints = parts.endpoints;
         endpoints.retain(|id, _| endpoint_used(config, id));
         // Only those still used are kept for the next rebuild.
-        let forwarders = used_forwarders.into_inner();
+        let forwarders = parts.used;
         let zones = load_zones(config)?;
         let serial =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
@@ -455,6 +406,85 @@ fn endpoint_order(addrs: &[EndpointAddr], view: &View) -> Vec<IpAddr> {
         AzAffinity::Only if !local.is_empty() => local,
         _ => local.into_iter().chain(other).collect(),
     }
+}
+
+/// What a rebuild shares between its clusters: forwarders by their settings (the previous
+/// catalog's reused while their settings stay), VPC endpoints by id.
+struct Parts<'a> {
+    config: &'a Config,
+    timeout: Duration,
+    cache: Arc<Cache>,
+    pool: Vec<Arc<Forwarder>>,
+    /// The forwarders this catalog uses.
+    used: Vec<Arc<Forwarder>>,
+    endpoints: HashMap<String, Arc<Endpoint>>,
+}
+
+impl Parts<'_> {
+    fn cluster(&mut self, c: &ClusterConfig, origin: String) -> Option<(Box<[u8]>, Arc<Cluster>)> {
+        let (pool, used, cache) = (&mut self.pool, &mut self.used, &self.cache);
+        let mut forwarder = |settings: Settings| {
+            let f = match pool.iter().find(|f| f.settings == settings) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = Arc::new(Forwarder::new(settings, cache.clone()));
+                    pool.push(f.clone());
+                    f
+                }
+            };
+            if !used.iter().any(|u| Arc::ptr_eq(u, &f)) {
+                used.push(f.clone());
+            }
+            f
+        };
+        cluster_entry(c, origin, &mut self.endpoints, &mut forwarder, self.timeout, self.config)
+    }
+}
+
+/// The default view (the top-level clusters) and each `[[views]]` entry over it, with the views
+/// each listener and client network selects.
+fn build_views(
+    config: &Config,
+    parts: &mut Parts<'_>,
+    top: HashMap<Box<[u8]>, Arc<Cluster>>,
+) -> (Vec<View>, Vec<usize>, Vec<(IpNet, usize)>) {
+    let mut views = vec![View {
+        name: "default".into(),
+        clusters: top.clone(),
+        az: ArcSwapOption::empty(),
+        subnet: None,
+        affinity: AzAffinity::Off,
+        selector: "no view selects this client or listener".into(),
+    }];
+    let listeners = config.dns.all_listeners();
+    let mut by_listener = vec![0; listeners.len()];
+    let mut by_client = Vec::new();
+    for (vi, v) in config.views.iter().enumerate() {
+        let mut clusters = top.clone();
+        for (ci, c) in v.clusters.iter().enumerate() {
+            if let Some((k, cl)) = parts.cluster(c, format!("views[{vi}].clusters[{ci}]")) {
+                clusters.insert(k, cl);
+            }
+        }
+        let index = views.len();
+        for l in &v.listeners {
+            for (li, addr) in listeners.iter().enumerate() {
+                if addr == l {
+                    by_listener[li] = index;
+                }
+            }
+        }
+        by_client.extend(v.clients.iter().map(|n| (*n, index)));
+        views.push(View {
+            name: v.name.clone(),
+            clusters,
+            az: ArcSwapOption::new(v.az.clone().map(|a| Arc::new(vec![a]))),
+            subnet: v.subnet.clone(),
+            affinity: v.az_affinity,
+            selector: selector(v),
+        });
+    }
+    (views, by_listener, by_client)
 }
 
 fn cluster_entry(

@@ -133,102 +133,113 @@ pub async fn list(
         let page = page.map_err(|e| api_error("ListClustersV2", e))?;
         clusters.extend(page.cluster_info_list().iter().cloned());
     }
-    for mut c in clusters {
+    for c in clusters {
         let Some(arn) = c.cluster_arn().map(str::to_owned) else { continue };
-        if c.tags().is_none() {
-            // Some listings leave the tags out: ask for the cluster itself.
-            match client.describe_cluster_v2().cluster_arn(&arn).send().await {
-                Ok(out) => {
-                    if let Some(info) = out.cluster_info {
-                        c = info;
-                    }
-                }
-                Err(e) => {
-                    listing.errors.push(api_error("DescribeClusterV2", e));
-                    continue;
-                }
+        match examine(client, c, &arn, rules, bootstraps).await {
+            Examined::Served { name, kind, bootstrap, target, target_from } => listing.found.push(Found {
+                account: arn.split(':').nth(4).unwrap_or_default().to_owned(),
+                region: region.to_owned(),
+                kind: kind.into(),
+                name,
+                bootstrap,
+                target,
+                target_from,
+                scope: rules.scope.clone(),
+                last_seen: now,
+                arn,
+            }),
+            Examined::Skipped { name, reason, deselected, error } => {
+                listing.skipped.push(Skipped { arn, name, reason, deselected });
+                listing.errors.extend(error);
             }
+            Examined::Unread(e) => listing.errors.push(e),
         }
-        let name = c.cluster_name().unwrap_or_default().to_owned();
-        let skip = |reason: String| Skipped { arn: arn.clone(), name: name.clone(), reason, deselected: false };
-        let deselect = |reason: String| Skipped { deselected: true, ..skip(reason) };
-        let empty = HashMap::new();
-        let tags = c.tags().unwrap_or(&empty);
-        if !rules.selects(tags) {
-            let want = match &rules.tag_value {
-                Some(v) => format!("{}={v}", rules.tag),
-                None => rules.tag.clone(),
-            };
-            listing.skipped.push(deselect(format!("not tagged {want}")));
-            continue;
-        }
-        let state = c.state().cloned();
-        if matches!(state, Some(ClusterState::Deleting | ClusterState::Failed)) {
-            listing.skipped.push(skip(format!("state {}", state.as_ref().map(|s| s.as_str()).unwrap_or("?"))));
-            continue;
-        }
-        let (target, target_from) = match rules.target(tags) {
-            Ok(t) => t,
-            Err(m) => {
-                listing.skipped.push(deselect(m));
-                continue;
-            }
-        };
-        let bootstrap = match bootstraps.get(&arn) {
-            Some(b) => b.clone(),
-            None => match client.get_bootstrap_brokers().cluster_arn(&arn).send().await {
-                Ok(out) => {
-                    let strings = [
-                        out.bootstrap_broker_string_sasl_iam(),
-                        out.bootstrap_broker_string_tls(),
-                        out.bootstrap_broker_string_sasl_scram(),
-                        out.bootstrap_broker_string(),
-                        out.bootstrap_broker_string_vpc_connectivity_sasl_iam(),
-                        out.bootstrap_broker_string_vpc_connectivity_tls(),
-                        out.bootstrap_broker_string_vpc_connectivity_sasl_scram(),
-                    ];
-                    match strings.into_iter().flatten().find_map(first_msk_host) {
-                        Some(b) => {
-                            bootstraps.insert(arn.clone(), b.clone());
-                            b
-                        }
-                        None => {
-                            listing.skipped.push(skip("GetBootstrapBrokers returned no MSK broker name".into()));
-                            continue;
-                        }
-                    }
-                }
-                Err(e) => {
-                    let e = api_error("GetBootstrapBrokers", e);
-                    listing.skipped.push(skip(e.to_string()));
-                    // A cluster still being created has no brokers yet: not a failure of ours.
-                    if state != Some(ClusterState::Creating) {
-                        listing.errors.push(e);
-                    }
-                    continue;
-                }
-            },
-        };
-        let kind = match c.cluster_type() {
-            Some(ClusterType::Serverless) => "serverless",
-            Some(ClusterType::Provisioned) => "provisioned",
-            _ if bootstrap.contains(".kafka-serverless.") => "serverless",
-            _ => "provisioned",
-        };
-        listing.found.push(Found {
-            account: arn.split(':').nth(4).unwrap_or_default().to_owned(),
-            region: region.to_owned(),
-            kind: kind.into(),
-            name,
-            bootstrap,
-            target,
-            target_from,
-            scope: rules.scope.clone(),
-            last_seen: now,
-            arn,
-        });
     }
     Ok(listing)
+}
+
+/// What became of one listed cluster.
+enum Examined {
+    Served { name: String, kind: &'static str, bootstrap: String, target: String, target_from: String },
+    /// Not served: `deselected` when its tags no longer select it, `error` when a call failed.
+    Skipped { name: String, reason: String, deselected: bool, error: Option<ApiError> },
+    /// Its tags could not be read.
+    Unread(ApiError),
+}
+
+async fn examine(
+    client: &Client,
+    mut c: Cluster,
+    arn: &str,
+    rules: &Rules,
+    bootstraps: &mut HashMap<String, String>,
+) -> Examined {
+    if c.tags().is_none() {
+        // Some listings leave the tags out: ask for the cluster itself.
+        match client.describe_cluster_v2().cluster_arn(arn).send().await {
+            Ok(out) => c = out.cluster_info.unwrap_or(c),
+            Err(e) => return Examined::Unread(api_error("DescribeClusterV2", e)),
+        }
+    }
+    let name = c.cluster_name().unwrap_or_default().to_owned();
+    let skip = |reason: String, deselected: bool, error: Option<ApiError>| Examined::Skipped {
+        name: name.clone(),
+        reason,
+        deselected,
+        error,
+    };
+    let empty = HashMap::new();
+    let tags = c.tags().unwrap_or(&empty);
+    if !rules.selects(tags) {
+        let want = match &rules.tag_value {
+            Some(v) => format!("{}={v}", rules.tag),
+            None => rules.tag.clone(),
+        };
+        return skip(format!("not tagged {want}"), true, None);
+    }
+    let state = c.state().cloned();
+    if matches!(state, Some(ClusterState::Deleting | ClusterState::Failed)) {
+        return skip(format!("state {}", state.as_ref().map(|s| s.as_str()).unwrap_or("?")), false, None);
+    }
+    let (target, target_from) = match rules.target(tags) {
+        Ok(t) => t,
+        Err(m) => return skip(m, true, None),
+    };
+    let bootstrap = match bootstraps.get(arn) {
+        Some(b) => b.clone(),
+        None => match bootstrap_of(client, arn).await {
+            Ok(Some(b)) => bootstraps.entry(arn.to_owned()).or_insert(b).clone(),
+            Ok(None) => return skip("GetBootstrapBrokers returned no MSK broker name".into(), false, None),
+            Err(e) => {
+                // A cluster still being created has no brokers yet: not a failure of ours.
+                let counted = (state != Some(ClusterState::Creating)).then(|| e.clone());
+                return skip(e.to_string(), false, counted);
+            }
+        },
+    };
+    let kind = match c.cluster_type() {
+        Some(ClusterType::Serverless) => "serverless",
+        Some(ClusterType::Provisioned) => "provisioned",
+        _ if bootstrap.contains(".kafka-serverless.") => "serverless",
+        _ => "provisioned",
+    };
+    Examined::Served { name, kind, bootstrap, target, target_from }
+}
+
+/// The first MSK broker name GetBootstrapBrokers gives for `arn`, from any of its strings.
+async fn bootstrap_of(client: &Client, arn: &str) -> Result<Option<String>, ApiError> {
+    let out = client.get_bootstrap_brokers().cluster_arn(arn).send().await;
+    let out = out.map_err(|e| api_error("GetBootstrapBrokers", e))?;
+    let strings = [
+        out.bootstrap_broker_string_sasl_iam(),
+        out.bootstrap_broker_string_tls(),
+        out.bootstrap_broker_string_sasl_scram(),
+        out.bootstrap_broker_string(),
+        out.bootstrap_broker_string_vpc_connectivity_sasl_iam(),
+        out.bootstrap_broker_string_vpc_connectivity_tls(),
+        out.bootstrap_broker_string_vpc_connectivity_sasl_scram(),
+    ];
+    Ok(strings.into_iter().flatten().find_map(first_msk_host))
 }
 
 /// Builds the MSK clients: one per account and region, with the account's role assumed.
