@@ -275,17 +275,7 @@ impl Catalog {
         } else if let Some(m) = names::match_provisioned(lc) {
             (m.key, m.apex, Some(m.broker.value))
         } else {
-            for zone in &self.zones {
-                if let Some(apex) = suffix_offset(lc, &zone.origin) {
-                    if !is_in_class(q) {
-                        Response::new(out, q, wire::RCODE_REFUSED, false).finish(q, limit, max_payload);
-                        return Local::Refused;
-                    }
-                    zone.answer(q, lc, apex, out).finish(q, limit, max_payload);
-                    return Local::Zone;
-                }
-            }
-            return Local::Forward(&self.default_forwarder, None);
+            return self.answer_zone(q, lc, out, limit, max_payload);
         };
         let view = self.view(listener, client);
         let Some(cluster) = view.clusters.get(&lc[key]) else {
@@ -341,6 +331,21 @@ impl Catalog {
         }
         r.finish(q, limit, max_payload);
         Local::Cluster
+    }
+
+    /// A name outside the MSK grammar: from a zone the catalog holds, else forwarded.
+    fn answer_zone(&self, q: &Query<'_>, lc: &[u8], out: &mut Vec<u8>, limit: usize, max_payload: u16) -> Local<'_> {
+        for zone in &self.zones {
+            if let Some(apex) = suffix_offset(lc, &zone.origin) {
+                if !is_in_class(q) {
+                    Response::new(out, q, wire::RCODE_REFUSED, false).finish(q, limit, max_payload);
+                    return Local::Refused;
+                }
+                zone.answer(q, lc, apex, out).finish(q, limit, max_payload);
+                return Local::Zone;
+            }
+        }
+        Local::Forward(&self.default_forwarder, None)
     }
 }
 

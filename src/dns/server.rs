@@ -483,18 +483,8 @@ where
                 engine.spawn_prefetch(pkt, from);
             }
             Handled::Miss => {
-                // At the connection's cap, stop reading until a miss is answered: the client
-                // waits, not memory. A failed write ends the wait (and the connection).
-                if inflight.available_permits() == 0 && !batch.is_empty() {
-                    writer.send_framed(&batch).await?;
-                    batch.clear();
-                }
-                let local = tokio::select! {
-                    p = inflight.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break Ok(()),
-                    },
-                    () = failed.as_mut() => return Err(write_failed()),
+                let Some(local) = miss_slot(&inflight, &writer, &mut batch, failed.as_mut()).await? else {
+                    break Ok(());
                 };
                 // Past `dns.max_inflight` (all transports together): SERVFAIL at once.
                 match engine.miss_permit() {
@@ -518,6 +508,29 @@ where
         _ = writer.failed.cancelled() => {}
     }
     ended
+}
+
+/// One of the connection's miss slots. At its cap, reading stops until a miss is answered (the
+/// client waits, not memory), its gathered answers sent first; a failed write ends the wait (and
+/// the connection). `None`: the slots are closed.
+async fn miss_slot<W, F>(
+    inflight: &Arc<Semaphore>,
+    writer: &Writer<W>,
+    batch: &mut Vec<u8>,
+    failed: std::pin::Pin<&mut F>,
+) -> io::Result<Option<tokio::sync::OwnedSemaphorePermit>>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    F: std::future::Future<Output = ()>,
+{
+    if inflight.available_permits() == 0 && !batch.is_empty() {
+        writer.send_framed(batch).await?;
+        batch.clear();
+    }
+    tokio::select! {
+        p = inflight.clone().acquire_owned() => Ok(p.ok()),
+        () = failed => Err(write_failed()),
+    }
 }
 
 fn write_failed() -> io::Error {

@@ -1,390 +1,576 @@
-//! The node id → port registry of one proxy: a broker listener per node, from `broker_ports`
-//! first come (kept in the state file across restarts) or by node id (the same on every
-//! instance), freed after the grace period.
+//! Ports mode (`mode = "ports"`): per `[[proxies]]` block, a bootstrap listener that relays to
+//! the cluster's bootstrap address, and one listener per upstream broker, on ports from
+//! `broker_ports` allocated as brokers appear in responses ([`registry`]). Requests are forwarded
+//! as they come (only their header is read); a FIFO per connection pairs each response with its
+//! request, and only responses that carry broker addresses are decoded and rewritten (see
+//! [`rewrite`], and [`hints`] for large ones).
+
+pub mod hints;
+mod registry;
+mod relay;
+pub mod rewrite;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use serde::{Deserialize, Serialize};
+use kafka_protocol::protocol::StrBytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::{Shared, accept_loop, bind_listener, rewrite};
-use crate::config::PortAssignment;
+use super::frame::{self, FrameError};
+use super::{ProxyError, bind_listener, proxy_protocol, stranger_at_accept};
+use crate::config::ProxyConfig;
+use crate::limits::ClientSlot;
+use crate::net::{Active, next_client};
+use crate::tls;
+use registry::{NodeEntry, load_state, sweep};
+use relay::relay;
 
-/// One node's port and where it leads.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub(super) struct NodeEntry {
-    pub(super) port: u16,
-    pub(super) upstream: String,
-    #[serde(skip, default = "Instant::now")]
-    seen: Instant,
-    #[serde(skip)]
-    stop: Option<CancellationToken>,
+/// A connection on either side: plaintext, or TLS over TCP.
+type Stream = Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
+
+struct Shared {
+    cfg: ProxyConfig,
+    label: String,
+    advertise: StrBytes,
+    bind_ip: IpAddr,
+    nodes: Mutex<BTreeMap<i32, NodeEntry>>,
+    connections: Arc<Semaphore>,
+    per_client: Arc<crate::limits::PerClient>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// TLS towards clients (`tls_cert`/`tls_key`).
+    terminator: Option<tls::Terminator>,
+    /// TLS towards brokers (`upstream_tls`).
+    connector: Option<TlsConnector>,
+    /// When the brokers were last asked for by the proxy itself (`port_assignment = "node_id"`):
+    /// one Metadata request at a time, at most one a second.
+    learned: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Lines about refused connections: clients inside `allow` could otherwise flood the log.
+    log_budget: crate::limits::LogBudget,
 }
 
-#[derive(Serialize, Deserialize)]
-struct StateFile {
-    version: u32,
-    nodes: BTreeMap<i32, NodeEntry>,
+/// What a listener leads to.
+#[derive(Clone, Copy)]
+enum Listener {
+    Bootstrap,
+    /// A port allocated to this node.
+    Node(i32),
+    /// A port of `broker_ports` bound ahead (`port_assignment = "node_id"`): its node is looked
+    /// up per connection, and learned from the cluster when not yet known.
+    Port(u16),
 }
 
-pub(super) fn load_state(path: &PathBuf) -> BTreeMap<i32, NodeEntry> {
-    match std::fs::read(path) {
-        Ok(text) => match serde_json::from_slice::<StateFile>(&text) {
-            Ok(s) if s.version == 1 => s.nodes,
-            Ok(s) => {
-                tracing::error!(file = %path.display(), version = s.version, "proxy state file of another version: ignored");
-                BTreeMap::new()
+/// A `[[proxies]]` block, bound.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    bootstrap: TcpListener,
+}
+
+impl Proxy {
+    /// Binds the bootstrap listener, and the broker listeners the state file remembers (with
+    /// `port_assignment = "node_id"`: every port of `broker_ports`).
+    pub fn bind(
+        index: usize,
+        cfg: &ProxyConfig,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Proxy, ProxyError> {
+        let (terminator, connector) = tls_sides(cfg).map_err(|source| ProxyError::Tls { index, source })?;
+        let bootstrap =
+            bind_listener(cfg.listen).map_err(|source| ProxyError::Bind { index, addr: cfg.listen, source })?;
+        let nodes = cfg.state_file.as_ref().map(load_state).unwrap_or_default();
+        let shared = Arc::new(Shared {
+            label: format!("proxies[{index}]"),
+            advertise: StrBytes::from_string(cfg.advertise_host.clone()),
+            bind_ip: cfg.broker_bind.unwrap_or(cfg.listen.ip()),
+            cfg: cfg.clone(),
+            nodes: Mutex::new(BTreeMap::new()),
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            per_client: Arc::default(),
+            tasks,
+            shutdown,
+            terminator,
+            connector,
+            learned: tokio::sync::Mutex::new(None),
+            log_budget: Default::default(),
+        });
+        if cfg.port_assignment == crate::config::PortAssignment::NodeId {
+            for port in cfg.broker_ports.first..=cfg.broker_ports.last {
+                let addr = SocketAddr::new(shared.bind_ip, port);
+                let l = bind_listener(addr).map_err(|source| ProxyError::Bind { index, addr, source })?;
+                let upstream = shared.cfg.upstream.clone();
+                shared.tasks.spawn(accept_loop(
+                    shared.clone(),
+                    l,
+                    Listener::Port(port),
+                    upstream,
+                    CancellationToken::new(),
+                ));
             }
-            Err(e) => {
-                metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
-                tracing::error!(file = %path.display(), error = %e, "proxy state file unreadable: ignored");
-                BTreeMap::new()
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-        Err(e) => {
-            metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
-            tracing::error!(file = %path.display(), error = %e, "proxy state file unreadable: ignored");
-            BTreeMap::new()
         }
-    }
-}
-
-impl Shared {
-    /// Binds `port` for `node` and records it. Must not be called with `nodes` locked.
-    pub(super) fn start_broker_listener(
-        self: &Arc<Self>,
-        node: i32,
-        port: u16,
-        upstream: String,
-    ) -> std::io::Result<()> {
-        let listener = bind_listener(SocketAddr::new(self.bind_ip, port))?;
-        let stop = CancellationToken::new();
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            node,
-            NodeEntry { port, upstream: upstream.clone(), seen: Instant::now(), stop: Some(stop.clone()) },
-        );
-        self.tasks.spawn(accept_loop(self.clone(), listener, super::Listener::Node(node), upstream, stop));
-        self.ports_gauge();
-        Ok(())
-    }
-
-    fn ports_gauge(&self) {
-        let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).len();
-        metrics::gauge!("mskdns_proxy_broker_ports", "proxy" => self.label.clone()).set(n as f64);
-    }
-
-    fn save_state(&self) {
-        let Some(path) = &self.cfg.state_file else { return };
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let text = match serde_json::to_vec_pretty(&StateFile { version: 1, nodes }) {
-            Ok(t) => t,
-            Err(e) => return tracing::error!(error = %e, "cannot encode the proxy state"),
-        };
-        let tmp = path.with_extension("tmp");
-        let result = std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = result {
-            metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
-            tracing::error!(file = %path.display(), error = %e, "cannot write the proxy state file");
-        }
-    }
-
-    /// The upstream address of `node` now (it may have moved since the listener was bound).
-    pub(super) fn upstream_of(&self, node: i32) -> Option<String> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).get(&node).map(|e| e.upstream.clone())
-    }
-}
-
-impl rewrite::Ports for Arc<Shared> {
-    fn port_for(&self, node: i32, host: &str, port: i32) -> Option<u16> {
-        let upstream = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-        let used: Vec<u16> = {
-            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(e) = nodes.get_mut(&node) {
-                e.seen = Instant::now();
-                let port = e.port;
-                if e.upstream != upstream {
-                    tracing::info!(proxy = %self.label, node, from = %e.upstream, to = %upstream, "broker moved");
-                    e.upstream = upstream;
-                    drop(nodes);
-                    self.save_state();
-                }
-                return Some(port);
-            }
-            nodes.values().map(|e| e.port).collect()
-        };
-        let range = self.cfg.broker_ports;
-        if self.cfg.port_assignment == PortAssignment::NodeId {
-            return self.node_id_port(node, upstream, &used);
-        }
-        for p in range.first..=range.last {
-            if used.contains(&p) {
+        for (node, e) in nodes {
+            if !shared.cfg.broker_ports.contains(e.port) {
+                tracing::warn!(proxy = %shared.label, node, port = e.port, "state file port outside broker_ports: dropped");
                 continue;
             }
-            match self.start_broker_listener(node, p, upstream.clone()) {
+            match shared.start_broker_listener(node, e.port, e.upstream.clone()) {
                 Ok(()) => {
-                    metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone())
-                        .increment(1);
-                    tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port allocated");
-                    self.save_state();
-                    return Some(p);
+                    tracing::info!(proxy = %shared.label, node, port = e.port, upstream = %e.upstream, "broker port restored")
                 }
-                // Taken by another process: try the next one.
-                Err(e) => tracing::debug!(port = p, error = %e, "broker port not bindable"),
-            }
-        }
-        metrics::counter!("mskdns_proxy_port_exhausted_total", "proxy" => self.label.clone()).increment(1);
-        tracing::error!(
-            proxy = %self.label, node, upstream = %upstream, broker_ports = ?range,
-            "no free port in broker_ports for a new broker: it is left out of responses (widen broker_ports)"
-        );
-        None
-    }
-}
-
-impl Shared {
-    /// `port_assignment = "node_id"`: the port is a function of the node id alone, so every
-    /// instance with this configuration gives a broker the same port.
-    fn node_id_port(self: &Arc<Self>, node: i32, upstream: String, used: &[u16]) -> Option<u16> {
-        let range = self.cfg.broker_ports;
-        let size = range.last as i64 - range.first as i64 + 1;
-        let p = (range.first as i64 + (node as i64).rem_euclid(size)) as u16;
-        if used.contains(&p) {
-            metrics::counter!("mskdns_proxy_port_collisions_total", "proxy" => self.label.clone()).increment(1);
-            tracing::error!(
-                proxy = %self.label, node, port = p, broker_ports = ?range,
-                "another node id maps to this broker's port (node id modulo the size of broker_ports): it is left out of responses (widen broker_ports)"
-            );
-            return None;
-        }
-        // The listener was bound at start, with every port of the range.
-        tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port assigned (node_id)");
-        self.nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node, NodeEntry { port: p, upstream, seen: Instant::now(), stop: None });
-        metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone()).increment(1);
-        self.ports_gauge();
-        Some(p)
-    }
-
-    /// The upstream of the node on `port` (`port_assignment = "node_id"`); when no node is known
-    /// there yet (no response naming it has passed this instance), the cluster is asked first.
-    pub(super) async fn upstream_at(self: &Arc<Self>, port: u16) -> Option<String> {
-        let find = || {
-            self.nodes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .find(|e| e.port == port)
-                .map(|e| e.upstream.clone())
-        };
-        if let Some(u) = find() {
-            return Some(u);
-        }
-        self.learn_brokers().await;
-        find()
-    }
-
-    /// Asks the cluster for its brokers (Metadata v4 for no topic, on the bootstrap address) and
-    /// assigns each its port. One request at a time, at most one a second; a failure is logged
-    /// and changes nothing. A SASL listener answers only after authentication, which the proxy
-    /// cannot do: there, brokers are learned from the responses clients get.
-    pub(super) async fn learn_brokers(self: &Arc<Self>) {
-        let mut last = self.learned.lock().await;
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            return;
-        }
-        *last = Some(std::time::Instant::now());
-        let limit = Duration::from_millis(self.cfg.connect_timeout_ms + self.cfg.handshake_timeout_ms);
-        match tokio::time::timeout(limit, ask_brokers(self)).await.unwrap_or(Err(format!("no answer within {limit:?}")))
-        {
-            Ok(brokers) => {
-                tracing::info!(proxy = %self.label, brokers = brokers.len(), "brokers learned from the cluster");
-                for (node, host, port) in brokers {
-                    rewrite::Ports::port_for(self, node, &host, port);
+                Err(err) => {
+                    tracing::error!(proxy = %shared.label, node, port = e.port, error = %err, "cannot restore broker port")
                 }
             }
-            Err(e) => {
-                tracing::warn!(proxy = %self.label, upstream = %self.cfg.upstream, error = %e, "cannot ask the cluster for its brokers")
-            }
         }
+        Ok(Proxy { shared, bootstrap })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.bootstrap.local_addr().ok()
+    }
+
+    /// Serves until shutdown.
+    pub async fn run(self) {
+        let shared = self.shared.clone();
+        shared.tasks.spawn(sweep(shared.clone()));
+        if shared.terminator.is_some() {
+            shared.tasks.spawn(watch_certificate(shared.clone()));
+        }
+        if shared.cfg.port_assignment == crate::config::PortAssignment::NodeId {
+            // Every broker known before the first client asks, whichever instance it reached.
+            let s = shared.clone();
+            shared.tasks.spawn(async move { s.learn_brokers().await });
+        }
+        let upstream = shared.cfg.upstream.clone();
+        accept_loop(shared, self.bootstrap, Listener::Bootstrap, upstream, CancellationToken::new()).await;
     }
 }
 
-/// One Metadata round trip with the bootstrap broker: (node id, host, port) of every broker.
-async fn ask_brokers(shared: &Arc<Shared>) -> Result<Vec<(i32, String, i32)>, String> {
-    use bytes::{Buf, BytesMut};
-    use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, RequestHeader, ResponseHeader};
-    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    const VERSION: i16 = 4; // the oldest Metadata version Kafka 4 still serves; not flexible
-    let mut s = super::connect(shared, &shared.cfg.upstream).await.map_err(|e| e.to_string())?;
-    let mut body = BytesMut::new();
-    RequestHeader::default()
-        .with_request_api_key(ApiKey::Metadata as i16)
-        .with_request_api_version(VERSION)
-        .with_correlation_id(1)
-        .with_client_id(Some(StrBytes::from_static_str("mskdns-proxy")))
-        .encode(&mut body, ApiKey::Metadata.request_header_version(VERSION))
-        .map_err(|e| e.to_string())?;
-    // An empty topic list (null would be every topic): the brokers alone.
-    MetadataRequest::default()
-        .with_topics(Some(Vec::new()))
-        .with_allow_auto_topic_creation(false)
-        .encode(&mut body, VERSION)
-        .map_err(|e| e.to_string())?;
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    s.write_all(&frame).await.map_err(|e| e.to_string())?;
-    let mut size = [0u8; 4];
-    s.read_exact(&mut size).await.map_err(|e| e.to_string())?;
-    let n = super::frame::frame_size(size, shared.cfg.max_frame_bytes).map_err(|e| e.to_string())?;
-    // Read as it arrives: a declared size is not allocated before its bytes come.
-    let mut buf = BytesMut::new();
-    while buf.len() < n {
-        buf.reserve((n - buf.len()).min(64 * 1024));
-        let room = (n - buf.len()).min(buf.capacity() - buf.len());
-        if (&mut s).take(room as u64).read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err(format!("the Metadata response ended after {} of {n} bytes", buf.len()));
-        }
-    }
-    let mut buf = buf.freeze();
-    let header = ResponseHeader::decode(&mut buf, ApiKey::Metadata.response_header_version(VERSION))
-        .map_err(|e| format!("Metadata response header: {e}"))?;
-    if header.correlation_id != 1 {
-        return Err(format!("response with correlation id {}", header.correlation_id));
-    }
-    let m = MetadataResponse::decode(&mut buf, VERSION).map_err(|e| format!("Metadata response: {e}"))?;
-    if buf.has_remaining() {
-        tracing::debug!(left = buf.remaining(), "bytes after the Metadata response ignored");
-    }
-    Ok(m.brokers.into_iter().map(|b| (b.node_id.0, b.host.to_string(), b.port)).collect())
-}
-
-/// Frees the ports of brokers not seen in any response for `broker_grace_secs`.
-pub(super) async fn sweep(shared: Arc<Shared>) {
-    let grace = Duration::from_secs(shared.cfg.broker_grace_secs);
-    let every = (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+/// Picks up a renewed `tls_cert`/`tls_key` pair; one that does not load keeps the previous.
+async fn watch_certificate(shared: Arc<Shared>) {
+    let Some(t) = &shared.terminator else { return };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(tls::WATCH_EVERY) => {}
             _ = shared.shutdown.cancelled() => return,
         }
-        let gone: Vec<(i32, NodeEntry)> = {
-            let mut nodes = shared.nodes.lock().unwrap_or_else(|e| e.into_inner());
-            let old: Vec<i32> = nodes.iter().filter(|(_, e)| e.seen.elapsed() >= grace).map(|(n, _)| *n).collect();
-            old.into_iter().filter_map(|n| nodes.remove(&n).map(|e| (n, e))).collect()
-        };
-        for (node, e) in &gone {
-            if let Some(stop) = &e.stop {
-                stop.cancel();
+        match t.refresh() {
+            Ok(false) => {}
+            Ok(true) => tracing::info!(proxy = %shared.label, "TLS certificate reloaded"),
+            Err(e) => {
+                metrics::counter!("mskdns_proxy_tls_reload_errors_total", "proxy" => shared.label.clone()).increment(1);
+                tracing::error!(proxy = %shared.label, "{}.{e}; the previous certificate stays in use", shared.label);
             }
-            tracing::info!(proxy = %shared.label, node, port = e.port, "broker gone past the grace period: port freed");
-        }
-        if !gone.is_empty() {
-            shared.ports_gauge();
-            shared.save_state();
         }
     }
 }
 
-#[cfg(test)]
-pub(super) mod tests {
-    use super::super::Proxy;
-    use super::*;
-    use crate::config::{PortAssignment, PortRange, ProxyConfig};
-    use crate::proxy::rewrite::Ports;
-    use tokio_util::task::TaskTracker;
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    which: Listener,
+    bootstrap: String,
+    stop: CancellationToken,
+) {
+    let kind = if matches!(which, Listener::Bootstrap) { "bootstrap" } else { "broker" };
+    loop {
+        let (sock, peer) = tokio::select! {
+            c = next_client(&listener, "proxy") => c,
+            _ = stop.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let Some((slot, permit)) = admit(&shared, peer) else { continue };
+        let upstream = match which {
+            Listener::Node(n) => match shared.upstream_of(n) {
+                Some(u) => Some(u),
+                None => continue,
+            },
+            Listener::Port(_) => None,
+            Listener::Bootstrap => Some(bootstrap.clone()),
+        };
+        // One span per connection: every event of it carries these fields.
+        let span = tracing::info_span!("connection", proxy = %shared.label, %peer, upstream = tracing::field::Empty, listener = kind);
+        if let Some(u) = &upstream {
+            span.record("upstream", tracing::field::display(u));
+        }
+        let task = serve_client(shared.clone(), sock, peer, which, upstream, (slot, permit));
+        shared.tasks.spawn(tracing::Instrument::instrument(task, span));
+    }
+}
 
-    pub(crate) fn config(grace: u64) -> ProxyConfig {
-        let first = 40000 + (std::process::id() % 2000) as u16 * 10;
-        ProxyConfig {
-            mode: Default::default(),
-            port_assignment: Default::default(),
-            proxy_protocol: false,
-            allow_endpoints: Vec::new(),
-            proxy_protocol_from: Vec::new(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            upstream: "127.0.0.1:9".into(),
-            advertise_host: "kafka-proxy.test".into(),
-            broker_ports: PortRange { first, last: first + 9 },
-            broker_bind: None,
-            state_file: None,
-            broker_grace_secs: grace,
-            max_frame_bytes: 1 << 20,
-            idle_timeout_secs: 60,
-            connect_timeout_ms: 2000,
-            max_connections: 10,
-            tls_cert: None,
-            tls_key: None,
-            upstream_tls: false,
-            upstream_ca_file: None,
-            upstream_tls_cert: None,
-            upstream_tls_key: None,
-            handshake_timeout_ms: 2000,
-            allow: crate::config::default_allow(),
-            max_connections_per_client: 10,
-            first_request_timeout_ms: 1000,
+/// Whether a connection from `peer` is served: strangers are closed before anything is read from
+/// them or any broker is asked; then the client's slot (behind a PROXY protocol sender, taken once
+/// the header is read) and one of `max_connections`.
+fn admit(shared: &Shared, peer: SocketAddr) -> Option<(Option<ClientSlot>, OwnedSemaphorePermit)> {
+    let client = peer.ip().to_canonical();
+    let rejected = |reason: &'static str| {
+        metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => reason)
+            .increment(1)
+    };
+    let cfg = &shared.cfg;
+    if stranger_at_accept(cfg.proxy_protocol, &cfg.allow, &cfg.proxy_protocol_from, client) {
+        rejected("not_allowed");
+        tracing::debug!(proxy = %shared.label, %peer, "client outside allow (or proxy_protocol_from): connection closed");
+        return None;
+    }
+    let slot = match cfg.proxy_protocol {
+        true => None,
+        false => match shared.per_client.take(client, cfg.max_connections_per_client) {
+            Some(s) => Some(s),
+            None => {
+                rejected("per_client");
+                if let Some(skipped) = shared.log_budget.take() {
+                    tracing::warn!(proxy = %shared.label, %peer, skipped, "max_connections_per_client reached: connection closed");
+                }
+                return None;
+            }
+        },
+    };
+    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+        rejected("limit");
+        if let Some(skipped) = shared.log_budget.take() {
+            tracing::warn!(proxy = %shared.label, %peer, skipped, "max_connections reached: connection closed");
+        }
+        return None;
+    };
+    Some((slot, permit))
+}
+
+/// One admitted connection: its PROXY header (when expected), the broker it leads to (on a port
+/// of no known broker, once the client has sent something), then the relay.
+async fn serve_client(
+    shared: Arc<Shared>,
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    which: Listener,
+    upstream: Option<String>,
+    (slot, permit): (Option<ClientSlot>, OwnedSemaphorePermit),
+) {
+    let kind = if matches!(which, Listener::Bootstrap) { "bootstrap" } else { "broker" };
+    let slot = match slot {
+        Some(s) => s,
+        None => match behind_proxy_protocol(&shared, &mut sock, peer).await {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    let _held = (permit, slot);
+    let upstream = match (upstream, which) {
+        (Some(u), _) => u,
+        (None, Listener::Port(p)) => match first_bytes_then(&shared, &sock, shared.upstream_at(p)).await {
+            Some(u) => {
+                tracing::Span::current().record("upstream", tracing::field::display(&u));
+                u
+            }
+            None => {
+                metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => "unknown_broker")
+                    .increment(1);
+                if let Some(skipped) = shared.log_budget.take() {
+                    tracing::warn!(
+                        port = p,
+                        skipped,
+                        "no broker of the cluster has this port (node id modulo broker_ports): connection closed"
+                    );
+                }
+                return;
+            }
+        },
+        (None, _) => return,
+    };
+    metrics::counter!("mskdns_proxy_connections_total", "proxy" => shared.label.clone(), "listener" => kind)
+        .increment(1);
+    // Decremented however the connection ends (a panic included).
+    let _active = Active::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared.label.clone()));
+    match connection(&shared, sock, &upstream).await {
+        Ok(()) => tracing::debug!("connection closed"),
+        Err(e) => e.log(&shared.label),
+    }
+}
+
+/// Runs `then` (which may ask the cluster for its brokers) once the client has sent its first
+/// bytes, within `first_request_timeout_ms`: a silent client costs the cluster nothing.
+async fn first_bytes_then<T>(
+    shared: &Shared,
+    sock: &tokio::net::TcpStream,
+    then: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    let wait = Duration::from_millis(shared.cfg.first_request_timeout_ms);
+    match tokio::time::timeout(wait, sock.peek(&mut [0u8; 1])).await {
+        Ok(Ok(n)) if n > 0 => then.await,
+        _ => {
+            tracing::debug!("nothing sent on a port of no known broker: closed");
+            None
         }
     }
+}
 
-    /// The clock is tokio's, paused: the sweep's minute passes at once.
-    #[tokio::test(start_paused = true)]
-    async fn a_broker_unseen_for_the_grace_period_gives_its_port_back() {
-        let cfg = config(60);
-        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
-        let shared = proxy.shared.clone();
-        tasks.spawn(proxy.run());
-        let held = |node| shared.nodes.lock().unwrap().get(&node).map(|e| e.port);
-
-        let port = shared.port_for(7, "10.0.0.7", 9098).expect("a port");
-        assert!(cfg.broker_ports.contains(port));
-        assert_eq!(shared.port_for(8, "10.0.0.8", 9098), Some(port + 1).filter(|p| cfg.broker_ports.contains(*p)));
-        tokio::time::sleep(Duration::from_secs(40)).await;
-        assert_eq!(shared.port_for(7, "10.0.0.7", 9098), Some(port), "seen again: the same port");
-        tokio::time::sleep(Duration::from_secs(40)).await;
-        // Node 8, unseen for 80 s, is gone; node 7, seen 40 s ago, stays.
-        assert_eq!(held(7), Some(port));
-        assert_eq!(held(8), None);
-        // Its port is free again: a new broker can take it.
-        tokio::time::sleep(Duration::from_secs(40)).await;
-        assert_eq!(held(7), None);
-        assert_eq!(shared.port_for(9, "10.0.0.9", 9098), Some(port));
-        shutdown.cancel();
-        tasks.close();
-        tasks.wait().await;
+/// Reads the PROXY protocol header (within `first_request_timeout_ms`) and checks the client
+/// it names against `allow`, `allow_endpoints` and `max_connections_per_client`.
+async fn behind_proxy_protocol(
+    shared: &Shared,
+    sock: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<crate::limits::ClientSlot> {
+    let rejected = |reason: &'static str| {
+        metrics::counter!("mskdns_proxy_connections_rejected_total", "proxy" => shared.label.clone(), "reason" => reason)
+            .increment(1)
+    };
+    let limit = Duration::from_millis(shared.cfg.first_request_timeout_ms);
+    let origin = match tokio::time::timeout(limit, proxy_protocol::read(sock)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            rejected("proxy_protocol");
+            if let Some(skipped) = shared.log_budget.take() {
+                tracing::info!(skipped, "{e}: connection closed");
+            }
+            return None;
+        }
+        Err(_) => {
+            rejected("proxy_protocol");
+            if let Some(skipped) = shared.log_budget.take() {
+                tracing::info!(?limit, skipped, "no PROXY protocol header in time: connection closed");
+            }
+            return None;
+        }
+    };
+    let client = origin.client.unwrap_or(peer);
+    if !origin.allowed(peer, &shared.cfg.allow, &shared.cfg.allow_endpoints) {
+        rejected("not_allowed");
+        if let Some(skipped) = shared.log_budget.take() {
+            tracing::info!(%client, endpoint = origin.endpoint.as_deref().unwrap_or("-"), skipped, "client or endpoint not allowed: connection closed");
+        }
+        return None;
     }
-
-    #[tokio::test]
-    async fn node_id_ports_depend_on_the_node_id_alone() {
-        let mut cfg = config(60);
-        cfg.port_assignment = PortAssignment::NodeId;
-        let first = cfg.broker_ports.first;
-        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
-        let shared = proxy.shared.clone();
-        tasks.spawn(proxy.run());
-        // Order of appearance does not matter: node 3 first, then node 1.
-        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
-        assert_eq!(shared.port_for(1, "10.0.0.1", 9098), Some(first + 1));
-        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
-        // MSK's large node ids wrap around the range.
-        assert_eq!(shared.port_for(1004, "10.0.0.4", 9098), Some(first + 4));
-        // Two ids on one port: the second is left out, not given another node's port.
-        assert_eq!(shared.port_for(13, "10.0.0.13", 9098), None);
-        shutdown.cancel();
-        tasks.close();
-        tasks.wait().await;
+    let slot = shared.per_client.take(client.ip().to_canonical(), shared.cfg.max_connections_per_client);
+    if slot.is_none() {
+        rejected("per_client");
+        if let Some(skipped) = shared.log_budget.take() {
+            tracing::warn!(%client, skipped, "max_connections_per_client reached: connection closed");
+        }
     }
+    slot
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("connecting to {0}: {1}")]
+    Connect(String, String),
+    #[error("client: {0}")]
+    ClientFrame(FrameError),
+    #[error("upstream: {0}")]
+    UpstreamFrame(FrameError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("response with correlation id {got} where {want} was expected")]
+    Correlation { got: i32, want: i32 },
+    #[error("a response arrived with no request waiting for it")]
+    Unexpected,
+    #[error("{0}")]
+    Rewrite(#[from] rewrite::RewriteError),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("{0} v{1} is not offered through the proxy (its answer would carry broker addresses it cannot rewrite)")]
+    Refused(String, i16),
+    #[error("no request within {0:?} of connecting (first_request_timeout_ms)")]
+    FirstRequest(Duration),
+    #[error("TLS handshake with the client: {0}")]
+    ClientTls(String),
+    #[error("a plaintext Kafka request on a TLS listener: the client needs security.protocol SSL or SASL_SSL")]
+    PlaintextOnTls,
+    #[error("TLS handshake with {0}: {1}")]
+    UpstreamTls(String, String),
+}
+
+impl ConnError {
+    /// Logged inside the connection's span (proxy, peer, upstream, listener).
+    fn log(&self, proxy: &str) {
+        match self {
+            ConnError::ClientFrame(FrameError::TlsOnPlaintext) => {
+                metrics::counter!("mskdns_proxy_tls_on_plaintext_total", "proxy" => proxy.to_owned()).increment(1);
+                tracing::warn!("{self}");
+            }
+            ConnError::Io(e)
+                if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) =>
+            {
+                tracing::debug!("connection closed: {e}")
+            }
+            ConnError::Idle(_) | ConnError::FirstRequest(_) => tracing::debug!("{self}"),
+            ConnError::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                tracing::debug!("connection closed: {e}")
+            }
+            // A TLS error after the handshake: in TLS 1.3 a server that wants a client
+            // certificate says so only then (an alert: CertificateRequired).
+            ConnError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()) => {
+                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "either", "kind" => "session")
+                    .increment(1);
+                tracing::warn!("connection closed: TLS: {e}");
+            }
+            ConnError::ClientTls(_) | ConnError::PlaintextOnTls => {
+                let kind = if matches!(self, ConnError::PlaintextOnTls) { "plaintext" } else { "handshake" };
+                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "client", "kind" => kind)
+                    .increment(1);
+                tracing::warn!("{self}");
+            }
+            ConnError::UpstreamTls(..) => {
+                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "upstream", "kind" => "handshake")
+                    .increment(1);
+                tracing::warn!("connection closed: {self}");
+            }
+            _ => tracing::warn!("connection closed: {self}"),
+        }
+    }
+}
+
+/// Connects to `upstream`, with TLS when `upstream_tls` is set (SNI: the host in `upstream`).
+async fn connect(shared: &Shared, upstream: &str) -> Result<Stream, ConnError> {
+    let tcp = connect_tcp(shared, upstream).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(connector) = &shared.connector else { return Ok(Either::Left(tcp)) };
+    let name = tls::server_name(upstream).map_err(|e| ConnError::UpstreamTls(upstream.to_owned(), e))?;
+    let limit = Duration::from_millis(shared.cfg.handshake_timeout_ms);
+    // A plaintext broker answers a ClientHello by closing (it reads a huge frame size), with
+    // bytes that are not TLS, or not at all: say what that means.
+    const NOT_TLS: &str = "the broker does not seem to speak TLS: upstream_tls = true (the default) is for TLS \
+                           listeners (MSK 9094, 9096, 9098); set upstream_tls = false for a plaintext one (9092)";
+    let handshake = connector.connect(name, tcp);
+    tokio::pin!(handshake);
+    // A TLS broker answers a ClientHello at once; a plaintext one reads it as the start of a
+    // frame of some 370 MB and waits for the rest. Say so early, then wait out the timeout.
+    let early = (limit / 3).min(Duration::from_secs(2));
+    let done = tokio::select! {
+        r = &mut handshake => Some(r),
+        _ = tokio::time::sleep(early) => None,
+    };
+    let done = match done {
+        Some(r) => Ok(r),
+        None => {
+            tracing::warn!("no TLS answer after {early:?}, still waiting: {NOT_TLS}");
+            tokio::time::timeout(limit - early, handshake).await
+        }
+    };
+    match done {
+        Ok(Ok(s)) => Ok(Either::Right(s.into())),
+        Ok(Err(e)) => {
+            let plaintext = e.kind() == std::io::ErrorKind::UnexpectedEof
+                || e.get_ref().and_then(|i| i.downcast_ref::<tokio_rustls::rustls::Error>()).is_some_and(|r| {
+                    matches!(
+                        r,
+                        tokio_rustls::rustls::Error::InvalidMessage(_)
+                            | tokio_rustls::rustls::Error::InappropriateMessage { .. }
+                    )
+                });
+            let why = if plaintext { format!("{e}: {NOT_TLS}") } else { e.to_string() };
+            Err(ConnError::UpstreamTls(upstream.to_owned(), why))
+        }
+        Err(_) => Err(ConnError::UpstreamTls(upstream.to_owned(), format!("no answer after {limit:?}: {NOT_TLS}"))),
+    }
+}
+
+/// Completes the client's TLS handshake on a TLS listener.
+async fn accept(shared: &Shared, sock: TcpStream) -> Result<Stream, ConnError> {
+    let _ = sock.set_nodelay(true);
+    let Some(t) = &shared.terminator else { return Ok(Either::Left(sock)) };
+    let limit = Duration::from_millis(shared.cfg.handshake_timeout_ms);
+    let handshake = async {
+        // A TLS connection opens with a handshake record (0x16); a Kafka request with the high
+        // byte of its size, which is 0 for any frame under 16 MiB.
+        let mut first = [0u8; 1];
+        if sock.peek(&mut first).await.map_err(|e| ConnError::ClientTls(e.to_string()))? == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        if first[0] != 0x16 {
+            return Err(ConnError::PlaintextOnTls);
+        }
+        t.acceptor().accept(sock).await.map_err(|e| ConnError::ClientTls(e.to_string()))
+    };
+    match tokio::time::timeout(limit, handshake).await {
+        Ok(Ok(s)) => Ok(Either::Right(s.into())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ConnError::ClientTls(format!("not done after {limit:?}"))),
+    }
+}
+
+async fn connect_tcp(shared: &Shared, upstream: &str) -> Result<TcpStream, ConnError> {
+    let limit = Duration::from_millis(shared.cfg.connect_timeout_ms);
+    let attempt = async {
+        let mut last = String::from("no address");
+        for addr in tokio::net::lookup_host(upstream).await.map_err(|e| e.to_string())? {
+            match TcpStream::connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(ConnError::Connect(upstream.to_owned(), e)),
+        Err(_) => Err(ConnError::Connect(upstream.to_owned(), format!("timed out after {limit:?}"))),
+    }
+}
+
+/// Reads the start of the client's first request (its whole frame, or the first
+/// [`frame::REQUEST_PREFIX`] bytes of a larger one) within `first_request_timeout_ms`.
+async fn first_request<R: AsyncRead + Unpin>(shared: &Shared, client: &mut R) -> Result<Vec<u8>, ConnError> {
+    let limit = Duration::from_millis(shared.cfg.first_request_timeout_ms);
+    let read = async {
+        // Read as it arrives (not just the 4 size bytes) so that a refused frame leaves nothing
+        // unread: the close is then a FIN, not a reset. What follows the first frame is kept.
+        let mut buf = Vec::with_capacity(4096);
+        loop {
+            if buf.len() >= 4 {
+                let size = [buf[0], buf[1], buf[2], buf[3]];
+                let n = frame::frame_size(size, shared.cfg.max_frame_bytes).map_err(ConnError::ClientFrame)?;
+                if buf.len() >= 4 + n.min(frame::REQUEST_PREFIX) {
+                    return Ok(buf);
+                }
+            }
+            buf.reserve(4096);
+            if client.read_buf(&mut buf).await? == 0 {
+                return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.unwrap_or(Err(ConnError::FirstRequest(limit)))
+}
+
+/// Relays one client connection to `upstream` until either side closes. The broker connection
+/// is opened only once the client has completed its TLS handshake and sent its first request.
+async fn connection(shared: &Arc<Shared>, client: TcpStream, upstream: &str) -> Result<(), ConnError> {
+    let mut client = accept(shared, client).await?;
+    let first = std::io::Cursor::new(first_request(shared, &mut client).await?);
+    let server = connect(shared, upstream).await?;
+    match (client, server) {
+        // Plaintext both ways: the halves of a TcpStream need no lock between them.
+        (Either::Left(c), Either::Left(s)) => {
+            let (cr, cw) = c.into_split();
+            let (sr, sw) = s.into_split();
+            relay(shared, first.chain(cr), cw, sr, sw).await
+        }
+        (c, s) => {
+            let (cr, cw) = tokio::io::split(c);
+            let (sr, sw) = tokio::io::split(s);
+            relay(shared, first.chain(cr), cw, sr, sw).await
+        }
+    }
+}
+
+/// A block's TLS towards clients and towards brokers, from its files.
+pub(super) fn tls_sides(cfg: &ProxyConfig) -> Result<(Option<tls::Terminator>, Option<TlsConnector>), tls::TlsError> {
+    let terminator = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::Terminator::load(cert, key)?),
+        _ => None,
+    };
+    let client_cert = cfg.upstream_tls_cert.as_deref().zip(cfg.upstream_tls_key.as_deref());
+    let connector =
+        if cfg.upstream_tls { Some(tls::connector(cfg.upstream_ca_file.as_deref(), client_cert)?) } else { None };
+    Ok((terminator, connector))
 }

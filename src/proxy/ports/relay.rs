@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 
-use super::frame::{self, FrameError, RequestHeader, copy_exact};
+use crate::proxy::frame::{self, FrameError, RequestHeader, copy_exact};
 use super::{ConnError, Shared, hints, rewrite};
 
 /// Requests in flight per connection before the proxy stops reading from the client.
@@ -262,7 +262,7 @@ fn api_name(key: i16) -> String {
 mod tests {
     use super::*;
     use crate::proxy::Proxy;
-    use crate::proxy::ports::tests::config;
+    use crate::proxy::ports::registry::tests::config;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;

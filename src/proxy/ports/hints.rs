@@ -22,7 +22,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::ConnError;
-use super::frame::{FETCH, PRODUCE, copy_exact};
+use crate::proxy::frame::{FETCH, PRODUCE, copy_exact};
 use super::rewrite::{self, Ports, RewriteError, Rewritten};
 
 /// Responses up to this many bytes are decoded and rewritten whole.

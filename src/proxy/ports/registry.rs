@@ -1,0 +1,391 @@
+//! The node id → port registry of one proxy: a broker listener per node, from `broker_ports`
+//! first come (kept in the state file across restarts) or by node id (the same on every
+//! instance), freed after the grace period.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, accept_loop, rewrite};
+use crate::proxy::bind_listener;
+use crate::config::PortAssignment;
+
+/// One node's port and where it leads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(super) struct NodeEntry {
+    pub(super) port: u16,
+    pub(super) upstream: String,
+    #[serde(skip, default = "Instant::now")]
+    seen: Instant,
+    #[serde(skip)]
+    stop: Option<CancellationToken>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    nodes: BTreeMap<i32, NodeEntry>,
+}
+
+pub(super) fn load_state(path: &PathBuf) -> BTreeMap<i32, NodeEntry> {
+    match std::fs::read(path) {
+        Ok(text) => match serde_json::from_slice::<StateFile>(&text) {
+            Ok(s) if s.version == 1 => s.nodes,
+            Ok(s) => {
+                tracing::error!(file = %path.display(), version = s.version, "proxy state file of another version: ignored");
+                BTreeMap::new()
+            }
+            Err(e) => {
+                metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
+                tracing::error!(file = %path.display(), error = %e, "proxy state file unreadable: ignored");
+                BTreeMap::new()
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
+            tracing::error!(file = %path.display(), error = %e, "proxy state file unreadable: ignored");
+            BTreeMap::new()
+        }
+    }
+}
+
+impl Shared {
+    /// Binds `port` for `node` and records it. Must not be called with `nodes` locked.
+    pub(super) fn start_broker_listener(
+        self: &Arc<Self>,
+        node: i32,
+        port: u16,
+        upstream: String,
+    ) -> std::io::Result<()> {
+        let listener = bind_listener(SocketAddr::new(self.bind_ip, port))?;
+        let stop = CancellationToken::new();
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            node,
+            NodeEntry { port, upstream: upstream.clone(), seen: Instant::now(), stop: Some(stop.clone()) },
+        );
+        self.tasks.spawn(accept_loop(self.clone(), listener, super::Listener::Node(node), upstream, stop));
+        self.ports_gauge();
+        Ok(())
+    }
+
+    fn ports_gauge(&self) {
+        let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).len();
+        metrics::gauge!("mskdns_proxy_broker_ports", "proxy" => self.label.clone()).set(n as f64);
+    }
+
+    fn save_state(&self) {
+        let Some(path) = &self.cfg.state_file else { return };
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let text = match serde_json::to_vec_pretty(&StateFile { version: 1, nodes }) {
+            Ok(t) => t,
+            Err(e) => return tracing::error!(error = %e, "cannot encode the proxy state"),
+        };
+        let tmp = path.with_extension("tmp");
+        let result = std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
+            tracing::error!(file = %path.display(), error = %e, "cannot write the proxy state file");
+        }
+    }
+
+    /// The upstream address of `node` now (it may have moved since the listener was bound).
+    pub(super) fn upstream_of(&self, node: i32) -> Option<String> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).get(&node).map(|e| e.upstream.clone())
+    }
+}
+
+impl rewrite::Ports for Arc<Shared> {
+    fn port_for(&self, node: i32, host: &str, port: i32) -> Option<u16> {
+        let upstream = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let used: Vec<u16> = {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = nodes.get_mut(&node) {
+                e.seen = Instant::now();
+                let port = e.port;
+                if e.upstream != upstream {
+                    tracing::info!(proxy = %self.label, node, from = %e.upstream, to = %upstream, "broker moved");
+                    e.upstream = upstream;
+                    drop(nodes);
+                    self.save_state();
+                }
+                return Some(port);
+            }
+            nodes.values().map(|e| e.port).collect()
+        };
+        let range = self.cfg.broker_ports;
+        if self.cfg.port_assignment == PortAssignment::NodeId {
+            return self.node_id_port(node, upstream, &used);
+        }
+        for p in range.first..=range.last {
+            if used.contains(&p) {
+                continue;
+            }
+            match self.start_broker_listener(node, p, upstream.clone()) {
+                Ok(()) => {
+                    metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone())
+                        .increment(1);
+                    tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port allocated");
+                    self.save_state();
+                    return Some(p);
+                }
+                // Taken by another process: try the next one.
+                Err(e) => tracing::debug!(port = p, error = %e, "broker port not bindable"),
+            }
+        }
+        metrics::counter!("mskdns_proxy_port_exhausted_total", "proxy" => self.label.clone()).increment(1);
+        tracing::error!(
+            proxy = %self.label, node, upstream = %upstream, broker_ports = ?range,
+            "no free port in broker_ports for a new broker: it is left out of responses (widen broker_ports)"
+        );
+        None
+    }
+}
+
+impl Shared {
+    /// `port_assignment = "node_id"`: the port is a function of the node id alone, so every
+    /// instance with this configuration gives a broker the same port.
+    fn node_id_port(self: &Arc<Self>, node: i32, upstream: String, used: &[u16]) -> Option<u16> {
+        let range = self.cfg.broker_ports;
+        let size = range.last as i64 - range.first as i64 + 1;
+        let p = (range.first as i64 + (node as i64).rem_euclid(size)) as u16;
+        if used.contains(&p) {
+            metrics::counter!("mskdns_proxy_port_collisions_total", "proxy" => self.label.clone()).increment(1);
+            tracing::error!(
+                proxy = %self.label, node, port = p, broker_ports = ?range,
+                "another node id maps to this broker's port (node id modulo the size of broker_ports): it is left out of responses (widen broker_ports)"
+            );
+            return None;
+        }
+        // The listener was bound at start, with every port of the range.
+        tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port assigned (node_id)");
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, NodeEntry { port: p, upstream, seen: Instant::now(), stop: None });
+        metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone()).increment(1);
+        self.ports_gauge();
+        Some(p)
+    }
+
+    /// The upstream of the node on `port` (`port_assignment = "node_id"`); when no node is known
+    /// there yet (no response naming it has passed this instance), the cluster is asked first.
+    pub(super) async fn upstream_at(self: &Arc<Self>, port: u16) -> Option<String> {
+        let find = || {
+            self.nodes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .find(|e| e.port == port)
+                .map(|e| e.upstream.clone())
+        };
+        if let Some(u) = find() {
+            return Some(u);
+        }
+        self.learn_brokers().await;
+        find()
+    }
+
+    /// Asks the cluster for its brokers (Metadata v4 for no topic, on the bootstrap address) and
+    /// assigns each its port. One request at a time, at most one a second; a failure is logged
+    /// and changes nothing. A SASL listener answers only after authentication, which the proxy
+    /// cannot do: there, brokers are learned from the responses clients get.
+    pub(super) async fn learn_brokers(self: &Arc<Self>) {
+        let mut last = self.learned.lock().await;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let limit = Duration::from_millis(self.cfg.connect_timeout_ms + self.cfg.handshake_timeout_ms);
+        match tokio::time::timeout(limit, ask_brokers(self)).await.unwrap_or(Err(format!("no answer within {limit:?}")))
+        {
+            Ok(brokers) => {
+                tracing::info!(proxy = %self.label, brokers = brokers.len(), "brokers learned from the cluster");
+                for (node, host, port) in brokers {
+                    rewrite::Ports::port_for(self, node, &host, port);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %self.label, upstream = %self.cfg.upstream, error = %e, "cannot ask the cluster for its brokers")
+            }
+        }
+    }
+}
+
+/// One Metadata round trip with the bootstrap broker: (node id, host, port) of every broker.
+async fn ask_brokers(shared: &Arc<Shared>) -> Result<Vec<(i32, String, i32)>, String> {
+    use bytes::{Buf, BytesMut};
+    use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const VERSION: i16 = 4; // the oldest Metadata version Kafka 4 still serves; not flexible
+    let mut s = super::connect(shared, &shared.cfg.upstream).await.map_err(|e| e.to_string())?;
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(VERSION)
+        .with_correlation_id(1)
+        .with_client_id(Some(StrBytes::from_static_str("mskdns-proxy")))
+        .encode(&mut body, ApiKey::Metadata.request_header_version(VERSION))
+        .map_err(|e| e.to_string())?;
+    // An empty topic list (null would be every topic): the brokers alone.
+    MetadataRequest::default()
+        .with_topics(Some(Vec::new()))
+        .with_allow_auto_topic_creation(false)
+        .encode(&mut body, VERSION)
+        .map_err(|e| e.to_string())?;
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+    let mut size = [0u8; 4];
+    s.read_exact(&mut size).await.map_err(|e| e.to_string())?;
+    let n = crate::proxy::frame::frame_size(size, shared.cfg.max_frame_bytes).map_err(|e| e.to_string())?;
+    // Read as it arrives: a declared size is not allocated before its bytes come.
+    let mut buf = BytesMut::new();
+    while buf.len() < n {
+        buf.reserve((n - buf.len()).min(64 * 1024));
+        let room = (n - buf.len()).min(buf.capacity() - buf.len());
+        if (&mut s).take(room as u64).read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err(format!("the Metadata response ended after {} of {n} bytes", buf.len()));
+        }
+    }
+    let mut buf = buf.freeze();
+    let header = ResponseHeader::decode(&mut buf, ApiKey::Metadata.response_header_version(VERSION))
+        .map_err(|e| format!("Metadata response header: {e}"))?;
+    if header.correlation_id != 1 {
+        return Err(format!("response with correlation id {}", header.correlation_id));
+    }
+    let m = MetadataResponse::decode(&mut buf, VERSION).map_err(|e| format!("Metadata response: {e}"))?;
+    if buf.has_remaining() {
+        tracing::debug!(left = buf.remaining(), "bytes after the Metadata response ignored");
+    }
+    Ok(m.brokers.into_iter().map(|b| (b.node_id.0, b.host.to_string(), b.port)).collect())
+}
+
+/// Frees the ports of brokers not seen in any response for `broker_grace_secs`.
+pub(super) async fn sweep(shared: Arc<Shared>) {
+    let grace = Duration::from_secs(shared.cfg.broker_grace_secs);
+    let every = (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let gone: Vec<(i32, NodeEntry)> = {
+            let mut nodes = shared.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let old: Vec<i32> = nodes.iter().filter(|(_, e)| e.seen.elapsed() >= grace).map(|(n, _)| *n).collect();
+            old.into_iter().filter_map(|n| nodes.remove(&n).map(|e| (n, e))).collect()
+        };
+        for (node, e) in &gone {
+            if let Some(stop) = &e.stop {
+                stop.cancel();
+            }
+            tracing::info!(proxy = %shared.label, node, port = e.port, "broker gone past the grace period: port freed");
+        }
+        if !gone.is_empty() {
+            shared.ports_gauge();
+            shared.save_state();
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::super::Proxy;
+    use super::*;
+    use crate::config::{PortAssignment, PortRange, ProxyConfig};
+    use crate::proxy::rewrite::Ports;
+    use tokio_util::task::TaskTracker;
+
+    pub(crate) fn config(grace: u64) -> ProxyConfig {
+        let first = 40000 + (std::process::id() % 2000) as u16 * 10;
+        ProxyConfig {
+            mode: Default::default(),
+            port_assignment: Default::default(),
+            proxy_protocol: false,
+            allow_endpoints: Vec::new(),
+            proxy_protocol_from: Vec::new(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            upstream: "127.0.0.1:9".into(),
+            advertise_host: "kafka-proxy.test".into(),
+            broker_ports: PortRange { first, last: first + 9 },
+            broker_bind: None,
+            state_file: None,
+            broker_grace_secs: grace,
+            max_frame_bytes: 1 << 20,
+            idle_timeout_secs: 60,
+            connect_timeout_ms: 2000,
+            max_connections: 10,
+            tls_cert: None,
+            tls_key: None,
+            upstream_tls: false,
+            upstream_ca_file: None,
+            upstream_tls_cert: None,
+            upstream_tls_key: None,
+            handshake_timeout_ms: 2000,
+            allow: crate::config::default_allow(),
+            max_connections_per_client: 10,
+            first_request_timeout_ms: 1000,
+        }
+    }
+
+    /// The clock is tokio's, paused: the sweep's minute passes at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_unseen_for_the_grace_period_gives_its_port_back() {
+        let cfg = config(60);
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
+        let shared = proxy.shared.clone();
+        tasks.spawn(proxy.run());
+        let held = |node| shared.nodes.lock().unwrap().get(&node).map(|e| e.port);
+
+        let port = shared.port_for(7, "10.0.0.7", 9098).expect("a port");
+        assert!(cfg.broker_ports.contains(port));
+        assert_eq!(shared.port_for(8, "10.0.0.8", 9098), Some(port + 1).filter(|p| cfg.broker_ports.contains(*p)));
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(shared.port_for(7, "10.0.0.7", 9098), Some(port), "seen again: the same port");
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        // Node 8, unseen for 80 s, is gone; node 7, seen 40 s ago, stays.
+        assert_eq!(held(7), Some(port));
+        assert_eq!(held(8), None);
+        // Its port is free again: a new broker can take it.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(held(7), None);
+        assert_eq!(shared.port_for(9, "10.0.0.9", 9098), Some(port));
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    #[tokio::test]
+    async fn node_id_ports_depend_on_the_node_id_alone() {
+        let mut cfg = config(60);
+        cfg.port_assignment = PortAssignment::NodeId;
+        let first = cfg.broker_ports.first;
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
+        let shared = proxy.shared.clone();
+        tasks.spawn(proxy.run());
+        // Order of appearance does not matter: node 3 first, then node 1.
+        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
+        assert_eq!(shared.port_for(1, "10.0.0.1", 9098), Some(first + 1));
+        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
+        // MSK's large node ids wrap around the range.
+        assert_eq!(shared.port_for(1004, "10.0.0.4", 9098), Some(first + 4));
+        // Two ids on one port: the second is left out, not given another node's port.
+        assert_eq!(shared.port_for(13, "10.0.0.13", 9098), None);
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+}
