@@ -238,7 +238,11 @@ impl Server {
             let cells = Arc::new(self.control.endpoints());
             let config = self.control.subscribe();
             tasks.spawn(discovery::ec2::run(cells, config, self.health.clone(), self.ec2_refresh, shutdown.clone()));
-            let to = self.control.discovery_channel(<discovery::msk::Msk as discovery::driver::Source>::NAME, &tasks, shutdown.clone());
+            let to = self.control.discovery_channel(
+                <discovery::msk::Msk as discovery::driver::Source>::NAME,
+                &tasks,
+                shutdown.clone(),
+            );
             tasks.spawn(discovery::driver::run(self.msk, to, self.health.clone(), shutdown.clone()));
         }
         ctx.admin(self.admin, render);
@@ -370,7 +374,12 @@ impl Serving {
 /// Reads a discovery source's snapshot (if its settings name one) and puts its clusters in force,
 /// so that a restart with AWS unreachable answers them from the first query.
 #[cfg(feature = "aws")]
-fn restore_source<S: discovery::driver::Source>(mut source: S, config: &Config, control: &Control, health: &Health) -> S {
+fn restore_source<S: discovery::driver::Source>(
+    mut source: S,
+    config: &Config,
+    control: &Control,
+    health: &Health,
+) -> S {
     if let Some(s) = S::settings(config) {
         discovery::driver::restore(&mut source, &s, health);
         if let Err(e) = control.set_discovered(S::NAME, source.clusters(&s)) {

@@ -255,3 +255,95 @@ fn the_checker_sees_a_cycle_through_grouped_use_trees() {
     assert!(found.contains(&"crate::proxy::tls::Terminator::load".to_string()), "{found:?}");
     assert!(!code("#[cfg(test)]\nmod tests {\n use crate::x;\n}\n").contains("crate::x"));
 }
+
+/// A file's lines before its tests (`#[cfg(test)]` at the start of a line).
+fn before_tests(text: &str) -> Vec<&str> {
+    text.lines().take_while(|l| !l.starts_with("#[cfg(test)]")).collect()
+}
+
+/// `line` without its string and character literals and its comment, for counting braces.
+fn braces_of(line: &str) -> (i32, i32) {
+    let (mut opens, mut closes) = (0, 0);
+    let mut chars = line.chars().peekable();
+    let mut in_str = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if in_str => {
+                chars.next();
+            }
+            '"' => in_str = !in_str,
+            '/' if !in_str && chars.peek() == Some(&'/') => break,
+            // A character literal ('{', '\''): skipped; a lifetime ('a) has no closing quote.
+            '\'' if !in_str => {
+                let rest: String = chars.clone().take(3).collect();
+                if rest.starts_with('\\') {
+                    let skip = rest.find('\'').map_or(0, |i| i + 1).max(3);
+                    for _ in 0..skip.min(rest.len()) {
+                        chars.next();
+                    }
+                } else if rest.chars().nth(1) == Some('\'') {
+                    chars.next();
+                    chars.next();
+                }
+            }
+            '{' if !in_str => opens += 1,
+            '}' if !in_str => closes += 1,
+            _ => {}
+        }
+    }
+    (opens, closes)
+}
+
+/// Each function's name and length in lines, signature to closing brace.
+fn functions(lines: &[&str]) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let t = t.strip_prefix("pub ").or_else(|| t.strip_prefix("pub(crate) ")).unwrap_or(t);
+        let t = t.strip_prefix("pub(super) ").unwrap_or(t);
+        let t = t.strip_prefix("const ").unwrap_or(t);
+        let t = t.strip_prefix("async ").unwrap_or(t);
+        let t = t.strip_prefix("unsafe ").unwrap_or(t);
+        let Some(rest) = t.strip_prefix("fn ") else { continue };
+        let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let (mut depth, mut started) = (0, false);
+        for (j, l) in lines[i..].iter().enumerate() {
+            let (o, c) = braces_of(l);
+            depth += o - c;
+            started |= o > 0;
+            if !started && l.trim_end().ends_with(';') {
+                break; // a declaration without a body
+            }
+            if started && depth <= 0 {
+                out.push((name.clone(), j + 1));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// README's "How it is built": no source file over 600 lines before its tests (`dns/wire.rs`, the
+/// wire format in one place, excepted), no function over 80.
+#[test]
+fn files_and_functions_stay_small() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut over = Vec::new();
+    for (module, path) in modules(&src) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines = before_tests(&text);
+        if lines.len() > 600 && module != ["dns", "wire"] {
+            over.push(format!("{}: {} lines before its tests", path.display(), lines.len()));
+        }
+        for (name, n) in functions(&lines).into_iter().filter(|(_, n)| *n > 80) {
+            over.push(format!("{}: fn {name} is {n} lines", path.display()));
+        }
+    }
+    assert!(over.is_empty(), "split these:\n{}", over.join("\n"));
+}
+
+#[test]
+fn the_function_scan_sees_bodies_not_braces_in_literals() {
+    let text = "fn a() {\n    let s = \"{{\";\n    let c = '{';\n}\npub async fn b(x: &'a str) -> u8 {\n    // }\n    1\n}\nfn c();\n";
+    assert_eq!(functions(&text.lines().collect::<Vec<_>>()), [("a".into(), 4), ("b".into(), 4)]);
+}

@@ -21,7 +21,7 @@ use mskdns::proxy::rewrite::{self, Ports};
 struct Counting(Mutex<u16>);
 
 impl Ports for Counting {
-    fn port_for(&self, _node: i32, _host: &str, _port: i32) -> Option<u16> {
+    fn port_of(&self, _node: i32) -> Option<u16> {
         let mut n = self.0.lock().unwrap();
         *n = n.wrapping_add(1);
         (*n % 7 != 0).then_some(9100 + *n % 100)

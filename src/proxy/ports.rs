@@ -42,6 +42,10 @@ struct Shared {
     advertise: StrBytes,
     bind_ip: IpAddr,
     nodes: Mutex<BTreeMap<i32, NodeEntry>>,
+    /// What `nodes` maps to which port, as responses are rewritten over it (registry.rs).
+    port_map: arc_swap::ArcSwap<std::collections::HashMap<i32, u16>>,
+    /// Held while ports are given out (on the blocking pool), one response's new nodes at a time.
+    allocating: Mutex<()>,
     connections: Arc<Semaphore>,
     per_client: Arc<crate::limits::PerClient>,
     tasks: TaskTracker,
@@ -93,6 +97,8 @@ impl Proxy {
             bind_ip: cfg.broker_bind.unwrap_or(cfg.listen.ip()),
             cfg: cfg.clone(),
             nodes: Mutex::new(BTreeMap::new()),
+            port_map: Default::default(),
+            allocating: Mutex::new(()),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             per_client: Arc::default(),
             tasks,

@@ -8,8 +8,8 @@ use aws_sdk_kafka::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kafka::types::{Cluster, ClusterState, ClusterType};
 
 use super::{Found, Skipped};
-use crate::discovery::driver::ApiError;
 use crate::config::{AwsDiscoveryConfig, parse_target};
+use crate::discovery::driver::ApiError;
 use crate::names::first_msk_host;
 
 fn api_error<E, R>(operation: &'static str, e: SdkError<E, R>) -> ApiError
@@ -160,9 +160,20 @@ pub async fn list(
 
 /// What became of one listed cluster.
 enum Examined {
-    Served { name: String, kind: &'static str, bootstrap: String, target: String, target_from: String },
+    Served {
+        name: String,
+        kind: &'static str,
+        bootstrap: String,
+        target: String,
+        target_from: String,
+    },
     /// Not served: `deselected` when its tags no longer select it, `error` when a call failed.
-    Skipped { name: String, reason: String, deselected: bool, error: Option<ApiError> },
+    Skipped {
+        name: String,
+        reason: String,
+        deselected: bool,
+        error: Option<ApiError>,
+    },
     /// Its tags could not be read.
     Unread(ApiError),
 }

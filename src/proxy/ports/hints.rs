@@ -22,8 +22,8 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::ConnError;
-use crate::proxy::frame::{FETCH, PRODUCE, copy_exact};
 use super::rewrite::{self, Ports, RewriteError, Rewritten};
+use crate::proxy::frame::{FETCH, PRODUCE, copy_exact};
 
 /// Responses up to this many bytes are decoded and rewritten whole.
 pub const WHOLE_MAX: usize = 1 << 20;
@@ -36,18 +36,16 @@ pub fn streamed(api_key: i16, version: i16, size: usize) -> bool {
 }
 
 /// Forwards one response of `size` bytes (after its size prefix, whose first four bytes, the
-/// correlation id, were read already into `corr`) from `r` to `w`, rewriting its leader hints.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn forward<R, W>(
+/// correlation id, were read already into `corr`) from `r` to `w` up to its top-level tagged
+/// fields, and returns those: the caller rewrites them ([`rewrite_tail`]) and sends them.
+pub(super) async fn forward_head<R, W>(
     api_key: i16,
     version: i16,
     r: &mut BufReader<R>,
     w: &mut W,
     size: usize,
     corr: [u8; 4],
-    advertise: &StrBytes,
-    ports: &(dyn Ports + Sync),
-) -> Result<Rewritten, ConnError>
+) -> Result<Vec<u8>, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -62,15 +60,13 @@ where
     } else {
         walk.produce().await?;
     }
-    let Walk { r, w, left, .. } = walk;
+    let Walk { r, left, .. } = walk;
     if left > TAIL_MAX {
         return Err(malformed(api, version, format!("{left} bytes of top-level tagged fields, over {TAIL_MAX}")));
     }
     let mut tail = vec![0u8; left];
     r.read_exact(&mut tail).await?;
-    let (out, done) = rewrite_tail(api_key, version, &tail, advertise, ports)?;
-    w.write_all(out.as_deref().unwrap_or(&tail)).await?;
-    Ok(done)
+    Ok(tail)
 }
 
 /// [`forward`] over one response `message` in memory (after its size prefix, correlation id
@@ -90,11 +86,15 @@ pub fn forward_in_memory(
     let mut r = BufReader::new(body);
     let mut out = Vec::new();
     let polled = {
-        let fut = forward(api_key, version, &mut r, &mut out, message.len(), *corr, advertise, ports);
+        let fut = forward_head(api_key, version, &mut r, &mut out, message.len(), *corr);
         std::pin::pin!(fut).as_mut().poll(&mut Context::from_waker(Waker::noop()))
     };
     match polled {
-        Poll::Ready(Ok(_)) => Ok(out),
+        Poll::Ready(Ok(tail)) => {
+            let (rewritten, _) = rewrite_tail(api_key, version, &tail, advertise, ports).map_err(|e| e.to_string())?;
+            out.extend_from_slice(rewritten.as_deref().unwrap_or(&tail));
+            Ok(out)
+        }
         Poll::Ready(Err(e)) => Err(e.to_string()),
         Poll::Pending => Err("reading from memory waited".into()),
     }
@@ -445,6 +445,25 @@ mod tests {
             .with_throttle_time_ms(3)
             .with_responses(vec![topic])
             .with_node_endpoints(hints.collect())
+    }
+
+    /// What relay.rs does with a streamed response: its head forwarded, its tail rewritten over
+    /// `ports` and sent.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        api_key: i16,
+        version: i16,
+        r: &mut BufReader<R>,
+        w: &mut W,
+        size: usize,
+        corr: [u8; 4],
+        advertise: &StrBytes,
+        ports: &dyn Ports,
+    ) -> Result<Rewritten, ConnError> {
+        let tail = forward_head(api_key, version, r, w, size, corr).await?;
+        let (out, done) = rewrite_tail(api_key, version, &tail, advertise, ports)?;
+        w.write_all(out.as_deref().unwrap_or(&tail)).await?;
+        Ok(done)
     }
 
     /// Streams `msg` (a response after its size prefix) through [`forward`], reading 4 KiB at a time.

@@ -2,7 +2,7 @@
 //! first come (kept in the state file across restarts) or by node id (the same on every
 //! instance), freed after the grace period.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, accept_loop, rewrite};
-use crate::proxy::bind_listener;
 use crate::config::PortAssignment;
+use crate::proxy::bind_listener;
 
 /// One node's port and where it leads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,12 +72,16 @@ impl Shared {
             NodeEntry { port, upstream: upstream.clone(), seen: Instant::now(), stop: Some(stop.clone()) },
         );
         self.tasks.spawn(accept_loop(self.clone(), listener, super::Listener::Node(node), upstream, stop));
-        self.ports_gauge();
+        self.ports_changed();
         Ok(())
     }
 
-    fn ports_gauge(&self) {
-        let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).len();
+    /// After `nodes` changed: the port map responses are rewritten over, and the gauge.
+    fn ports_changed(&self) {
+        let map: HashMap<i32, u16> =
+            self.nodes.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(n, e)| (*n, e.port)).collect();
+        let n = map.len();
+        self.port_map.store(Arc::new(map));
         metrics::gauge!("mskdns_proxy_broker_ports", "proxy" => self.label.clone()).set(n as f64);
     }
 
@@ -104,39 +108,77 @@ impl Shared {
     }
 }
 
-impl rewrite::Ports for Arc<Shared> {
-    fn port_for(&self, node: i32, host: &str, port: i32) -> Option<u16> {
-        let upstream = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-        let used: Vec<u16> = {
-            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(e) = nodes.get_mut(&node) {
-                e.seen = Instant::now();
-                let port = e.port;
-                if e.upstream != upstream {
-                    tracing::info!(proxy = %self.label, node, from = %e.upstream, to = %upstream, "broker moved");
-                    e.upstream = upstream;
-                    drop(nodes);
-                    self.save_state();
+impl Shared {
+    /// The port map responses are rewritten over now.
+    pub(super) fn port_map(&self) -> Arc<HashMap<i32, u16>> {
+        self.port_map.load_full()
+    }
+
+    /// Learns from the brokers a response named (`rewrite::Rewritten::nodes`): each is marked
+    /// seen, one that moved gets its new address, one without a port gets one (its listener
+    /// bound). Binding and writing the state file run on the blocking pool, never on the async
+    /// threads. True when a node got a port: the response is rewritten again before it leaves.
+    pub(super) async fn learn(self: &Arc<Self>, nodes: &[(i32, String)]) -> bool {
+        let (new, moved) = self.mark_seen(nodes);
+        if new.is_empty() && !moved {
+            return false;
+        }
+        let shared = self.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let _one = shared.allocating.lock().unwrap_or_else(|e| e.into_inner());
+            let added = new.into_iter().filter(|(node, upstream)| shared.allocate(*node, upstream)).count();
+            if added > 0 || moved {
+                shared.save_state();
+            }
+            added > 0
+        });
+        work.await.unwrap_or(false)
+    }
+
+    /// Marks the known nodes seen and records moves; the nodes with no port yet, and whether any
+    /// moved.
+    fn mark_seen(&self, nodes: &[(i32, String)]) -> (Vec<(i32, String)>, bool) {
+        let mut known = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut new, mut moved) = (Vec::new(), false);
+        let now = Instant::now();
+        for (node, upstream) in nodes {
+            match known.get_mut(node) {
+                Some(e) => {
+                    e.seen = now;
+                    if e.upstream != *upstream {
+                        tracing::info!(proxy = %self.label, node, from = %e.upstream, to = %upstream, "broker moved");
+                        e.upstream.clone_from(upstream);
+                        moved = true;
+                    }
                 }
-                return Some(port);
+                None if !new.iter().any(|(n, _)| n == node) => new.push((*node, upstream.clone())),
+                None => {}
+            }
+        }
+        (new, moved)
+    }
+
+    /// Gives `node` a port from `broker_ports` (binding its listener); blocking. False when none is
+    /// left (the node is then left out of responses).
+    fn allocate(self: &Arc<Self>, node: i32, upstream: &str) -> bool {
+        let used: Vec<u16> = {
+            let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            if nodes.contains_key(&node) {
+                return true; // given meanwhile, by another response
             }
             nodes.values().map(|e| e.port).collect()
         };
         let range = self.cfg.broker_ports;
         if self.cfg.port_assignment == PortAssignment::NodeId {
-            return self.node_id_port(node, upstream, &used);
+            return self.node_id_port(node, upstream.to_owned(), &used).is_some();
         }
-        for p in range.first..=range.last {
-            if used.contains(&p) {
-                continue;
-            }
-            match self.start_broker_listener(node, p, upstream.clone()) {
+        for p in (range.first..=range.last).filter(|p| !used.contains(p)) {
+            match self.start_broker_listener(node, p, upstream.to_owned()) {
                 Ok(()) => {
                     metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone())
                         .increment(1);
                     tracing::info!(proxy = %self.label, node, port = p, upstream = %upstream, "broker port allocated");
-                    self.save_state();
-                    return Some(p);
+                    return true;
                 }
                 // Taken by another process: try the next one.
                 Err(e) => tracing::debug!(port = p, error = %e, "broker port not bindable"),
@@ -147,7 +189,7 @@ impl rewrite::Ports for Arc<Shared> {
             proxy = %self.label, node, upstream = %upstream, broker_ports = ?range,
             "no free port in broker_ports for a new broker: it is left out of responses (widen broker_ports)"
         );
-        None
+        false
     }
 }
 
@@ -173,7 +215,7 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .insert(node, NodeEntry { port: p, upstream, seen: Instant::now(), stop: None });
         metrics::counter!("mskdns_proxy_port_allocations_total", "proxy" => self.label.clone()).increment(1);
-        self.ports_gauge();
+        self.ports_changed();
         Some(p)
     }
 
@@ -210,9 +252,9 @@ impl Shared {
         {
             Ok(brokers) => {
                 tracing::info!(proxy = %self.label, brokers = brokers.len(), "brokers learned from the cluster");
-                for (node, host, port) in brokers {
-                    rewrite::Ports::port_for(self, node, &host, port);
-                }
+                let nodes: Vec<(i32, String)> =
+                    brokers.into_iter().map(|(node, host, port)| (node, rewrite::upstream_addr(&host, port))).collect();
+                self.learn(&nodes).await;
             }
             Err(e) => {
                 tracing::warn!(proxy = %self.label, upstream = %self.cfg.upstream, error = %e, "cannot ask the cluster for its brokers")
@@ -293,7 +335,7 @@ pub(super) async fn sweep(shared: Arc<Shared>) {
             tracing::info!(proxy = %shared.label, node, port = e.port, "broker gone past the grace period: port freed");
         }
         if !gone.is_empty() {
-            shared.ports_gauge();
+            shared.ports_changed();
             shared.save_state();
         }
     }
@@ -339,6 +381,12 @@ pub(super) mod tests {
         }
     }
 
+    /// What a response naming `node` at `host:9098` leads to: the port it is rewritten to.
+    async fn port_for(shared: &Arc<Shared>, node: i32, host: &str) -> Option<u16> {
+        shared.learn(&[(node, rewrite::upstream_addr(host, 9098))]).await;
+        shared.port_map().port_of(node)
+    }
+
     /// The clock is tokio's, paused: the sweep's minute passes at once.
     #[tokio::test(start_paused = true)]
     async fn a_broker_unseen_for_the_grace_period_gives_its_port_back() {
@@ -349,11 +397,11 @@ pub(super) mod tests {
         tasks.spawn(proxy.run());
         let held = |node| shared.nodes.lock().unwrap().get(&node).map(|e| e.port);
 
-        let port = shared.port_for(7, "10.0.0.7", 9098).expect("a port");
+        let port = port_for(&shared, 7, "10.0.0.7").await.expect("a port");
         assert!(cfg.broker_ports.contains(port));
-        assert_eq!(shared.port_for(8, "10.0.0.8", 9098), Some(port + 1).filter(|p| cfg.broker_ports.contains(*p)));
+        assert_eq!(port_for(&shared, 8, "10.0.0.8").await, Some(port + 1).filter(|p| cfg.broker_ports.contains(*p)));
         tokio::time::sleep(Duration::from_secs(40)).await;
-        assert_eq!(shared.port_for(7, "10.0.0.7", 9098), Some(port), "seen again: the same port");
+        assert_eq!(port_for(&shared, 7, "10.0.0.7").await, Some(port), "seen again: the same port");
         tokio::time::sleep(Duration::from_secs(40)).await;
         // Node 8, unseen for 80 s, is gone; node 7, seen 40 s ago, stays.
         assert_eq!(held(7), Some(port));
@@ -361,7 +409,7 @@ pub(super) mod tests {
         // Its port is free again: a new broker can take it.
         tokio::time::sleep(Duration::from_secs(40)).await;
         assert_eq!(held(7), None);
-        assert_eq!(shared.port_for(9, "10.0.0.9", 9098), Some(port));
+        assert_eq!(port_for(&shared, 9, "10.0.0.9").await, Some(port));
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;
@@ -377,13 +425,13 @@ pub(super) mod tests {
         let shared = proxy.shared.clone();
         tasks.spawn(proxy.run());
         // Order of appearance does not matter: node 3 first, then node 1.
-        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
-        assert_eq!(shared.port_for(1, "10.0.0.1", 9098), Some(first + 1));
-        assert_eq!(shared.port_for(3, "10.0.0.3", 9098), Some(first + 3));
+        assert_eq!(port_for(&shared, 3, "10.0.0.3").await, Some(first + 3));
+        assert_eq!(port_for(&shared, 1, "10.0.0.1").await, Some(first + 1));
+        assert_eq!(port_for(&shared, 3, "10.0.0.3").await, Some(first + 3));
         // MSK's large node ids wrap around the range.
-        assert_eq!(shared.port_for(1004, "10.0.0.4", 9098), Some(first + 4));
+        assert_eq!(port_for(&shared, 1004, "10.0.0.4").await, Some(first + 4));
         // Two ids on one port: the second is left out, not given another node's port.
-        assert_eq!(shared.port_for(13, "10.0.0.13", 9098), None);
+        assert_eq!(port_for(&shared, 13, "10.0.0.13").await, None);
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;

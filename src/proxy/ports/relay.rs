@@ -11,8 +11,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 
-use crate::proxy::frame::{self, FrameError, RequestHeader, copy_exact};
 use super::{ConnError, Shared, hints, rewrite};
+use crate::proxy::frame::{self, FrameError, RequestHeader, copy_exact};
 
 /// Requests in flight per connection before the proxy stops reading from the client.
 const MAX_INFLIGHT: usize = 1024;
@@ -210,8 +210,11 @@ where
         }
         if hints::streamed(want.api_key, want.api_version, n) {
             let (api, version) = (want.api_key, want.api_version);
-            let done =
-                hints::forward(api, version, &mut server, &mut client, n, corr, &shared.advertise, shared).await?;
+            let tail = hints::forward_head(api, version, &mut server, &mut client, n, corr).await?;
+            let (out, done) =
+                over_registry(shared, |ports| hints::rewrite_tail(api, version, &tail, &shared.advertise, ports))
+                    .await?;
+            client.write_all(out.as_deref().unwrap_or(&tail)).await?;
             count_rewrite(shared, api, &done);
         } else if rewrite::needs_rewrite(want.api_key, want.api_version) {
             let mut message = BytesMut::with_capacity(n);
@@ -219,8 +222,11 @@ where
             message.resize(n, 0);
             server.read_exact(&mut message[4..]).await?;
             let message: Bytes = message.freeze();
-            let (out, done) =
-                rewrite::rewrite(want.api_key, want.api_version, message.clone(), &shared.advertise, shared)?;
+            let (api, version) = (want.api_key, want.api_version);
+            let (out, done) = over_registry(shared, |ports| {
+                rewrite::rewrite(api, version, message.clone(), &shared.advertise, ports)
+            })
+            .await?;
             count_rewrite(shared, want.api_key, &done);
             match out {
                 Some(out) => client.write_all(&out).await?,
@@ -237,6 +243,20 @@ where
         flush_unless_more(&server, &mut client).await?;
         bytes.increment(4 + n as u64);
     }
+}
+
+/// Rewrites a response over the registry's port map. The registry learns from the brokers it
+/// named; when one had no port, it gets one (bound before this returns) and the response is
+/// rewritten again, so that a client never sees a broker it cannot reach through us.
+async fn over_registry<T>(
+    shared: &Arc<Shared>,
+    rewrite: impl Fn(&dyn rewrite::Ports) -> Result<(T, rewrite::Rewritten), rewrite::RewriteError>,
+) -> Result<(T, rewrite::Rewritten), rewrite::RewriteError> {
+    let (out, done) = rewrite(shared.port_map().as_ref())?;
+    if shared.learn(&done.nodes).await {
+        return rewrite(shared.port_map().as_ref());
+    }
+    Ok((out, done))
 }
 
 fn count_rewrite(shared: &Shared, api_key: i16, done: &rewrite::Rewritten) {

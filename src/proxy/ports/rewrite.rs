@@ -14,11 +14,24 @@ use crate::proxy::frame::{
     SHARE_ACKNOWLEDGE, SHARE_FETCH,
 };
 
-/// Where the rewriter gets a port for an upstream broker.
+/// The port map a response is rewritten over: a snapshot of the registry's, read and never
+/// changed here. A node it does not hold is left out of the rewritten response and reported in
+/// [`Rewritten::nodes`]; the registry then gives it a port and the response is rewritten again
+/// before it is forwarded (relay.rs).
 pub trait Ports {
-    /// The port clients use for node `node` (whose real address is `host:port`), allocating
-    /// one (and binding its listener) if it has none. `None`: no port left.
-    fn port_for(&self, node: i32, host: &str, port: i32) -> Option<u16>;
+    /// The port clients use for node `node`, if it has one.
+    fn port_of(&self, node: i32) -> Option<u16>;
+}
+
+impl Ports for std::collections::HashMap<i32, u16> {
+    fn port_of(&self, node: i32) -> Option<u16> {
+        self.get(&node).copied()
+    }
+}
+
+/// A broker's address as the registry keeps it: `host:port`, `[v6]:port`.
+pub fn upstream_addr(host: &str, port: i32) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
 /// Whether responses to this request are decoded at all.
@@ -87,15 +100,18 @@ pub enum RewriteError {
 pub struct Rewritten {
     /// Broker addresses replaced.
     pub addresses: usize,
-    /// Brokers left out because no port was free.
+    /// Brokers left out because they have no port (none was free).
     pub dropped: usize,
     /// Leader hints left out of a streamed response because the rewritten ones did not fit the
     /// broker's bytes (hints.rs).
     pub unfit: usize,
+    /// Every broker the response named, with its upstream address (`host:port`): what the
+    /// registry learns from (new nodes, brokers that moved, the last time each was seen).
+    pub nodes: Vec<(i32, String)>,
 }
 
 /// Points one broker address at `advertise` and the port of ours for `node`; false (counted in
-/// `dropped`) when no port is free, and the caller leaves the broker out.
+/// `dropped`) when it has none, and the caller leaves the broker out.
 pub(super) fn swap(
     ports: &dyn Ports,
     advertise: &StrBytes,
@@ -104,7 +120,8 @@ pub(super) fn swap(
     port: &mut i32,
     done: &mut Rewritten,
 ) -> bool {
-    match ports.port_for(node, host.as_str(), *port) {
+    done.nodes.push((node, upstream_addr(host.as_str(), *port)));
+    match ports.port_of(node) {
         Some(p) => {
             *host = advertise.clone();
             *port = i32::from(p);
@@ -129,11 +146,8 @@ pub fn rewrite(
     let api = ApiKey::try_from(api_key).map_err(|_| RewriteError::UnknownApi(api_key))?;
     let header_version = api.response_header_version(version);
     let mut buf = message;
-    let header = ResponseHeader::decode(&mut buf, header_version).map_err(|e| RewriteError::Decode {
-        api,
-        version,
-        error: e.to_string(),
-    })?;
+    let decode_error = |e: anyhow::Error| RewriteError::Decode { api, version, error: e.to_string() };
+    let header = ResponseHeader::decode(&mut buf, header_version).map_err(decode_error)?;
     let mut done = Rewritten::default();
     let swap = |node: i32, host: &mut StrBytes, port: &mut i32, done: &mut Rewritten| -> bool {
         swap(ports, advertise, node, host, port, done)
@@ -143,7 +157,7 @@ pub fn rewrite(
             if !(<$t>::VERSIONS.min..=<$t>::VERSIONS.max).contains(&version) {
                 return Err(RewriteError::Version { api, version });
             }
-            <$t>::decode(&mut buf, version).map_err(|e| RewriteError::Decode { api, version, error: e.to_string() })?
+            <$t>::decode(&mut buf, version).map_err(decode_error)?
         }};
     }
     let body: EncodeBody = match api_key {
@@ -159,18 +173,7 @@ pub fn rewrite(
         }
         FIND_COORDINATOR => {
             let mut m = decode!(FindCoordinatorResponse);
-            if version < 4 {
-                if m.error_code == 0 && m.node_id.0 >= 0 && !swap(m.node_id.0, &mut m.host, &mut m.port, &mut done) {
-                    coordinator_unavailable(&mut m.error_code, &mut m.node_id, &mut m.host, &mut m.port);
-                }
-            } else {
-                for c in &mut m.coordinators {
-                    if c.error_code == 0 && c.node_id.0 >= 0 && !swap(c.node_id.0, &mut c.host, &mut c.port, &mut done)
-                    {
-                        coordinator_unavailable(&mut c.error_code, &mut c.node_id, &mut c.host, &mut c.port);
-                    }
-                }
-            }
+            coordinators(&mut m, version, &mut |n, h, p| swap(n, h, p, &mut done));
             Box::new(move |out| encode_checked(&m, out, version))
         }
         PRODUCE => {
@@ -191,50 +194,92 @@ pub fn rewrite(
         }
         DESCRIBE_CONFIGS => {
             let mut m = decode!(DescribeConfigsResponse);
-            let mut masked = 0;
-            for c in m.results.iter_mut().flat_map(|r| r.configs.iter_mut()) {
-                if is_address_config(&c.name) {
-                    c.value = None;
-                    c.is_sensitive = true;
-                    masked += 1;
-                }
-                for syn in c.synonyms.iter_mut().filter(|s| is_address_config(&s.name)) {
-                    syn.value = None;
-                    masked += 1;
-                }
-            }
+            let masked = mask_address_configs(&mut m);
             if masked == 0 {
                 return Ok((None, done));
             }
             done.addresses += masked;
             Box::new(move |out| encode_checked(&m, out, version))
         }
-        API_VERSIONS => {
-            // An error answer (UNSUPPORTED_VERSION to a too-new request) is v0-shaped whatever
-            // the request's version: forward it as it is.
-            let Ok(mut m) = ApiVersionsResponse::decode(&mut buf, version) else { return Ok((None, done)) };
-            if m.error_code != 0 {
-                return Ok((None, done));
-            }
-            m.api_keys.retain_mut(|k| match supported(k.api_key) {
-                None => true,
-                Some((min, max)) => {
-                    k.min_version = k.min_version.max(min);
-                    k.max_version = k.max_version.min(max);
-                    k.min_version <= k.max_version
-                }
-            });
-            Box::new(move |out| encode_checked(&m, out, version))
-        }
+        API_VERSIONS => match api_versions(&mut buf, version) {
+            Some(body) => body,
+            None => return Ok((None, done)),
+        },
         _ => return Ok((None, done)),
     };
+    let out = framed(&header, header_version, body).map_err(|error| RewriteError::Encode { api, version, error })?;
+    Ok((Some(out), done))
+}
+
+/// The size prefix, `header` and the body `body` encodes.
+fn framed(header: &ResponseHeader, header_version: i16, body: EncodeBody) -> Result<BytesMut, String> {
     let mut out = BytesMut::with_capacity(256);
     out.extend_from_slice(&[0; 4]);
-    encode_checked(&header, &mut out, header_version).map_err(|error| RewriteError::Encode { api, version, error })?;
-    body(&mut out).map_err(|error| RewriteError::Encode { api, version, error })?;
+    encode_checked(header, &mut out, header_version)?;
+    body(&mut out)?;
     let size = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&size.to_be_bytes());
-    Ok((Some(out), done))
+    Ok(out)
+}
+
+/// Points each coordinator at its port of ours; one without (left out) becomes
+/// COORDINATOR_NOT_AVAILABLE, so the client asks again.
+fn coordinators(
+    m: &mut FindCoordinatorResponse,
+    version: i16,
+    swap: &mut dyn FnMut(i32, &mut StrBytes, &mut i32) -> bool,
+) {
+    if version < 4 {
+        if m.error_code == 0 && m.node_id.0 >= 0 && !swap(m.node_id.0, &mut m.host, &mut m.port) {
+            coordinator_unavailable(&mut m.error_code, &mut m.node_id, &mut m.host, &mut m.port);
+        }
+        return;
+    }
+    for c in &mut m.coordinators {
+        if c.error_code == 0 && c.node_id.0 >= 0 && !swap(c.node_id.0, &mut c.host, &mut c.port) {
+            coordinator_unavailable(&mut c.error_code, &mut c.node_id, &mut c.host, &mut c.port);
+        }
+    }
+}
+
+/// Masks the values of configs that are upstream addresses; how many were masked.
+fn mask_address_configs(m: &mut DescribeConfigsResponse) -> usize {
+    let mut masked = 0;
+    for c in m.results.iter_mut().flat_map(|r| r.configs.iter_mut()) {
+        if is_address_config(&c.name) {
+            c.value = None;
+            c.is_sensitive = true;
+            masked += 1;
+        }
+        for syn in c.synonyms.iter_mut().filter(|s| is_address_config(&s.name)) {
+            syn.value = None;
+            masked += 1;
+        }
+    }
+    masked
+}
+
+/// ApiVersions narrowed ([`narrow`]). `None`: forward it as it is; an error answer
+/// (UNSUPPORTED_VERSION to a too-new request) is v0-shaped whatever the request's version.
+fn api_versions(buf: &mut Bytes, version: i16) -> Option<EncodeBody> {
+    let mut m = ApiVersionsResponse::decode(buf, version).ok()?;
+    if m.error_code != 0 {
+        return None;
+    }
+    narrow(&mut m);
+    Some(Box::new(move |out| encode_checked(&m, out, version)))
+}
+
+/// Narrows ApiVersions to the versions we decode, for the APIs we decode.
+fn narrow(m: &mut ApiVersionsResponse) {
+    m.api_keys.retain_mut(|k| match supported(k.api_key) {
+        None => true,
+        Some((min, max)) => {
+            k.min_version = k.min_version.max(min);
+            k.max_version = k.max_version.min(max);
+            k.min_version <= k.max_version
+        }
+    });
 }
 
 /// Encodes the rewritten body after the header.
@@ -276,22 +321,23 @@ pub(super) mod tests {
 
     /// Ports handed out from 9100 in order of first sight; `limit` of them at most.
     pub(crate) struct TestPorts {
-        given: Mutex<BTreeMap<i32, (u16, String)>>,
+        given: Mutex<BTreeMap<i32, u16>>,
         limit: usize,
     }
 
+    /// Unlike the registry's snapshot, hands out a port at the first lookup (the unit tests here
+    /// are about the rewriting; relay.rs and tests/proxy_socket.rs go through the registry).
     impl Ports for TestPorts {
-        fn port_for(&self, node: i32, host: &str, port: i32) -> Option<u16> {
+        fn port_of(&self, node: i32) -> Option<u16> {
             let mut g = self.given.lock().unwrap();
             let n = g.len();
-            if let Some(e) = g.get_mut(&node) {
-                e.1 = format!("{host}:{port}");
-                return Some(e.0);
+            if let Some(e) = g.get(&node) {
+                return Some(*e);
             }
             if n >= self.limit {
                 return None;
             }
-            g.insert(node, (9100 + n as u16, format!("{host}:{port}")));
+            g.insert(node, 9100 + n as u16);
             Some(9100 + n as u16)
         }
     }
@@ -349,7 +395,7 @@ pub(super) mod tests {
                 ],
                 "v{v}"
             );
-            assert_eq!(done, Rewritten { addresses: 3, dropped: 0, unfit: 0 });
+            assert_eq!((done.addresses, done.dropped, done.unfit), (3, 0, 0));
             // A broker that appears in a later response gets the next port; the others keep theirs.
             let m = MetadataResponse::default().with_brokers(vec![broker(523), broker(1), broker(1000)]);
             let (out, _) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p).unwrap();
@@ -367,7 +413,7 @@ pub(super) mod tests {
         let back: MetadataResponse = decoded(ApiKey::Metadata, 12, out.unwrap());
         assert_eq!(back.brokers.len(), 2);
         assert!(back.brokers.iter().all(|b| b.host.as_str() == "kafka-proxy.internal"));
-        assert_eq!(done, Rewritten { addresses: 2, dropped: 1, unfit: 0 });
+        assert_eq!((done.addresses, done.dropped, done.unfit), (2, 1, 0));
     }
 
     #[test]
