@@ -1,5 +1,6 @@
 //! The DNS service: wire format, what we answer ourselves, the cache, the upstreams, the listeners (a batched UDP fast path; TCP, DoT and DoH on tokio).
 
+pub mod budget;
 pub mod cache;
 pub mod catalog;
 pub mod cookie;

@@ -223,6 +223,7 @@ impl Server {
         };
         ctx.secure(self.secure, self.listeners.len());
         let threads = ctx.plain(self.listeners, self.udp_threads);
+        tasks.spawn(report_budgets(self.engine.clone(), self.health.clone(), shutdown.clone()));
         if let Some(path) = config_path {
             tasks.spawn(reload::run(
                 self.control.clone(),
@@ -387,6 +388,37 @@ fn restore_source<S: discovery::driver::Source>(
         }
     }
     source
+}
+
+/// Shows each upstream packet budget that binds (refused a packet in the last two seconds) as a
+/// degradation on /readyz, naming the upstream; checked every second.
+async fn report_budgets(engine: Arc<Engine>, health: Arc<Health>, shutdown: CancellationToken) {
+    let mut shown: Vec<String> = Vec::new();
+    loop {
+        let snap = engine.snapshot();
+        let mut now = Vec::new();
+        for b in snap.catalog.budgets() {
+            let key = format!("upstream {}", b.label);
+            let reason = b.binding().then(|| {
+                format!(
+                    "at its packet budget of {}/s (dns.upstream_max_pps): misses past it answered stale or SERVFAIL",
+                    b.limit
+                )
+            });
+            if reason.is_some() {
+                now.push(key.clone());
+            }
+            health.set_degraded(&key, reason);
+        }
+        for gone in shown.iter().filter(|k| !now.contains(k)) {
+            health.set_degraded(gone, None);
+        }
+        shown = now;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 fn supervise(

@@ -21,6 +21,9 @@ pub struct DnsConfig {
     pub allow: Vec<IpNet>,
     /// How long one upstream attempt may take before the next upstream is tried.
     pub upstream_timeout_ms: u64,
+    /// Packets per sliding second to each of `upstreams` (retransmits, failover, prefetches and
+    /// probes included); 0: no limit. Unset: 900 for the VPC resolver's addresses, none for others.
+    pub upstream_max_pps: Option<u32>,
     /// What a name of an MSK cluster that is not configured gets: forwarded, or NXDOMAIN.
     pub unknown_clusters: UnknownClusters,
     /// Largest UDP response we send to an EDNS client.
@@ -95,6 +98,7 @@ impl Default for DnsConfig {
             upstreams: Vec::new(),
             allow: default_allow(),
             upstream_timeout_ms: 1000,
+            upstream_max_pps: None,
             unknown_clusters: UnknownClusters::Forward,
             max_udp_payload: DEFAULT_UDP_PAYLOAD,
             max_tcp_connections: 1024,
@@ -191,25 +195,42 @@ pub enum UnknownClusters {
     Nxdomain,
 }
 
-/// An upstream resolver: `ip` or `ip:port` (`[v6]:port`), port 53 by default.
+/// An upstream resolver: `ip` or `ip:port` (`[v6]:port`), port 53 by default; written
+/// `vpc:ip[:port]`, it is the VPC resolver (the VPC CIDR's base + 2), which shares one packet
+/// budget with `169.254.169.253` and `fd00:ec2::253` (`dns.upstream_max_pps`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Upstream(pub SocketAddr);
+pub struct Upstream(pub SocketAddr, pub UpstreamKind);
+
+/// Whether an upstream was written `vpc:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamKind {
+    #[default]
+    Plain,
+    VpcResolver,
+}
 
 impl FromStr for Upstream {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(Upstream(sa));
+        let (addr, kind) = match s.strip_prefix("vpc:") {
+            Some(rest) => (rest, UpstreamKind::VpcResolver),
+            None => (s, UpstreamKind::Plain),
+        };
+        if let Ok(sa) = addr.parse::<SocketAddr>() {
+            return Ok(Upstream(sa, kind));
         }
-        s.parse::<IpAddr>()
-            .map(|ip| Upstream(SocketAddr::new(ip, 53)))
-            .map_err(|_| format!("`{s}` is neither an IP address nor ip:port"))
+        addr.parse::<IpAddr>().map(|ip| Upstream(SocketAddr::new(ip, 53), kind)).map_err(|_| {
+            format!("`{s}` is neither an IP address nor ip:port (`vpc:` before it marks the VPC resolver)")
+        })
     }
 }
 
 impl Serialize for Upstream {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+        match self.1 {
+            UpstreamKind::Plain => s.collect_str(&self.0),
+            UpstreamKind::VpcResolver => s.collect_str(&format_args!("vpc:{}", self.0)),
+        }
     }
 }
 

@@ -467,7 +467,25 @@ impl BucketRef<'_> {
 }
 
 /// What every client waiting on one resolution receives.
-pub type Shared = Result<Arc<Answer>, Arc<str>>;
+pub type Shared = Result<Arc<Answer>, Failure>;
+
+/// Why a resolution has no answer.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The upstream packet budget did not let the query go (`dns.upstream_max_pps`).
+    Budget,
+    /// The upstreams failed, or the resolution ended without a result.
+    Upstream(Arc<str>),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Budget => f.write_str("the upstream packet budget is spent"),
+            Failure::Upstream(e) => f.write_str(e),
+        }
+    }
+}
 
 /// Resolutions in flight, by key: the first asker starts the resolution, and every asker (the
 /// first one too) waits for its result. The resolution belongs to this table, not to any asker:

@@ -160,6 +160,8 @@ pub struct Catalog {
     /// Every forwarder's answers, bounded together.
     cache: Arc<Cache>,
     endpoints: HashMap<String, Arc<Endpoint>>,
+    /// The upstream packet budgets, by what they cover (see `build.rs`).
+    budgets: HashMap<String, Arc<crate::dns::budget::Budget>>,
 }
 
 impl Catalog {
@@ -182,6 +184,11 @@ impl Catalog {
     /// Every VPC endpoint any cluster targets, once each.
     pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
         self.endpoints.values()
+    }
+
+    /// The upstream packet budgets in force.
+    pub fn budgets(&self) -> impl Iterator<Item = &Arc<crate::dns::budget::Budget>> {
+        self.budgets.values()
     }
 
     pub fn views(&self) -> &[View] {

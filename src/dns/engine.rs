@@ -9,14 +9,14 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::cache;
+use super::cache::{self, Failure};
 use super::catalog::{Catalog, Local};
 use super::cookie::{self, Cookies};
 use super::query::Outcomes;
 pub use super::query::{Observer, ObserverSlot, Origin, Outcome, ServFail, Transport};
 use super::ratelimit::{RateLimiter, Verdict};
 use super::upstream::Question;
-use super::wire::{self, Query, Reject, Response};
+use super::wire::{self, Ede, Query, Reject, Response};
 use crate::config::Config;
 
 /// What became of a packet.
@@ -211,7 +211,7 @@ impl Engine {
         let allowed = snap.allowed(client);
         let (h, outcome) = self.answer_query(&snap, &q, allowed, client, from, out);
         if allowed && matches!(h, Handled::Reply | Handled::ReplyAndPrefetch) {
-            snap.add_cookie(&q, client, out);
+            snap.add_options(&q, client, out, None, 0);
         }
         (h, outcome)
     }
@@ -382,9 +382,13 @@ impl Engine {
         }
         let result = forwarder.resolve(key.clone(), question, refresh, Some(permit)).await;
         if refresh {
+            if matches!(result, Err(Failure::Budget)) {
+                self.outcomes.prefetches_skipped.increment(1);
+            }
             return (Handled::Drop, None);
         }
         let outcome;
+        let mut ede = None;
         match result {
             Ok(answer) => {
                 outcome = Outcome::Forwarded;
@@ -397,14 +401,17 @@ impl Engine {
                 tracing::debug!(error = %e, name = %wire::wire_to_string(lc), "resolution failed");
                 if let Some(stale) = forwarder.stale(&key, Instant::now()) {
                     outcome = Outcome::Stale;
+                    ede = Some(Ede::STALE);
                     stale.serve_stale(&q, out, limit, snap.max_payload);
                 } else {
-                    outcome = Outcome::ServFail(ServFail::Upstream);
+                    let why = if matches!(e, Failure::Budget) { ServFail::Budget } else { ServFail::Upstream };
+                    outcome = Outcome::ServFail(why);
+                    ede = why.ede();
                     Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
                 }
             }
         }
-        snap.add_cookie(&q, client, out);
+        snap.add_options(&q, client, out, ede, limit);
         (Handled::Reply, Some(outcome))
     }
 
@@ -412,11 +419,9 @@ impl Engine {
     pub fn servfail(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, why: ServFail) -> Handled {
         let Ok(q) = Query::parse(pkt) else { return Handled::Drop };
         let snap = self.current.load();
-        Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(
-            &q,
-            snap.limit(&q, from.transport),
-            snap.max_payload,
-        );
+        let limit = snap.limit(&q, from.transport);
+        Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
+        snap.add_options(&q, from.client.to_canonical(), out, why.ede(), limit);
         self.done(from, pkt, out, Outcome::ServFail(why));
         Handled::Reply
     }
@@ -450,10 +455,18 @@ impl Snapshot {
     }
 
     /// Adds our server cookie to a response whose query carried a client cookie (RFC 7873 5.2).
-    fn add_cookie(&self, q: &Query<'_>, client: IpAddr, out: &mut Vec<u8>) {
+    /// The options of the response's OPT record (when the query had EDNS): our COOKIE when the
+    /// client sent one, and `ede` when it fits within `limit`.
+    fn add_options(&self, q: &Query<'_>, client: IpAddr, out: &mut Vec<u8>, ede: Option<Ede>, limit: usize) {
+        let Some(opt) = wire::bare_opt(out) else { return };
         if let Some(c) = q.cookie {
             let server = self.cookies.server_cookie(&c[..8], client, cookie::now());
-            wire::append_cookie(out, c, &server);
+            wire::append_option(out, opt, cookie::OPTION_CODE, &[&c[..8], &server]);
+        }
+        // The limit kept room for the cookie (UDP): the EDE must fit in what is left.
+        let room = limit + if q.cookie.is_some() { cookie::OPTION_LEN } else { 0 };
+        if let Some(e) = ede.filter(|e| out.len() + e.wire_len() <= room) {
+            e.append(out, opt);
         }
     }
 

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::cache::{self, Answer, Cache, Inflight, Join, Shared};
+use super::budget::{Budget, Class};
+use super::cache::{self, Answer, Cache, Failure, Inflight, Join, Shared};
+use super::upstream::UpstreamError;
 use super::upstream::{Question, Upstreams};
 use crate::config::CacheConfig;
 
@@ -26,6 +28,9 @@ pub struct Settings {
     pub addrs: Vec<std::net::SocketAddr>,
     pub attempt_timeout: Duration,
     pub cache: CacheConfig,
+    /// The packet budget of each of `addrs` (`dns.upstream_max_pps`), shared with every
+    /// forwarder that sends to the same upstream.
+    pub budgets: Vec<Option<Arc<Budget>>>,
 }
 
 impl Forwarder {
@@ -35,7 +40,12 @@ impl Forwarder {
             id: cache.forwarder_id(),
             cache,
             inflight: Arc::default(),
-            upstreams: Arc::new(Upstreams::new(&settings.addrs, settings.attempt_timeout, settings.cache.clone())),
+            upstreams: Arc::new(Upstreams::new(
+                &settings.addrs,
+                &settings.budgets,
+                settings.attempt_timeout,
+                settings.cache.clone(),
+            )),
             settings,
         }
     }
@@ -69,7 +79,7 @@ impl Forwarder {
             Join::Wait(rx) => {
                 let r = rx.await;
                 drop(permit);
-                return r.unwrap_or_else(|_| Err("the shared resolution ended without an answer".into()));
+                return r.unwrap_or_else(|_| Err(ended()));
             }
             Join::Lead(leader, rx) => {
                 let (cache, upstreams) = (self.cache.clone(), self.upstreams.clone());
@@ -83,7 +93,11 @@ impl Forwarder {
                         Some(a) => Ok(a),
                         None => {
                             let q = Question { lc_name: &lc, qtype, qclass, dnssec_ok, checking_disabled };
-                            upstreams.resolve(q).await.map(Arc::new).map_err(|e| e.to_string().into())
+                            let class = if refresh { Class::Prefetch } else { Class::Miss };
+                            upstreams.resolve(q, class).await.map(Arc::new).map_err(|e| match e {
+                                UpstreamError::Budget { .. } => Failure::Budget,
+                                e => Failure::Upstream(e.to_string().into()),
+                            })
                         }
                     };
                     if let Ok(a) = &result
@@ -96,7 +110,7 @@ impl Forwarder {
                 rx
             }
         };
-        rx.await.unwrap_or_else(|_| Err("the shared resolution ended without an answer".into()))
+        rx.await.unwrap_or_else(|_| Err(ended()))
     }
 
     /// The A and AAAA addresses of `lc` (a lowercase wire-form name), through this forwarder's
@@ -141,4 +155,8 @@ impl Forwarder {
     pub fn deadline(&self) -> Duration {
         self.upstreams.deadline()
     }
+}
+
+fn ended() -> Failure {
+    Failure::Upstream("the shared resolution ended without an answer".into())
 }

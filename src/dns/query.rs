@@ -76,6 +76,22 @@ pub enum ServFail {
     Busy,
     /// Answering it panicked (caught, logged).
     Panic,
+    /// The upstream packet budget (`dns.upstream_max_pps`) did not let it go, and no stale
+    /// answer was held.
+    Budget,
+}
+
+impl ServFail {
+    /// The Extended DNS Error the SERVFAIL carries (RFC 8914), where one says more than the rcode.
+    pub fn ede(self) -> Option<super::wire::Ede> {
+        use super::wire::Ede;
+        match self {
+            ServFail::Upstream => Some(Ede::UPSTREAM),
+            ServFail::Busy => Some(Ede::BUSY),
+            ServFail::Budget => Some(Ede::BUDGET),
+            ServFail::Unavailable | ServFail::Panic => None,
+        }
+    }
 }
 
 impl Outcome {
@@ -138,6 +154,8 @@ pub(super) struct Outcomes {
     pub(super) cache_hits: metrics::Counter,
     pub(super) cache_misses: metrics::Counter,
     pub(super) prefetches: metrics::Counter,
+    /// Prefetches the upstream packet budget did not let go.
+    pub(super) prefetches_skipped: metrics::Counter,
     pub(super) panics: metrics::Counter,
     /// Queries by transport, in the order of [`Transport::ALL`].
     pub(super) queries: [metrics::Counter; 4],
@@ -150,6 +168,7 @@ impl Outcomes {
             cache_hits: metrics::counter!("mskdns_cache_hits_total"),
             cache_misses: metrics::counter!("mskdns_cache_misses_total"),
             prefetches: metrics::counter!("mskdns_cache_prefetches_total"),
+            prefetches_skipped: metrics::counter!("mskdns_cache_prefetches_skipped_total", "reason" => "budget"),
             panics: metrics::counter!("mskdns_panics_total", "where" => "dns"),
             queries: Transport::ALL.map(|t| metrics::counter!("mskdns_queries_total", "transport" => t.label())),
         }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
+use super::budget::{Budget, Class, TCP_PACKETS};
 use super::cache::{Answer, BadResponse, answers};
 use super::wire;
 use crate::config::CacheConfig;
@@ -29,6 +30,9 @@ pub enum UpstreamError {
     Failed { upstream: SocketAddr, rcode: u8 },
     #[error("no upstream answered in time")]
     Exhausted,
+    /// Not sent: the upstream's packet budget (`dns.upstream_max_pps`) was spent.
+    #[error("upstream {upstream}: packet budget spent")]
+    Budget { upstream: SocketAddr },
 }
 
 impl UpstreamError {
@@ -41,6 +45,7 @@ impl UpstreamError {
             UpstreamError::Bad { source, .. } => source.kind(),
             UpstreamError::Failed { .. } => "rcode",
             UpstreamError::Exhausted => "exhausted",
+            UpstreamError::Budget { .. } => "budget",
         }
     }
 }
@@ -53,12 +58,16 @@ struct Server {
     down: AtomicBool,
     probing: AtomicBool,
     latency: metrics::Histogram,
-    errors: [metrics::Counter; 8],
+    errors: [metrics::Counter; 9],
     /// Datagrams on an attempt's socket that were not its answer (wrong id or question, a query,
     /// too short): ignored.
     ignored: metrics::Counter,
     up: metrics::Gauge,
     srtt: metrics::Gauge,
+    /// Its packet budget (shared with the other addresses of a VPC resolver), if it has one.
+    budget: Option<Arc<Budget>>,
+    /// Packets sent to it: queries, retransmits, probes, and a TCP exchange as [`TCP_PACKETS`].
+    packets: metrics::Counter,
 }
 
 /// How often a down upstream is asked whether it is back.
@@ -106,6 +115,15 @@ impl Server {
         true
     }
 
+    /// Takes `packets` from its budget (always granted without one), and counts them as sent.
+    fn send_ok(&self, class: Class, packets: u32) -> bool {
+        let ok = self.budget.as_ref().is_none_or(|b| b.take(class, packets));
+        if ok {
+            self.packets.increment(packets as u64);
+        }
+        ok
+    }
+
     /// Sort key: up before down, then the fastest; unmeasured ones after measured ones.
     fn rank(&self) -> (bool, u32) {
         let srtt = match self.srtt_us.load(Ordering::Relaxed) {
@@ -116,8 +134,8 @@ impl Server {
     }
 }
 
-const ERROR_KINDS: [&str; 8] =
-    ["timeout", "io", "local", "malformed", "mismatch", "extended_rcode", "rcode", "exhausted"];
+const ERROR_KINDS: [&str; 9] =
+    ["timeout", "io", "local", "malformed", "mismatch", "extended_rcode", "rcode", "exhausted", "budget"];
 
 impl UpstreamError {
     /// An I/O error of an attempt: EMFILE, ENFILE, ENOBUFS and ENOMEM are this host's limits, not
@@ -149,10 +167,16 @@ pub struct Question<'a> {
 }
 
 impl Upstreams {
-    pub fn new(addrs: &[SocketAddr], attempt_timeout: Duration, limits: CacheConfig) -> Self {
+    pub fn new(
+        addrs: &[SocketAddr],
+        budgets: &[Option<Arc<Budget>>],
+        attempt_timeout: Duration,
+        limits: CacheConfig,
+    ) -> Self {
         let servers = addrs
             .iter()
-            .map(|&addr| {
+            .enumerate()
+            .map(|(i, &addr)| {
                 let label = addr.to_string();
                 let up = metrics::gauge!("mskdns_upstream_up", "upstream" => label.clone());
                 up.set(1.0);
@@ -168,6 +192,8 @@ impl Upstreams {
                     errors: ERROR_KINDS.map(
                         |k| metrics::counter!("mskdns_upstream_errors_total", "upstream" => label.clone(), "kind" => k),
                     ),
+                    budget: budgets.get(i).cloned().flatten(),
+                    packets: metrics::counter!("mskdns_upstream_packets_total", "upstream" => label.clone()),
                 })
             })
             .collect();
@@ -184,10 +210,19 @@ impl Upstreams {
         self.attempt_timeout * 2
     }
 
-    /// Asks the upstreams in order until one gives a usable answer.
-    pub async fn resolve(&self, q: Question<'_>) -> Result<Answer, UpstreamError> {
+    /// The budgets of its upstreams.
+    pub fn budgets(&self) -> impl Iterator<Item = &Arc<Budget>> {
+        self.servers.iter().filter_map(|s| s.budget.as_ref())
+    }
+
+    /// Asks the upstreams in order until one gives a usable answer. Each packet is taken from
+    /// the upstream's budget first, with `class` for the first attempt (a client's miss, or a
+    /// prefetch) and failover's share for the next; an upstream whose budget refuses is skipped.
+    /// `Err(Budget)`: nothing was sent at all.
+    pub async fn resolve(&self, q: Question<'_>, class: Class) -> Result<Answer, UpstreamError> {
         let deadline = Instant::now() + self.deadline();
         let mut last = UpstreamError::Exhausted;
+        let mut sent = false;
         let mut query = Vec::with_capacity(q.lc_name.len() + 32);
         // Healthy and fast first; config order breaks ties.
         let mut order: Vec<&Arc<Server>> = self.servers.iter().collect();
@@ -206,9 +241,17 @@ impl Upstreams {
                 q.dnssec_ok,
                 q.checking_disabled,
             );
+            let class = if sent && class == Class::Miss { Class::Failover } else { class };
+            if !server.send_ok(class, 1) {
+                if !sent {
+                    last = UpstreamError::Budget { upstream: server.addr };
+                }
+                continue;
+            }
+            sent = true;
             let started = Instant::now();
-            let budget = left.min(self.attempt_timeout);
-            let result = match tokio::time::timeout(budget, ask(server, &query, &self.limits)).await {
+            let time = left.min(self.attempt_timeout);
+            let result = match tokio::time::timeout(time, ask(server, &query, &self.limits)).await {
                 Ok(r) => r,
                 Err(_) => Err(UpstreamError::Timeout { upstream: server.addr }),
             };
@@ -249,6 +292,9 @@ impl Upstreams {
                     server.probing.store(false, Ordering::Relaxed);
                     return;
                 }
+                if !server.send_ok(Class::Probe, 1) {
+                    continue; // the budget is short: probed next time
+                }
                 wire::build_upstream_query(
                     &mut query,
                     rand::random(),
@@ -272,8 +318,9 @@ impl Upstreams {
     }
 }
 
-/// One attempt at one upstream (the caller bounds its time): the query is sent again on the same
-/// socket each time the retransmission timer fires, the timer doubling each time.
+/// One attempt at one upstream (the caller bounds its time; the first packet was taken from its
+/// budget): the query is sent again on the same socket each time the retransmission timer fires,
+/// the timer doubling each time, when the budget lets it (failover's share).
 async fn ask(server: &Server, query: &[u8], limits: &CacheConfig) -> Result<Answer, UpstreamError> {
     let upstream = server.addr;
     let io = |source| UpstreamError::io(upstream, source);
@@ -288,7 +335,9 @@ async fn ask(server: &Server, query: &[u8], limits: &CacheConfig) -> Result<Answ
         let n = tokio::select! {
             r = sock.recv(&mut buf) => r.map_err(io)?,
             _ = tokio::time::sleep_until(resend_at) => {
-                sock.send(query).await.map_err(io)?;
+                if server.send_ok(Class::Failover, 1) {
+                    sock.send(query).await.map_err(io)?;
+                }
                 rto *= 2;
                 resend_at = tokio::time::Instant::now() + rto;
                 continue;
@@ -302,6 +351,9 @@ async fn ask(server: &Server, query: &[u8], limits: &CacheConfig) -> Result<Answ
             continue;
         }
         if wire::is_truncated(wire::be16(resp, 2)) {
+            if !server.send_ok(Class::Miss, TCP_PACKETS) {
+                return Err(UpstreamError::Budget { upstream });
+            }
             return ask_tcp(upstream, query, limits).await;
         }
         match Answer::from_upstream(resp, query, limits, Instant::now()) {

@@ -462,18 +462,55 @@ pub fn push_opt(buf: &mut Vec<u8>, payload: u16, dnssec_ok: bool, ext_rcode: u8)
     put16(buf, 10, ar);
 }
 
-/// Adds a COOKIE option (the client's cookie and our server cookie) to the OPT record that
-/// ends `buf`, as [`push_opt`] wrote it; does nothing when `buf` does not end with one.
-pub fn append_cookie(buf: &mut Vec<u8>, client_cookie: &[u8], server_cookie: &[u8; 16]) {
+/// Where the OPT record that ends `buf` starts, when it ends with one as [`push_opt`] wrote it
+/// (no options yet): options are then added with [`append_option`].
+pub fn bare_opt(buf: &[u8]) -> Option<usize> {
     let n = buf.len();
-    if n < HEADER_LEN + 11 || buf[n - 11] != 0 || be16(buf, n - 10) != TYPE_OPT || be16(buf, n - 2) != 0 {
-        return;
+    let at = n.checked_sub(11).filter(|&at| at >= HEADER_LEN)?;
+    (buf[at] == 0 && be16(buf, at + 1) == TYPE_OPT && be16(buf, at + 9) == 0).then_some(at)
+}
+
+/// Adds option `code` with data `parts` (concatenated) to the OPT record at `opt` (from
+/// [`bare_opt`]), which ends `buf`.
+pub fn append_option(buf: &mut Vec<u8>, opt: usize, code: u16, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let rdlen = be16(buf, opt + 9) as usize + 4 + len;
+    put16(buf, opt + 9, rdlen.min(u16::MAX as usize) as u16);
+    buf.extend_from_slice(&code.to_be_bytes());
+    buf.extend_from_slice(&(len as u16).to_be_bytes());
+    for p in parts {
+        buf.extend_from_slice(p);
     }
-    put16(buf, n - 2, super::cookie::OPTION_LEN as u16);
-    buf.extend_from_slice(&super::cookie::OPTION_CODE.to_be_bytes());
-    buf.extend_from_slice(&(super::cookie::COOKIE_LEN as u16).to_be_bytes());
-    buf.extend_from_slice(&client_cookie[..8]);
-    buf.extend_from_slice(server_cookie);
+}
+
+/// The EDNS option code of an Extended DNS Error (RFC 8914).
+pub const EDE_OPTION: u16 = 15;
+
+/// An Extended DNS Error (RFC 8914): why an answer is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ede {
+    pub code: u16,
+    pub text: &'static str,
+}
+
+impl Ede {
+    /// 3, Stale Answer (RFC 8767).
+    pub const STALE: Ede = Ede { code: 3, text: "" };
+    /// 22, No Reachable Authority: the upstreams did not answer.
+    pub const UPSTREAM: Ede = Ede { code: 22, text: "no upstream resolver answered" };
+    /// 0, Other: the upstream packet budget refused the query (no code fits better).
+    pub const BUDGET: Ede = Ede { code: 0, text: "upstream packet budget reached (dns.upstream_max_pps)" };
+    /// 0, Other: every in-flight slot was taken.
+    pub const BUSY: Ede = Ede { code: 0, text: "too many queries resolving (dns.max_inflight)" };
+
+    /// The bytes it adds to an OPT record.
+    pub fn wire_len(&self) -> usize {
+        6 + self.text.len()
+    }
+
+    pub fn append(&self, buf: &mut Vec<u8>, opt: usize) {
+        append_option(buf, opt, EDE_OPTION, &[&self.code.to_be_bytes(), self.text.as_bytes()]);
+    }
 }
 
 /// A header-only answer (FORMERR, NOTIMP) for a packet whose question we could not read.

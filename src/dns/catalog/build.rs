@@ -3,6 +3,7 @@
 //! reload keeps their cached answers and addresses), and the zones.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,9 @@ use std::sync::atomic::AtomicBool;
 
 use super::zone::{Zone, load_zone};
 use super::{Addrs, Catalog, CatalogError, Cluster, Endpoint, Target, View};
+use crate::config::UpstreamKind;
 use crate::config::{AzAffinity, ClusterConfig, Config};
+use crate::dns::budget::{Budget, budget_for, is_vpc_resolver};
 use crate::dns::cache::Cache;
 use crate::dns::forward::{Forwarder, Settings};
 use crate::names;
@@ -24,8 +27,10 @@ impl Catalog {
     /// the addresses already read from EC2).
     pub fn rebuild(config: &Config, previous: Option<&Catalog>) -> Result<Self, CatalogError> {
         let timeout = Duration::from_millis(config.dns.upstream_timeout_ms);
+        let addrs = config.effective_upstreams()?;
+        let mut budgets = Budgets { config, upstreams: addrs.clone(), kept: HashMap::new(), previous };
         let settings =
-            Settings { addrs: config.effective_upstreams()?, attempt_timeout: timeout, cache: config.cache.clone() };
+            Settings { budgets: budgets.of(&addrs), addrs, attempt_timeout: timeout, cache: config.cache.clone() };
         // One cache for all forwarders, kept across reloads while its bounds stay the same.
         let cache = match previous {
             Some(p) if p.cache.bounds == Cache::bounds_of(&config.cache) => p.cache.clone(),
@@ -49,6 +54,7 @@ impl Catalog {
             used: Vec::new(),
             // Only those still used are kept: see the retain below.
             endpoints: previous.map(|p| p.endpoints.clone()).unwrap_or_default(),
+            budgets,
         };
         let top: HashMap<_, _> = config
             .clusters
@@ -61,6 +67,7 @@ impl Catalog {
         endpoints.retain(|id, _| endpoint_used(config, id));
         // Only those still used are kept for the next rebuild.
         let forwarders = parts.used;
+        let budgets = parts.budgets.kept;
         let zones = load_zones(config)?;
         let serial =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
@@ -75,6 +82,7 @@ impl Catalog {
             forwarders,
             cache,
             endpoints,
+            budgets,
         })
     }
 }
@@ -89,12 +97,14 @@ struct Parts<'a> {
     /// The forwarders this catalog uses.
     used: Vec<Arc<Forwarder>>,
     endpoints: HashMap<String, Arc<Endpoint>>,
+    budgets: Budgets<'a>,
 }
 
 impl Parts<'_> {
     fn cluster(&mut self, c: &ClusterConfig, origin: String) -> Option<(Box<[u8]>, Arc<Cluster>)> {
-        let (pool, used, cache) = (&mut self.pool, &mut self.used, &self.cache);
-        let mut forwarder = |settings: Settings| {
+        let (pool, used, cache, budgets) = (&mut self.pool, &mut self.used, &self.cache, &mut self.budgets);
+        let mut forwarder = |mut settings: Settings| {
+            settings.budgets = budgets.of(&settings.addrs);
             let f = match pool.iter().find(|f| f.settings == settings) {
                 Some(f) => f.clone(),
                 None => {
@@ -180,7 +190,13 @@ fn cluster_entry(
         Target::Endpoint(e.clone())
     } else if !c.forward.is_empty() {
         let addrs = c.forward.iter().map(|u| u.0).collect();
-        Target::Forward(forwarder(Settings { addrs, attempt_timeout: timeout, cache: config.cache.clone() }))
+        // Its budgets are set by Parts::cluster.
+        Target::Forward(forwarder(Settings {
+            addrs,
+            attempt_timeout: timeout,
+            cache: config.cache.clone(),
+            budgets: Vec::new(),
+        }))
     } else if !c.proxy.is_empty() {
         Target::Proxy(Addrs::new(&c.proxy))
     } else {
@@ -222,4 +238,53 @@ fn load_zones(config: &Config) -> Result<Vec<Zone>, CatalogError> {
         .enumerate()
         .map(|(index, z)| load_zone(z).map_err(|message| CatalogError::Zone { index, path: z.file.clone(), message }))
         .collect()
+}
+
+/// The upstream packet budgets a rebuild hands out (`dns.upstream_max_pps`): one per upstream
+/// address, the VPC resolver's addresses sharing one; each kept from the previous catalog while
+/// it covers the same and its rate stays, so a reload does not forget what was sent.
+struct Budgets<'a> {
+    config: &'a Config,
+    /// `dns.upstreams` in force (or /etc/resolv.conf's).
+    upstreams: Vec<SocketAddr>,
+    kept: HashMap<String, Arc<Budget>>,
+    previous: Option<&'a Catalog>,
+}
+
+impl Budgets<'_> {
+    /// The budget of each of `addrs`.
+    fn of(&mut self, addrs: &[SocketAddr]) -> Vec<Option<Arc<Budget>>> {
+        addrs.iter().map(|a| self.one(*a)).collect()
+    }
+
+    fn one(&mut self, addr: SocketAddr) -> Option<Arc<Budget>> {
+        let d = &self.config.dns;
+        let marked = d.upstreams.iter().any(|u| u.0 == addr && u.1 == UpstreamKind::VpcResolver);
+        let (vpc, limit) = budget_for(d.upstream_max_pps, addr, self.upstreams.contains(&addr), marked)?;
+        let label = if vpc { self.vpc_label() } else { addr.to_string() };
+        if let Some(b) = self.kept.get(&label).filter(|b| b.limit == limit) {
+            return Some(b.clone());
+        }
+        let previous = self.previous.and_then(|p| p.budgets.get(&label)).filter(|b| b.limit == limit);
+        let b = previous.cloned().unwrap_or_else(|| Arc::new(Budget::new(label.clone(), limit)));
+        self.kept.insert(label, b.clone());
+        Some(b)
+    }
+
+    /// What the VPC resolver's budget is called: the addresses of it among the upstreams.
+    fn vpc_label(&self) -> String {
+        let d = &self.config.dns;
+        let vpc: Vec<String> = self
+            .upstreams
+            .iter()
+            .filter(|a| {
+                is_vpc_resolver(a.ip()) || d.upstreams.iter().any(|u| u.0 == **a && u.1 == UpstreamKind::VpcResolver)
+            })
+            .map(ToString::to_string)
+            .collect();
+        match vpc.is_empty() {
+            true => "VPC resolver".into(),
+            false => format!("VPC resolver {}", vpc.join(" ")),
+        }
+    }
 }
