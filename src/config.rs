@@ -244,7 +244,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.dns.upstreams[1].0, "10.0.0.3:53".parse().unwrap());
+        assert_eq!(c.dns.upstreams[1].1, crate::config::UpstreamKind::Plain);
         assert_eq!(c.clusters[0].addresses.len(), 2);
+        let v =
+            load_str("[dns]\nupstreams = [\"vpc:10.0.0.2\", \"vpc:[fd00::2]:53\"]\nupstream_max_pps = 500").unwrap();
+        assert_eq!(v.dns.upstreams[0].0, "10.0.0.2:53".parse().unwrap());
+        assert_eq!(v.dns.upstreams[0].1, crate::config::UpstreamKind::VpcResolver);
+        assert_eq!(v.dns.upstreams[1].1, crate::config::UpstreamKind::VpcResolver);
+        assert_eq!(v.dns.upstream_max_pps, Some(500));
     }
 
     #[test]
@@ -252,6 +259,8 @@ mod tests {
         let cases = [
             ("[dns]\nlisten = [\"nonsense\"]", "dns.listen"),
             ("[dns]\nupstreams = [\"x.y\"]", "dns.upstreams"),
+            ("[dns]\nupstreams = [\"vpc:x.y\"]", "dns.upstreams"),
+            ("[dns]\nupstream_max_pps = -1", "dns.upstream_max_pps"),
             ("[dns]\nallow = [\"10.0.0.0/99\"]", "dns.allow"),
             ("[dns]\nbogus = 1", "bogus"),
             ("[[clusters]]\nbootstrap = \"example.com\"\naddresses = [\"10.0.0.1\"]", "clusters[0].bootstrap"),

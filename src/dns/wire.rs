@@ -691,6 +691,32 @@ mod tests {
     }
 
     #[test]
+    fn options_added_to_the_opt_record_decode_in_hickory() {
+        use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+        let pkt = query_bytes("a.example.", RecordType::A, Some(1232));
+        let q = Query::parse(&pkt).unwrap();
+        let mut buf = Vec::new();
+        Response::new(&mut buf, &q, RCODE_SERVFAIL, false).finish(&q, 1232, 1232);
+        let opt = bare_opt(&buf).expect("the response ends with a bare OPT");
+        append_option(&mut buf, opt, 10, &[&[1; 8], &[2; 16]]);
+        Ede::BUDGET.append(&mut buf, opt);
+        assert_eq!(bare_opt(&buf), None, "options were added");
+        let m = Message::from_vec(&buf).unwrap();
+        let edns = m.edns.expect("an OPT record");
+        let ede = edns.option(EdnsCode::Unknown(EDE_OPTION)).or_else(|| edns.option(EdnsCode::from(EDE_OPTION)));
+        let Some(EdnsOption::Unknown(_, data)) = ede else { panic!("no EDE in {edns:?}") };
+        assert_eq!(&data[..2], &[0, 0]);
+        assert_eq!(&data[2..], Ede::BUDGET.text.as_bytes());
+        assert!(edns.option(EdnsCode::Cookie).is_some());
+        // Without EDNS there is no OPT to add to.
+        let plain = query_bytes("a.example.", RecordType::A, None);
+        let q = Query::parse(&plain).unwrap();
+        let mut buf = Vec::new();
+        Response::new(&mut buf, &q, RCODE_SERVFAIL, false).finish(&q, 512, 1232);
+        assert_eq!(bare_opt(&buf), None);
+    }
+
+    #[test]
     fn response_round_trips_through_hickory() {
         let pkt = query_bytes("Boot-X.c1.kafka-serverless.us-east-1.amazonaws.com.", RecordType::A, Some(1232));
         let q = Query::parse(&pkt).unwrap();
