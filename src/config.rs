@@ -13,11 +13,13 @@ mod clusters;
 mod discovery;
 mod dns;
 mod proxy;
+mod querylog;
 
 pub use clusters::*;
 pub use discovery::*;
 pub use dns::*;
 pub use proxy::*;
+pub use querylog::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -58,6 +60,8 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub proxies: Vec<ProxyBlock>,
     pub reload: ReloadConfig,
+    /// Absent: no query log.
+    pub query_log: Option<QueryLogConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -180,6 +184,9 @@ impl Config {
             discovery::validate_discovery(d)?;
         }
         proxy::validate_proxies(&self.proxies)?;
+        if let Some(q) = &self.query_log {
+            querylog::validate_query_log(q)?;
+        }
         clusters::validate_zones(&self.zones)
     }
 

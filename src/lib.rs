@@ -26,6 +26,7 @@ pub mod names;
 pub mod net;
 pub mod panic;
 pub mod proxy;
+pub mod querylog;
 pub mod reload;
 pub mod tls;
 
@@ -224,6 +225,7 @@ impl Server {
         ctx.secure(self.secure, self.listeners.len());
         let threads = ctx.plain(self.listeners, self.udp_threads);
         tasks.spawn(report_budgets(self.engine.clone(), self.health.clone(), shutdown.clone()));
+        tasks.spawn(querylog::follow(self.engine.clone(), self.control.subscribe(), tasks.clone(), shutdown.clone()));
         if let Some(path) = config_path {
             tasks.spawn(reload::run(
                 self.control.clone(),

@@ -23,6 +23,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("admin", 3),
     ("proxy", 4),
     ("discovery", 4),
+    ("querylog", 4),
     ("control", 5),
     ("reload", 6),
 ];

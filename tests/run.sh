@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=""
-for pair in nsd:nsd dig:bind9-dnsutils kdig:knot-dnsutils dnsperf:dnsperf systemd-analyze:systemd haproxy:haproxy named:bind9 openssl:openssl; do
+for pair in nsd:nsd dig:bind9-dnsutils kdig:knot-dnsutils dnsperf:dnsperf systemd-analyze:systemd haproxy:haproxy named:bind9 openssl:openssl fstrm_capture:fstrm-bin dnstap-ldns:dnstap-ldns dnstap:golang-github-dnstap-golang-dnstap-cli; do
   command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
 done
 if [ -n "$need" ]; then

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         let engine = engine().clone();
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let http2 = data.starts_with(b"PRI * HTTP/2.0");
-        let from = Origin { client: [127, 0, 0, 1].into(), listener: 0, transport: Transport::Doh };
+        let from = Origin { client: [127, 0, 0, 1].into(), port: 5300, listener: 0, transport: Transport::Doh };
         let settings = Arc::new(DohSettings { path: "/dns-query".into(), max_streams: 8 });
         let limits = TcpLimits {
             max_connections: 1,

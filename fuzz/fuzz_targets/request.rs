@@ -81,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
     for (client, transport) in
         [([127, 0, 0, 1], Transport::Udp), ([10, 1, 2, 3], Transport::Tcp), ([8, 8, 8, 8], Transport::Udp)]
     {
-        let from = Origin { client: client.into(), listener: 0, transport };
+        let from = Origin { client: client.into(), port: 5300, listener: 0, transport };
         let handled = engine.handle(data, from, &mut out);
         if matches!(handled, Handled::Reply | Handled::ReplyAndPrefetch) {
             assert!(out.len() >= 12, "a response has a header");

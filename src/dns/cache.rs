@@ -42,6 +42,18 @@ pub struct Answer {
     pub rcode: u8,
     /// Set once a refresh of this answer has been started (prefetch).
     prefetching: std::sync::atomic::AtomicBool,
+    /// The upstream that gave it, and how long it took: for observers (a query log).
+    origin: Option<Origin>,
+    /// Set once an observer was told of the exchange that gave it.
+    told: std::sync::atomic::AtomicBool,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    upstream: std::net::SocketAddr,
+    received: std::time::SystemTime,
+    rtt: std::time::Duration,
 }
 
 /// Why an upstream response cannot be used.
@@ -138,7 +150,42 @@ impl Answer {
         for &(at, ttl) in &ttls {
             wire::put32(&mut bytes, at as usize, ttl);
         }
-        Ok(Answer { bytes: bytes.into(), ttls: ttls.into(), ttl, stored: now, rcode, prefetching: Default::default() })
+        Ok(Answer::stored(bytes, ttls, ttl, now, rcode))
+    }
+
+    fn stored(bytes: Vec<u8>, ttls: Vec<(u16, u32)>, ttl: u32, now: Instant, rcode: u8) -> Self {
+        Answer {
+            bytes: bytes.into(),
+            ttls: ttls.into(),
+            ttl,
+            stored: now,
+            rcode,
+            prefetching: Default::default(),
+            origin: None,
+            told: Default::default(),
+        }
+    }
+
+    /// Records the exchange that gave this answer: `upstream`, `rtt` after the query left.
+    pub fn set_origin(&mut self, upstream: std::net::SocketAddr, rtt: std::time::Duration) {
+        self.origin = Some(Origin { upstream, received: std::time::SystemTime::now(), rtt });
+    }
+
+    /// The upstream that gave this answer.
+    pub fn upstream(&self) -> Option<std::net::SocketAddr> {
+        self.origin.map(|o| o.upstream)
+    }
+
+    /// The exchange that gave this answer (upstream, when it arrived, round trip), the first time
+    /// it is asked for only.
+    pub fn exchange_once(&self) -> Option<(std::net::SocketAddr, std::time::SystemTime, std::time::Duration)> {
+        let o = self.origin?;
+        (!self.told.swap(true, std::sync::atomic::Ordering::Relaxed)).then_some((o.upstream, o.received, o.rtt))
+    }
+
+    /// The answer's bytes as stored: upstream's, without its OPT record.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
     /// True once per answer, when it is in the last tenth of a TTL of 10 s or more: time to

@@ -186,6 +186,11 @@ impl Catalog {
         self.endpoints.values()
     }
 
+    /// The name of the view each listener selects (by index, as `by_listener`).
+    pub fn listener_views(&self) -> Vec<String> {
+        self.by_listener.iter().map(|&v| self.views[v].name.clone()).collect()
+    }
+
     /// The upstream packet budgets in force.
     pub fn budgets(&self) -> impl Iterator<Item = &Arc<crate::dns::budget::Budget>> {
         self.budgets.values()

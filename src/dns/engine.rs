@@ -9,11 +9,11 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::cache::{self, Failure};
+use super::cache::{self, Answer, Failure};
 use super::catalog::{Catalog, Local};
 use super::cookie::{self, Cookies};
 use super::query::Outcomes;
-pub use super::query::{Observer, ObserverSlot, Origin, Outcome, ServFail, Transport};
+pub use super::query::{Exchange, Observed, Observer, ObserverSlot, Origin, Outcome, ServFail, Transport};
 use super::ratelimit::{RateLimiter, Verdict};
 use super::upstream::Question;
 use super::wire::{self, Ede, Query, Reject, Response};
@@ -98,11 +98,16 @@ impl Engine {
     }
 
     /// Counts a query's final outcome and tells the observer.
-    fn done(&self, from: Origin, query: &[u8], response: &[u8], outcome: Outcome) {
-        self.outcomes.count(outcome);
+    fn done(&self, q: Observed<'_>) {
+        self.outcomes.count(q.outcome);
         if let Some(o) = &*self.observer.load() {
-            o.0.observe(from, query, response, outcome);
+            o.0.observe(&q);
         }
+    }
+
+    /// Whether an observer is set (what it needs is gathered only then).
+    fn observed(&self) -> bool {
+        self.observer.load().is_some()
     }
 
     /// Sets the in-flight limit shared by every transport (at most [`MAX_INFLIGHT_MISSES`]);
@@ -161,6 +166,11 @@ impl Engine {
         (c.entry_count(), c.weighted_bytes(), c.front_reserved_bytes())
     }
 
+    /// The name of the view each listener (`dns.listen`, then DoT, then DoH) selects.
+    pub fn views_by_listener(&self) -> Vec<String> {
+        self.current.load().catalog.listener_views()
+    }
+
     /// Whether `client` is in `dns.allow` (checked before any work is done for it).
     pub fn allows(&self, client: IpAddr) -> bool {
         self.current.load().allowed(client.to_canonical())
@@ -178,7 +188,7 @@ impl Engine {
         match crate::panic::catch(|| self.answer_now(pkt, from, out)) {
             Ok((Handled::Miss, _)) => Handled::Miss,
             Ok((h, outcome)) => {
-                self.done(from, pkt, if h == Handled::Drop { &[] } else { out }, outcome);
+                self.done(Observed::at_once(from, pkt, if h == Handled::Drop { &[] } else { out }, outcome));
                 h
             }
             Err(e) => self.panicked(pkt, from, out, &e),
@@ -327,12 +337,28 @@ impl Engine {
     /// Resolves a packet that [`Engine::handle`] called a miss: one upstream query per key
     /// however many clients ask at once; SERVFAIL if the upstreams fail.
     pub async fn resolve(&self, pkt: &[u8], from: Origin, out: &mut Vec<u8>, permit: MissPermit) -> Handled {
+        let started = Instant::now();
         match crate::panic::guarded(self.lookup(pkt, from, out, false, permit)).await {
-            Ok((h, Some(outcome))) => {
-                self.done(from, pkt, if h == Handled::Drop { &[] } else { out }, outcome);
+            Ok((h, Some(outcome), answer)) => {
+                let response = if h == Handled::Drop { &[][..] } else { &out[..] };
+                let mut q = Observed { latency: started.elapsed(), ..Observed::at_once(from, pkt, response, outcome) };
+                let exchange = match &answer {
+                    Some(a) if self.observed() => {
+                        q.upstream = a.upstream();
+                        a.exchange_once()
+                    }
+                    _ => None,
+                };
+                q.exchange = exchange.as_ref().map(|(upstream, received, rtt)| Exchange {
+                    upstream: *upstream,
+                    received: *received,
+                    rtt: *rtt,
+                    response: answer.as_ref().map_or(&[][..], |a| a.bytes()),
+                });
+                self.done(q);
                 h
             }
-            Ok((h, None)) => h,
+            Ok((h, None, _)) => h,
             Err(e) => self.panicked(pkt, from, out, &e),
         }
     }
@@ -352,8 +378,8 @@ impl Engine {
         out: &mut Vec<u8>,
         refresh: bool,
         permit: MissPermit,
-    ) -> (Handled, Option<Outcome>) {
-        let Ok(q) = Query::parse(pkt) else { return (Handled::Drop, (!refresh).then_some(Outcome::Dropped)) };
+    ) -> (Handled, Option<Outcome>, Option<Arc<Answer>>) {
+        let Ok(q) = Query::parse(pkt) else { return (Handled::Drop, (!refresh).then_some(Outcome::Dropped), None) };
         let snap = self.current.load_full();
         let client = from.client.to_canonical();
         let limit = snap.limit(&q, from.transport);
@@ -364,7 +390,7 @@ impl Engine {
             match snap.catalog.answer(&q, lc, from.listener, client, out, limit, snap.max_payload) {
                 Local::Forward(f, c) => (f, c),
                 // The configuration changed since `handle`: answered here after all.
-                local => return (Handled::Reply, (!refresh).then(|| local_outcome(&local))),
+                local => return (Handled::Reply, (!refresh).then(|| local_outcome(&local)), None),
             };
         let mut kb = [0u8; cache::KEY_MAX];
         let key: cache::Key = cache::key_into(&mut kb, forwarder.id(), lc, &q).into();
@@ -385,10 +411,11 @@ impl Engine {
             if matches!(result, Err(Failure::Budget)) {
                 self.outcomes.prefetches_skipped.increment(1);
             }
-            return (Handled::Drop, None);
+            return (Handled::Drop, None, None);
         }
         let outcome;
         let mut ede = None;
+        let mut answered = None;
         match result {
             Ok(answer) => {
                 outcome = Outcome::Forwarded;
@@ -396,6 +423,7 @@ impl Engine {
                     c.count_answer();
                 }
                 answer.serve(&q, out, Instant::now(), limit, snap.max_payload);
+                answered = Some(answer);
             }
             Err(e) => {
                 tracing::debug!(error = %e, name = %wire::wire_to_string(lc), "resolution failed");
@@ -412,7 +440,7 @@ impl Engine {
             }
         }
         snap.add_options(&q, client, out, ede, limit);
-        (Handled::Reply, Some(outcome))
+        (Handled::Reply, Some(outcome), answered)
     }
 
     /// SERVFAIL for `pkt` (nothing for what does not parse), counted with `why` and observed.
@@ -422,7 +450,7 @@ impl Engine {
         let limit = snap.limit(&q, from.transport);
         Response::new(out, &q, wire::RCODE_SERVFAIL, false).finish(&q, limit, snap.max_payload);
         snap.add_options(&q, from.client.to_canonical(), out, why.ede(), limit);
-        self.done(from, pkt, out, Outcome::ServFail(why));
+        self.done(Observed::at_once(from, pkt, out, Outcome::ServFail(why)));
         Handled::Reply
     }
 }
@@ -517,7 +545,7 @@ mod tests {
     }
 
     fn from(client: &str) -> Origin {
-        Origin { client: client.parse().unwrap(), listener: 0, transport: Transport::Udp }
+        Origin { client: client.parse().unwrap(), port: 5300, listener: 0, transport: Transport::Udp }
     }
 
     fn a_records(out: &[u8]) -> (ResponseCode, Vec<String>) {
@@ -640,7 +668,7 @@ mod tests {
         for transport in Transport::ALL {
             let pkt = query("busy.example.org.", RecordType::A);
             let mut out = Vec::new();
-            let at = Origin { client: "127.0.0.1".parse().unwrap(), listener: 0, transport };
+            let at = Origin { client: "127.0.0.1".parse().unwrap(), port: 5300, listener: 0, transport };
             let started = std::time::Instant::now();
             assert_eq!(engine.resolve_or_servfail(&pkt, at, &mut out).await, Handled::Reply);
             assert!(started.elapsed() < Duration::from_millis(100), "at once");
@@ -658,8 +686,8 @@ mod tests {
     struct Seen(Arc<std::sync::Mutex<Vec<(String, Outcome, usize)>>>);
 
     impl Observer for Seen {
-        fn observe(&self, from: Origin, _query: &[u8], response: &[u8], outcome: Outcome) {
-            self.0.lock().unwrap().push((from.client.to_string(), outcome, response.len()));
+        fn observe(&self, q: &Observed<'_>) {
+            self.0.lock().unwrap().push((q.from.client.to_string(), q.outcome, q.response.len()));
         }
     }
 

@@ -2,7 +2,8 @@
 //! ([`Outcome`]), counted in one place ([`Outcomes`]) and handed to an optional [`Observer`] (a
 //! query log, per-client statistics).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -27,10 +28,12 @@ impl Transport {
     }
 }
 
-/// Where a query came from: the client, and which `dns.listen` entry it arrived on.
+/// Where a query came from: the client (address and port), and which `dns.listen` entry it
+/// arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin {
     pub client: IpAddr,
+    pub port: u16,
     pub listener: usize,
     pub transport: Transport,
 }
@@ -139,10 +142,46 @@ impl Outcome {
     }
 }
 
-/// Told of every query once its outcome is known (a query log, per-client statistics). `response`
-/// is empty when nothing was sent. Called on the answering thread: it must not block.
+/// A query as an [`Observer`] is told of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub from: Origin,
+    pub query: &'a [u8],
+    /// What was sent: empty when nothing was.
+    pub response: &'a [u8],
+    pub outcome: Outcome,
+    /// From the query's arrival to its answer, for those answered after a wait (a miss); zero
+    /// for those answered at once.
+    pub latency: Duration,
+    /// The upstream that answered a forwarded query.
+    pub upstream: Option<SocketAddr>,
+    /// The upstream exchange, told once however many clients shared it: to the first whose
+    /// answer came from it.
+    pub exchange: Option<Exchange<'a>>,
+}
+
+/// One exchange with an upstream that gave an answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange<'a> {
+    pub upstream: SocketAddr,
+    /// When the answer arrived, and how long after the query left.
+    pub received: std::time::SystemTime,
+    pub rtt: Duration,
+    /// The answer as cached: upstream's bytes without its OPT record.
+    pub response: &'a [u8],
+}
+
+impl<'a> Observed<'a> {
+    /// A query answered at once.
+    pub fn at_once(from: Origin, query: &'a [u8], response: &'a [u8], outcome: Outcome) -> Self {
+        Observed { from, query, response, outcome, latency: Duration::ZERO, upstream: None, exchange: None }
+    }
+}
+
+/// Told of every query once its outcome is known (a query log, per-client statistics). Called on
+/// the answering thread: it must not block.
 pub trait Observer: Send + Sync {
-    fn observe(&self, from: Origin, query: &[u8], response: &[u8], outcome: Outcome);
+    fn observe(&self, q: &Observed<'_>);
 }
 
 /// An [`Observer`] behind the engine's swappable slot.

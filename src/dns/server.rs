@@ -218,7 +218,7 @@ pub async fn serve_tcp(
         let task = async move {
             let _held = (admitted, crate::net::Active::new(active));
             let _ = stream.set_nodelay(limits.nodelay || transport == Transport::Doh);
-            let from = Origin { client: peer.ip(), listener: index, transport };
+            let from = Origin { client: peer.ip(), port: peer.port(), listener: index, transport };
             let serve = serve_connection(&engine, stream, from, limits, secure, &handshake_errors);
             tokio::select! {
                 r = serve => {

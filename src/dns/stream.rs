@@ -411,7 +411,7 @@ mod tests {
     }
 
     fn origin() -> Origin {
-        Origin { client: [127, 0, 0, 1].into(), listener: 0, transport: Transport::Tcp }
+        Origin { client: [127, 0, 0, 1].into(), port: 5300, listener: 0, transport: Transport::Tcp }
     }
 
     /// Records every write call it gets.

@@ -148,7 +148,8 @@ impl Worker {
                 let Some(peer) = to_std(&b.names[i]) else { continue };
                 let slot = b.reply_to.len();
                 let pkt = &b.bufs[i][..len];
-                let from = Origin { client: peer.ip(), listener: self.listener, transport: Transport::Udp };
+                let from =
+                    Origin { client: peer.ip(), port: peer.port(), listener: self.listener, transport: Transport::Udp };
                 match self.engine.handle(pkt, from, &mut b.outs[slot]) {
                     Handled::Reply => b.reply_to.push(i),
                     Handled::ReplyAndPrefetch => {

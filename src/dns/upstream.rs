@@ -256,7 +256,8 @@ impl Upstreams {
                 Err(_) => Err(UpstreamError::Timeout { upstream: server.addr }),
             };
             match result {
-                Ok(answer) => {
+                Ok(mut answer) => {
+                    answer.set_origin(server.addr, started.elapsed());
                     server.latency.record(started.elapsed().as_secs_f64());
                     server.observe_rtt(started.elapsed());
                     server.succeeded();

@@ -50,7 +50,8 @@ class Daemon:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
-            env={**os.environ, "RUST_LOG": "mskdns=debug", **(env or {})},
+            # Never the instance metadata service: tests talk to loopback only.
+            env={**os.environ, "RUST_LOG": "mskdns=debug", "AWS_EC2_METADATA_DISABLED": "true", **(env or {})},
             preexec_fn=preexec_fn,
         )
         self.dns = []
