@@ -119,6 +119,8 @@ struct Shared {
     queue: Mutex<Queue>,
     notify: Notify,
     max_bytes: usize,
+    /// Queued bytes that wake the writer before its tick.
+    wake_bytes: usize,
     /// A query is logged when a random u64 is below this.
     sample_below: u64,
     /// The `dns.listen` entries, by listener index (the address a query arrived on).
@@ -147,9 +149,10 @@ impl Observer for QueryLog {
         }
         queue.bytes += size;
         queue.records.push_back(record);
-        let first = queue.records.len() == 1;
+        // The writer wakes on its tick; early only for a batch worth writing at once.
+        let wake = queue.bytes >= s.wake_bytes && queue.bytes - size < s.wake_bytes;
         drop(queue);
-        if first {
+        if wake {
             s.notify.notify_one();
         }
     }
@@ -174,6 +177,7 @@ pub fn start(engine: &Engine, config: &Config, q: &QueryLogConfig, tasks: &TaskT
         queue: Mutex::new(Queue { records: VecDeque::new(), bytes: 0 }),
         notify: Notify::new(),
         max_bytes: q.max_queue_bytes,
+        wake_bytes: (q.max_queue_bytes / 8).min(256 << 10),
         sample_below,
         listeners: config.dns.all_listeners(),
         dropped_full: metrics::counter!("mskdns_query_log_dropped_total", "reason" => "queue_full"),
@@ -223,7 +227,7 @@ struct Writer {
     config: QueryLogConfig,
     shared: Arc<Shared>,
     sink: Sink,
-    identity: Vec<u8>,
+    dnstap: dnstap::Encoder,
     aws: json::Aws,
     /// The view name of each listener index (for JSON lines).
     views: Vec<String>,
@@ -246,7 +250,7 @@ impl Writer {
             sink: Sink::new(&config),
             config,
             shared,
-            identity,
+            dnstap: dnstap::Encoder::new(identity),
             aws,
             views,
             written: metrics::counter!("mskdns_query_log_records_total"),
@@ -272,9 +276,11 @@ impl Writer {
             for r in &records {
                 self.encode(r, &mut buf);
             }
+            let count = records.len();
+            drop(records);
             if !buf.is_empty() || self.sink.wants_tick() {
                 let result = self.sink.write(&buf).await;
-                self.account(result, records.len(), buf.len());
+                self.account(result, count, buf.len());
             }
             if stopping {
                 self.sink.close().await;
@@ -285,16 +291,16 @@ impl Writer {
 
     fn take(&self) -> Vec<Record> {
         let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.bytes = 0;
+        let bytes = std::mem::take(&mut q.bytes);
         let out: Vec<Record> = q.records.drain(..).collect();
         drop(q);
-        self.shared.queued_bytes.set(0.0);
+        self.shared.queued_bytes.set(bytes as f64);
         out
     }
 
-    fn encode(&self, r: &Record, out: &mut Vec<u8>) {
+    fn encode(&mut self, r: &Record, out: &mut Vec<u8>) {
         match self.config.format {
-            QueryLogFormat::Dnstap => dnstap::frames(r, &self.identity, &self.config.messages, out),
+            QueryLogFormat::Dnstap => self.dnstap.frames(r, &self.config.messages, out),
             QueryLogFormat::Json => {
                 let view = self.views.get(r.listener).map(String::as_str).filter(|v| *v != "default");
                 json::line(r, &self.aws, view, out)
