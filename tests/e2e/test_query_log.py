@@ -182,6 +182,8 @@ def test_dnstap_names_the_dot_and_doh_transports(tmp_path):
 
 
 def test_json_lines_in_route53_form(tmp_path):
+    ca = CA(tmp_path / "ca")
+    cert, key, _ = ca.issue("dns", dns=[HOST], ips=["127.0.0.1"])
     up = LimitedUpstream()
     path = tmp_path / "queries.json"
     log = f"""[query_log]
@@ -192,10 +194,14 @@ region = "us-east-1"
 vpc_id = "vpc-0123456789abcdef0"
 instance_id = "i-0123456789abcdef0"
 """
-    d = Daemon(config(up, log), tmp_path)
+    doh = f'listen_doh = ["127.0.0.1:0"]\ntls_cert = "{cert}"\ntls_key = "{key}"'
+    d = Daemon(config(up, log, extra_dns=doh), tmp_path)
     try:
         queries(d)
-        assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= 4, 5)
+        q = dns.message.make_query("doh.example.test", "A")
+        r = dns.query.https(q, f"https://{HOST}:{d.doh[0][1]}/dns-query", bootstrap_address="127.0.0.1", verify=str(ca.file))
+        assert r.answer
+        assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= 5, 5)
     finally:
         d.stop()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
@@ -215,6 +221,8 @@ instance_id = "i-0123456789abcdef0"
     assert [x["outcome"] for x in fwd] == ["forwarded", "cache_hit", "refused"]
     assert fwd[0]["upstream"] == up.addr and fwd[0]["answers"][0]["Rdata"] == "192.0.2.1"
     assert fwd[2]["rcode"] == "REFUSED" and fwd[2]["srcaddr"] == "127.0.0.2"
+    [over_doh] = by_name["doh.example.test."]
+    assert over_doh["transport"] == "DoH" and over_doh["srcaddr"] == "127.0.0.1", over_doh
 
 
 def test_sampling_logs_about_the_fraction(tmp_path):
