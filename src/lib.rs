@@ -14,6 +14,7 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod activation;
 pub mod admin;
 pub mod alloc;
 pub mod config;
@@ -130,11 +131,7 @@ impl Server {
             }
         }
         let addr = config.admin.listen;
-        let admin = std::net::TcpListener::bind(addr)
-            .and_then(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)
-            })
+        let admin = net::bind_tcp(addr, || std::net::TcpListener::bind(addr))
             .map_err(|source| StartError::BindAdmin { addr, source })?;
         let tcp_limits = TcpLimits {
             max_connections: config.dns.max_tcp_connections,
@@ -266,7 +263,9 @@ impl Server {
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         tasks.close();
         self.engine.tasks().close();
-        let grace = self.engine.resolve_deadline() + Duration::from_secs(1);
+        // DNS: the misses in flight; the proxies: their shutdown grace (connections drain).
+        let proxies = self.config.proxies.iter().map(|p| p.shutdown_grace()).max().unwrap_or_default();
+        let grace = (self.engine.resolve_deadline() + Duration::from_secs(1)).max(proxies + Duration::from_secs(1));
         let all = async { tokio::join!(tasks.wait(), self.engine.tasks().wait()) };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(?grace, "tasks still running at the end of the shutdown grace period");

@@ -95,9 +95,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // Before any other thread: the sockets a service manager passed, matched to listeners below.
+    mskdns::activation::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let server = mskdns::Server::bind(&config)?;
+        mskdns::activation::check_all_taken()?;
         // Bound addresses on stdout, one per line, then `ready`: tests and scripts read these.
         for addr in server.dns_addrs() {
             println!("listening dns {addr}");

@@ -38,3 +38,17 @@ impl Drop for Active {
         self.0.decrement(1.0);
     }
 }
+
+/// A TCP listener on `addr`: the one the service manager passed (socket activation), else
+/// `bind()`'s; non-blocking, for tokio.
+pub fn bind_tcp(
+    addr: std::net::SocketAddr,
+    bind: impl FnOnce() -> std::io::Result<std::net::TcpListener>,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let l = match crate::activation::take_tcp(addr) {
+        Some(l) => l,
+        None => bind()?,
+    };
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}

@@ -31,9 +31,24 @@ pub enum ProxyError {
 }
 
 pub(crate) fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    TcpListener::from_std(l)
+    crate::net::bind_tcp(addr, || std::net::TcpListener::bind(addr))
+}
+
+/// The end of a proxy's shutdown grace: `grace` after `shutdown`. Open connections last until
+/// then at most.
+pub(crate) async fn end_of_grace(shutdown: &CancellationToken, grace: std::time::Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
+impl crate::config::ProxyBlock {
+    /// How long open connections may last after SIGTERM.
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self {
+            crate::config::ProxyBlock::Ports(p) => p.shutdown_grace_secs,
+            crate::config::ProxyBlock::Sni(s) => s.shutdown_grace_secs,
+        })
+    }
 }
 
 /// Whether a connection from `peer` is closed at accept, before anything is read from it (both

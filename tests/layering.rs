@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// Layers, bottom up: a module may import its own layer and those below it. Modules not listed
 /// are ground-level helpers (layer 0).
 const LAYERS: &[(&str, usize)] = &[
+    ("activation", 0),
     ("alloc", 0),
     ("panic", 0),
     ("limits", 0),

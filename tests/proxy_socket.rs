@@ -178,6 +178,7 @@ fn config(upstream: SocketAddr, broker_ports: PortRange, max_frame_bytes: u32) -
         allow: mskdns::config::default_allow(),
         max_connections_per_client: 100,
         first_request_timeout_ms: 1000,
+        shutdown_grace_secs: 30,
     }
 }
 

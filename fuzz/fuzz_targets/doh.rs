@@ -46,7 +46,8 @@ fuzz_target!(|data: &[u8]| {
             write_timeout: Duration::from_secs(1),
             nodelay: true,
         };
-        let served = tokio::spawn(doh::connection(engine.clone(), FrameCut::new(server, http2), from, settings, limits));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let served = tokio::spawn(doh::connection(engine.clone(), FrameCut::new(server, http2), from, settings, limits, stop));
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;
         let mut out = Vec::new();

@@ -135,6 +135,13 @@ pub struct SniConfig {
     /// send a header; others are closed at accept, before anything is read. Empty: any peer.
     #[serde(default)]
     pub proxy_protocol_from: Vec<IpNet>,
+    /// On SIGTERM: no new connections; open ones are closed at the end of this.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_shutdown_grace() -> u64 {
+    30
 }
 
 fn default_client_hello_timeout() -> u64 {
@@ -222,6 +229,10 @@ pub struct ProxyConfig {
     pub allow_endpoints: Vec<String>,
     #[serde(default)]
     pub proxy_protocol_from: Vec<IpNet>,
+    /// On SIGTERM: no new connections; an open one closes at its first request boundary with no
+    /// response pending (no Kafka request is lost half-way), at the latest at the end of this.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
 }
 
 fn default_proxy_per_client() -> usize {

@@ -163,6 +163,7 @@ pub async fn connection<S>(
     from: Origin,
     settings: Arc<DohSettings>,
     limits: TcpLimits,
+    stop: tokio_util::sync::CancellationToken,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -201,6 +202,12 @@ where
     loop {
         tokio::select! {
             r = conn.as_mut() => return r.map_err(io::Error::other),
+            // Shutting down: no new streams (a GOAWAY, or close after the response in progress);
+            // the requests already read are answered.
+            _ = stop.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
             _ = tokio::time::sleep(check) => {
                 let sent = activity.sent.load(Ordering::Relaxed);
                 let unsent = activity.unsent();

@@ -66,6 +66,26 @@ impl Listener {
 /// Binds UDP and TCP on `addr`. With port 0 the kernel picks the UDP port and TCP takes the
 /// same one, retrying a few times should TCP find that port taken.
 pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+    // Passed by the service manager (socket activation): used as they are, their buffers untouched.
+    let (udp, tcp) = (crate::activation::take_udp(addr), crate::activation::take_tcp(addr));
+    if udp.is_some() || tcp.is_some() {
+        let udp = match udp {
+            Some(u) => {
+                u.set_nonblocking(false)?;
+                u.set_read_timeout(Some(super::udp::POLL_INTERVAL))?;
+                u
+            }
+            None => udp_socket(addr)?.into(),
+        };
+        let tcp = match tcp {
+            Some(t) => {
+                t.set_nonblocking(true)?;
+                TcpListener::from_std(t)?
+            }
+            None => TcpListener::from_std(tcp_listener(addr)?.into())?,
+        };
+        return Ok(Listener { udp, tcp });
+    }
     let mut last = None;
     for _ in 0..16 {
         let udp = udp_socket(addr)?;
@@ -132,7 +152,7 @@ impl Secure {
 
 /// Binds a TCP listener for DoT or DoH (port 0: any free port).
 pub fn bind_stream(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::from_std(tcp_listener(addr)?.into())
+    crate::net::bind_tcp(addr, || tcp_listener(addr).map(Into::into))
 }
 
 /// The connection caps every DNS stream listener (TCP, DoT and DoH) shares: `max_tcp_connections`
@@ -219,14 +239,17 @@ pub async fn serve_tcp(
             let _held = (admitted, crate::net::Active::new(active));
             let _ = stream.set_nodelay(limits.nodelay || transport == Transport::Doh);
             let from = Origin { client: peer.ip(), port: peer.port(), listener: index, transport };
-            let serve = serve_connection(&engine, stream, from, limits, secure, &handshake_errors);
+            // On shutdown a connection reads nothing more, answers what it read (its misses
+            // included), then closes; past the grace it is dropped.
+            let serve = serve_connection(&engine, stream, from, limits, secure, &handshake_errors, &shutdown);
+            let grace = engine.resolve_deadline() + limits.write_timeout;
             tokio::select! {
                 r = serve => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "connection ended");
                     }
                 }
-                _ = shutdown.cancelled() => {}
+                _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {}
             }
         };
         tasks.spawn(tracing::Instrument::instrument(task, span));
@@ -242,10 +265,11 @@ async fn serve_connection(
     limits: TcpLimits,
     secure: Option<Secure>,
     handshake_errors: &metrics::Counter,
+    stop: &CancellationToken,
 ) -> io::Result<()> {
     let Some(secure) = secure else {
         let (rd, wr) = stream.into_split();
-        return stream_connection(engine, rd, wr, from, limits).await;
+        return stream_connection(engine, rd, wr, from, limits, stop).await;
     };
     match secure.inside.clone() {
         Inside::Doh(settings) => {
@@ -255,12 +279,12 @@ async fn serve_connection(
             let tls = handshake(&secure, io, handshake_errors).await?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let tls = super::doh::FrameCut::new(tls, h2);
-            super::doh::connection(engine.clone(), tls, from, settings, limits).await
+            super::doh::connection(engine.clone(), tls, from, settings, limits, stop.clone()).await
         }
         Inside::Dot => {
             let tls = handshake(&secure, stream, handshake_errors).await?;
             let (rd, wr) = tokio::io::split(tls);
-            stream_connection(engine, rd, wr, from, limits).await
+            stream_connection(engine, rd, wr, from, limits, stop).await
         }
     }
 }

@@ -180,6 +180,7 @@ pub async fn stream_connection<R, W>(
     wr: W,
     from: Origin,
     limits: TcpLimits,
+    stop: &CancellationToken,
 ) -> io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -207,7 +208,7 @@ where
             writer.send_framed(&batch).await?;
             batch.clear();
         }
-        let at = match next_query(&mut inbox, &mut rd, idle.as_mut(), last_query, limits, failed.as_mut()).await {
+        let at = match next_query(&mut inbox, &mut rd, idle.as_mut(), last_query, limits, failed.as_mut(), stop).await {
             Next::Query(at) => at,
             Next::Ended(r) => break r,
             Next::Failed => return Err(write_failed()),
@@ -294,6 +295,7 @@ async fn next_query<R: tokio::io::AsyncRead + Unpin>(
     last_query: tokio::time::Instant,
     limits: TcpLimits,
     mut failed: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+    stop: &CancellationToken,
 ) -> Next {
     loop {
         match inbox.take() {
@@ -301,9 +303,14 @@ async fn next_query<R: tokio::io::AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Next::Ended(Err(e)),
         }
+        // Shutting down: the queries already read were answered; nothing more is read.
+        if stop.is_cancelled() {
+            return Next::Ended(Ok(()));
+        }
         tokio::select! {
             biased;
             () = failed.as_mut() => return Next::Failed,
+            () = stop.cancelled() => return Next::Ended(Ok(())),
             r = inbox.fill(rd) => match r {
                 Ok(0) if inbox.unread().is_empty() => return Next::Ended(Ok(())),
                 Ok(0) => return Next::Ended(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ended mid-message"))),
@@ -435,7 +442,9 @@ mod tests {
     async fn pipelined_queries_read_together_are_answered_in_one_write() {
         let queries: Vec<u8> = (1..=40).flat_map(framed_query).collect();
         let writes = Writes::default();
-        stream_connection(&engine(), &queries[..], writes.clone(), origin(), limits()).await.unwrap();
+        stream_connection(&engine(), &queries[..], writes.clone(), origin(), limits(), &CancellationToken::new())
+            .await
+            .unwrap();
         let writes = writes.0.lock().unwrap().clone();
         assert_eq!(writes.len(), 1, "one write for the 40 answers");
         let got = answers(&writes[0]);
@@ -463,7 +472,34 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (rd, wr) = tokio::io::split(server);
         let engine = engine();
-        (client, tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits()).await }))
+        (
+            client,
+            tokio::spawn(async move {
+                stream_connection(&engine, rd, wr, origin(), limits(), &CancellationToken::new()).await
+            }),
+        )
+    }
+
+    /// Shutdown: the queries already read are answered, nothing more is read, the connection
+    /// ends cleanly.
+    #[tokio::test]
+    async fn on_shutdown_a_connection_answers_what_it_read_then_ends() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(server);
+        let engine = engine();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits(), &s).await });
+        client.write_all(&[framed_query(1), framed_query(2)].concat()).await.unwrap();
+        assert_eq!(read_answer(&mut client).await.0, 1);
+        assert_eq!(read_answer(&mut client).await.0, 2);
+        stop.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), served).await.expect("ends at once").unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+        client.write_all(&framed_query(3)).await.ok();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing answered after shutdown: {rest:?}");
     }
 
     /// Reads one framed answer and returns its id and A records.
@@ -489,7 +525,9 @@ mod tests {
         assert!(queries.len() > 2 * TCP_READ_BUFFER);
         queries.extend(framed_query(10));
         let writes = Writes::default();
-        stream_connection(&engine(), &queries[..], writes.clone(), origin(), limits()).await.unwrap();
+        stream_connection(&engine(), &queries[..], writes.clone(), origin(), limits(), &CancellationToken::new())
+            .await
+            .unwrap();
         let got = answers(&writes.0.lock().unwrap().concat());
         let ids: Vec<u16> = got.iter().map(|a| a.0).collect();
         assert_eq!(ids, [9, 10], "both answered, in order: {got:?}");
@@ -544,7 +582,9 @@ mod tests {
         let (rd, wr) = tokio::io::split(server);
         let engine = engine();
         let limits = TcpLimits { write_timeout: Duration::from_millis(500), ..limits() };
-        let served = tokio::spawn(async move { stream_connection(&engine, rd, wr, origin(), limits).await });
+        let served = tokio::spawn(async move {
+            stream_connection(&engine, rd, wr, origin(), limits, &CancellationToken::new()).await
+        });
         let started = tokio::time::Instant::now();
         let writer = tokio::spawn(async move {
             for id in 0..2000u16 {

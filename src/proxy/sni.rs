@@ -375,7 +375,8 @@ async fn connection(
     }
     drop(front);
     let idle = Duration::from_secs(shared.cfg.idle_timeout_secs);
-    let (up, down) = splice(sock, upstream, idle, &shared.shutdown).await;
+    let grace = Duration::from_secs(shared.cfg.shutdown_grace_secs);
+    let (up, down) = splice(sock, upstream, idle, &shared.shutdown, grace).await;
     metrics::counter!("mskdns_proxy_sni_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_broker")
         .increment(up);
     metrics::counter!("mskdns_proxy_sni_bytes_total", "proxy" => shared.label.clone(), "direction" => "to_client")
@@ -527,10 +528,9 @@ mod tests {
         let (mut client, client_side) = pair().await;
         let (broker_side, mut broker) = pair().await;
         let shutdown = CancellationToken::new();
-        let relay =
-            tokio::spawn(
-                async move { super::splice(client_side, broker_side, Duration::from_secs(10), &shutdown).await },
-            );
+        let relay = tokio::spawn(async move {
+            super::splice(client_side, broker_side, Duration::from_secs(10), &shutdown, Duration::ZERO).await
+        });
         // 3 MiB up with a pattern, half-closed; the broker answers 1 MiB after reading it all.
         let up: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
         let sent = up.clone();
@@ -583,10 +583,9 @@ mod tests {
         let (client, client_side) = pair().await;
         let (broker_side, broker) = pair().await;
         let shutdown = CancellationToken::new();
-        let relay =
-            tokio::spawn(
-                async move { super::splice(client_side, broker_side, Duration::from_secs(10), &shutdown).await },
-            );
+        let relay = tokio::spawn(async move {
+            super::splice(client_side, broker_side, Duration::from_secs(10), &shutdown, Duration::ZERO).await
+        });
         // A reset from the broker (linger 0): the relay ends, and the client sees the end.
         socket2::SockRef::from(&broker).set_linger(Some(Duration::ZERO)).unwrap();
         drop(broker);

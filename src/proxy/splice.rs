@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 const SPLICE_BUF: usize = 16 * 1024;
 
 /// Moves bytes both ways until both sides are done, either fails, either side is idle `idle`
-/// long, or shutdown; returns the bytes sent each way (to the broker, to the client). On Linux
+/// long, or `grace` after shutdown; returns the bytes sent each way (to the broker, to the client). On Linux
 /// the bytes go socket to socket through a pipe per direction (splice(2)) and never enter user
 /// space; elsewhere, or with no file descriptors left for the pipes, through 16 KiB buffers.
 pub(super) async fn splice(
@@ -21,6 +21,7 @@ pub(super) async fn splice(
     broker: TcpStream,
     idle: Duration,
     shutdown: &CancellationToken,
+    grace: Duration,
 ) -> (u64, u64) {
     let last = Arc::new(AtomicU64::new(0));
     let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -36,7 +37,8 @@ pub(super) async fn splice(
         let mut b = Touch { inner: broker, last: last.clone(), bytes: down.clone(), epoch };
         tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, SPLICE_BUF, SPLICE_BUF).await.map(|_| ())
     };
-    tokio::pin!(moved);
+    let end = super::end_of_grace(shutdown, grace);
+    tokio::pin!(moved, end);
     let quiet =
         || Duration::from_millis((epoch.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed)));
     loop {
@@ -53,7 +55,7 @@ pub(super) async fn splice(
                     break;
                 }
             }
-            _ = shutdown.cancelled() => break,
+            () = &mut end => break,
         }
     }
     (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))

@@ -40,13 +40,15 @@ def free_port():
 class Daemon:
     """mskdns started from a TOML config; reads the bound addresses it prints on stdout."""
 
-    def __init__(self, config_text, tmp_path, env=None, name="mskdns.toml", preexec_fn=None):
+    def __init__(self, config_text, tmp_path, env=None, name="mskdns.toml", preexec_fn=None, wrap=None, pass_fds=()):
         assert BIN.exists(), f"{BIN} is missing: build with cargo build first"
         self.config = tmp_path / name
         self.config.write_text(config_text)
         self.log = open(tmp_path / (name.removesuffix(".toml") + ".log"), "w+")
+        argv = [str(BIN), "--config", str(self.config)]
         self.proc = subprocess.Popen(
-            [str(BIN), "--config", str(self.config)],
+            wrap(argv) if wrap else argv,
+            pass_fds=pass_fds,
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,

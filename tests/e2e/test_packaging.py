@@ -16,8 +16,9 @@ def test_systemd_unit_verifies(tmp_path):
     # verify checks that ExecStart exists: point it at the binary just built.
     unit = (ROOT / "packaging/systemd/mskdns.service").read_text().replace("/usr/bin/mskdns", str(BIN))
     (tmp_path / "mskdns.service").write_text(unit)
-    out = run(require("systemd-analyze"), "verify", str(tmp_path / "mskdns.service"))
-    assert "mskdns.service" not in out, out  # any finding names the unit
+    (tmp_path / "mskdns.socket").write_text((ROOT / "packaging/systemd/mskdns.socket").read_text())
+    out = run(require("systemd-analyze"), "verify", str(tmp_path / "mskdns.socket"), str(tmp_path / "mskdns.service"))
+    assert "mskdns.service" not in out and "mskdns.socket" not in out, out  # any finding names the unit
     assert "DynamicUser=yes" in unit and "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in unit
 
 

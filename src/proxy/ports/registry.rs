@@ -378,6 +378,7 @@ pub(super) mod tests {
             allow: crate::config::default_allow(),
             max_connections_per_client: 10,
             first_request_timeout_ms: 1000,
+            shutdown_grace_secs: 30,
         }
     }
 

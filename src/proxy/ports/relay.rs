@@ -2,6 +2,7 @@
 //! read), responses paired with their request and rewritten when they carry broker addresses.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ where
 {
     let (tx, rx) = mpsc::channel::<RequestHeader>(MAX_INFLIGHT);
     let acks0: Arc<Mutex<VecDeque<i32>>> = Arc::default();
+    // Requests forwarded and not answered yet: a draining connection closes when none is left.
+    let pending = Arc::new(AtomicUsize::new(0));
     let idle = Duration::from_secs(shared.cfg.idle_timeout_secs);
     let activity = Arc::new(Mutex::new(Instant::now()));
     // Bounded both ways: BUFFER bytes read ahead and BUFFER bytes waiting to be written per
@@ -41,6 +44,7 @@ where
         tx,
         acks0.clone(),
         activity.clone(),
+        pending.clone(),
     );
     let responses = responses(
         shared,
@@ -49,6 +53,7 @@ where
         rx,
         acks0,
         activity.clone(),
+        pending.clone(),
     );
     let watchdog = async {
         loop {
@@ -60,12 +65,38 @@ where
             tokio::time::sleep(left).await;
         }
     };
+    let hard_stop = super::super::end_of_grace(&shared.shutdown, Duration::from_secs(shared.cfg.shutdown_grace_secs));
+    tokio::pin!(requests, responses, watchdog, hard_stop);
     tokio::select! {
-        r = requests => r,
-        r = responses => r,
-        r = watchdog => r,
-        _ = shared.shutdown.cancelled() => Ok(()),
+        r = &mut requests => match r {
+            // Shutting down: no request was cut; the answers to those forwarded still come back.
+            Ok(Stopped::Draining) => {}
+            Ok(Stopped::ClientDone) => return Ok(()),
+            Err(e) => return Err(e),
+        },
+        r = &mut responses => return r,
+        r = &mut watchdog => return r,
+        () = &mut hard_stop => return Ok(()),
     }
+    loop {
+        if pending.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        tokio::select! {
+            r = &mut responses => return r,
+            r = &mut watchdog => return r,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            () = &mut hard_stop => return Ok(()),
+        }
+    }
+}
+
+/// Why the client-to-broker direction ended without an error.
+enum Stopped {
+    /// The client closed its side.
+    ClientDone,
+    /// Shutdown, at a request boundary: nothing of a request was forwarded half.
+    Draining,
 }
 
 fn touch(activity: &Mutex<Instant>) {
@@ -108,7 +139,8 @@ async fn requests<R, W>(
     fifo: mpsc::Sender<RequestHeader>,
     acks0: Arc<Mutex<VecDeque<i32>>>,
     activity: Arc<Mutex<Instant>>,
-) -> Result<(), ConnError>
+    pending: Arc<AtomicUsize>,
+) -> Result<Stopped, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -119,7 +151,16 @@ where
     let mut prefix = vec![0u8; frame::REQUEST_PREFIX];
     let mut by_api: BTreeMap<i16, metrics::Counter> = BTreeMap::new();
     loop {
-        let Some(size) = read_size(&mut client).await? else { return Ok(()) };
+        // Shutdown is looked at only between requests: one that has begun is forwarded whole.
+        let size = tokio::select! {
+            biased;
+            r = read_size(&mut client) => r?,
+            _ = shared.shutdown.cancelled() => {
+                server.flush().await?;
+                return Ok(Stopped::Draining);
+            }
+        };
+        let Some(size) = size else { return Ok(Stopped::ClientDone) };
         let n = frame::frame_size(size, max).map_err(ConnError::ClientFrame)?;
         let head = n.min(frame::REQUEST_PREFIX);
         client.read_exact(&mut prefix[..head]).await?;
@@ -147,6 +188,7 @@ where
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed().into()),
             }
+            pending.fetch_add(1, Ordering::Relaxed);
         } else {
             // Remembered (the most recent ones) in case the broker answers anyway.
             let mut q = acks0.lock().unwrap_or_else(|e| e.into_inner());
@@ -172,6 +214,7 @@ async fn responses<R, W>(
     mut fifo: mpsc::Receiver<RequestHeader>,
     acks0: Arc<Mutex<VecDeque<i32>>>,
     activity: Arc<Mutex<Instant>>,
+    pending: Arc<AtomicUsize>,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -192,13 +235,7 @@ where
         server.read_exact(&mut corr).await?;
         touch(&activity);
         let got = i32::from_be_bytes(corr);
-        // Some brokers answer acks=0 Produce requests: the client expects nothing, so the
-        // answer is dropped, not treated as a broken stream.
-        let answered_acks0 = {
-            let mut q = acks0.lock().unwrap_or_else(|e| e.into_inner());
-            q.iter().position(|&c| c == got).map(|i| q.drain(..=i).count())
-        };
-        if answered_acks0.is_some() {
+        if answers_acks0(&acks0, got) {
             acks0_dropped.increment(1);
             copy_exact(&mut server, &mut tokio::io::sink(), (n - 4) as u64).await?;
             bytes.increment(4 + n as u64);
@@ -242,6 +279,10 @@ where
         }
         flush_unless_more(&server, &mut client).await?;
         bytes.increment(4 + n as u64);
+        // Counted as answered once written: the last one of a draining connection goes out now.
+        if pending.fetch_sub(1, Ordering::Relaxed) == 1 {
+            client.flush().await?;
+        }
     }
 }
 
@@ -257,6 +298,13 @@ async fn over_registry<T>(
         return rewrite(shared.port_map().as_ref());
     }
     Ok((out, done))
+}
+
+/// Some brokers answer acks=0 Produce requests: the client expects nothing, so the answer with
+/// correlation id `got` is dropped, not treated as a broken stream.
+fn answers_acks0(acks0: &Mutex<VecDeque<i32>>, got: i32) -> bool {
+    let mut q = acks0.lock().unwrap_or_else(|e| e.into_inner());
+    q.iter().position(|&c| c == got).map(|i| q.drain(..=i).count()).is_some()
 }
 
 fn count_rewrite(shared: &Shared, api_key: i16, done: &rewrite::Rewritten) {
@@ -334,6 +382,35 @@ mod tests {
         broker.write_all(&[0, 0, 0, 8, 0, 0, 0, 9, 0, 0, 0, 0]).await.unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
         assert!(matches!(ended, Err(ConnError::Unexpected)), "{ended:?}");
+    }
+
+    /// Shutdown while a request is with the broker: its answer still reaches the client, a request
+    /// sent after shutdown is not forwarded, and the connection then closes (before the grace).
+    #[tokio::test]
+    async fn a_draining_connection_delivers_the_answers_it_owes_then_closes_at_a_request_boundary() {
+        let (shared, _tasks, stop) = shared(60);
+        let (mut client, proxy_client) = duplex(1 << 16);
+        let (proxy_server, mut broker) = duplex(1 << 16);
+        let (cr, cw) = tokio::io::split(proxy_client);
+        let (sr, sw) = tokio::io::split(proxy_server);
+        let relay = tokio::spawn(async move { relay(&shared, cr, cw, sr, sw).await });
+        client.write_all(&heartbeat(1)).await.unwrap();
+        let mut got = vec![0u8; heartbeat(1).len()];
+        broker.read_exact(&mut got).await.unwrap();
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!relay.is_finished(), "an answer is owed: the connection waits for it");
+        client.write_all(&heartbeat(2)).await.unwrap();
+        broker.write_all(&[0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0]).await.unwrap();
+        let mut back = [0u8; 12];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back[4..8], &1i32.to_be_bytes(), "the answer owed was delivered");
+        let ended = tokio::time::timeout(Duration::from_secs(5), relay).await.expect("closed, well within the grace");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        // Nothing of the request sent after shutdown reached the broker.
+        let mut rest = Vec::new();
+        broker.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
     }
 
     /// The idle timer on tokio's paused clock: a connection silent for idle_timeout_secs ends;
