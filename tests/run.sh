@@ -25,6 +25,8 @@ cargo nextest run --locked --no-fail-fast
 # The fuzz targets, briefly (cargo fuzz on the stable toolchain through RUSTC_BOOTSTRAP; the
 # long runs are recorded in docs/fuzzing.md). New inputs go to a scratch copy of the corpus.
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
+# The Debian package is built and installed by the e2e tests (tests/e2e/test_package.py).
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
 scratch=$(mktemp -d)
 for t in request upstream_response config kafka_frame sni_front doh; do
   mkdir -p "$scratch/$t"
