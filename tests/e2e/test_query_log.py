@@ -4,7 +4,6 @@ lines in Route 53 Resolver's format; sampling; a collector that stops reading, b
 handshake; a full disk; a reload that starts and stops the log."""
 
 import json
-import os
 import signal
 import socket
 import struct

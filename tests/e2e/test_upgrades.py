@@ -13,7 +13,7 @@ import time
 import dns.message
 import dns.query
 
-from conftest import Daemon, free_port, require, wait_for
+from conftest import Daemon, free_port, require
 from test_upstream_budget import LimitedUpstream
 
 A = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
@@ -303,3 +303,68 @@ upstream_tls = false
     assert len(delivered) == n
     assert sorted(read) == sorted(set(read)), "a message is in the broker twice"
     assert set(delivered) == set(read)
+
+
+def test_a_producer_through_the_sni_proxy_across_restarts(client_host, tmp_path):
+    """SNI mode on passed sockets (the proxy's listener, and the DNS listener the client host
+    resolves the cluster through), restarted twice while an idempotent confluent-kafka producer on
+    the client host writes through it: TLS passes through untouched, so a connection is closed at
+    the end of the grace and a request cut with it is sent again; every message the producer was
+    told was delivered is in the broker once, and the producer needed no restart."""
+    import json
+    import sys
+    import uuid
+
+    from test_proxy_sni import SERVERLESS, MskBroker, sni_daemon_config
+
+    port = free_port()
+    broker = MskBroker(tmp_path, port, SERVERLESS)
+    h = client_host
+    dns_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dns_udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+    dns_udp.bind((h.host_ip, 53))
+    dns_tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dns_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    dns_tcp.bind((h.host_ip, 53))
+    dns_tcp.listen(128)
+    sni = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sni.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sni.bind((h.host_ip, port))
+    sni.listen(128)
+    text = sni_daemon_config(SERVERLESS, port, h.host_ip, h.host_ip, f"{h.ip}/32", h.host_ip, "shutdown_grace_secs = 2")
+
+    def start(gen):
+        def place():
+            for i, s in enumerate((dns_udp, dns_tcp, sni)):
+                os.dup2(s.fileno(), 3 + i)
+
+        return Daemon(text, tmp_path, name=f"sni-{gen}.toml", env={"LISTEN_FDS": "3"}, preexec_fn=place,
+                      pass_fds=(3, 4, 5), wrap=lambda argv: ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *argv])
+
+    d = start(0)
+    script = os.path.join(os.path.dirname(__file__), "kafka_produce.py")
+    topic = f"sni-{uuid.uuid4().hex[:8]}"
+    producer = subprocess.Popen(
+        ["ip", "netns", "exec", h.name, sys.executable, script, f"{SERVERLESS[0]}:{port}", str(broker.ca.file), topic,
+         "6000", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for gen in (1, 2):
+            time.sleep(4)
+            assert d.stop() == 0
+            d = start(gen)
+        out, err = producer.communicate(timeout=240)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+        d.stop()
+        broker.stop()
+        for s in (dns_udp, dns_tcp, sni):
+            s.close()
+    assert producer.returncode == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["unsent"] == 0 and not result["failed"], result["failed"][:5]
+    assert len(result["delivered"]) == 6000
+    assert sorted(result["read"]) == sorted(set(result["read"])), "a message is in the broker twice"
+    assert set(result["read"]) == set(result["delivered"])

@@ -17,7 +17,6 @@ import time
 import uuid
 
 import dns.edns
-import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
