@@ -22,6 +22,17 @@ def require(tool):
     return path
 
 
+def recv_exact(sock, n):
+    """Exactly `n` bytes from `sock`; EOFError when it closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("closed")
+        data += chunk
+    return data
+
+
 def free_port():
     """A port free for both UDP and TCP on 127.0.0.1, for servers that cannot bind port 0."""
     for _ in range(50):

@@ -17,7 +17,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from conftest import BIN, relay, require
+from conftest import BIN, recv_exact, relay, require
 from pki import CA
 
 A = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
@@ -243,15 +243,6 @@ addresses = ["10.77.0.1"]
 def read_answer(sock):
     size = struct.unpack(">H", recv_exact(sock, 2))[0]
     return dns.message.from_wire(recv_exact(sock, size))
-
-
-def recv_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "closed"
-        data += chunk
-    return data
 
 
 def test_a_slow_miss_does_not_hold_back_the_answers_behind_it(daemon, nsd, pki, tmp_path):

@@ -16,7 +16,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from conftest import Daemon, require, wait_for
+from conftest import Daemon, recv_exact, require, wait_for
 from pki import CA
 from test_upstream_budget import LimitedUpstream
 
@@ -283,29 +283,19 @@ class StalledCollector:
             self.reading.wait()
             self.read_control(c)  # START
             while not self.stopped:
-                (n,) = struct.unpack(">I", self.recv(c, 4))
+                (n,) = struct.unpack(">I", recv_exact(c, 4))
                 if n == 0:
-                    self.recv(c, struct.unpack(">I", self.recv(c, 4))[0])
+                    recv_exact(c, struct.unpack(">I", recv_exact(c, 4))[0])
                     return
-                self.recv(c, n)
+                recv_exact(c, n)
                 self.frames += 1
         except (OSError, EOFError):
             return
 
     def read_control(self, c):
-        assert self.recv(c, 4) == b"\0\0\0\0"
-        (n,) = struct.unpack(">I", self.recv(c, 4))
-        return self.recv(c, n)
-
-    @staticmethod
-    def recv(c, n):
-        out = b""
-        while len(out) < n:
-            chunk = c.recv(n - len(out))
-            if not chunk:
-                raise EOFError
-            out += chunk
-        return out
+        assert recv_exact(c, 4) == b"\0\0\0\0"
+        (n,) = struct.unpack(">I", recv_exact(c, 4))
+        return recv_exact(c, n)
 
     def back(self):
         self.reading.set()

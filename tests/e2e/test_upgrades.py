@@ -13,7 +13,7 @@ import time
 import dns.message
 import dns.query
 
-from conftest import Daemon, free_port, require
+from conftest import Daemon, free_port, recv_exact, require
 from test_upstream_budget import LimitedUpstream
 
 A = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
@@ -100,8 +100,8 @@ class TcpClient:
             for attempt in range(5):
                 try:
                     s.sendall(struct.pack(">H", len(wire)) + wire)
-                    n = struct.unpack(">H", self.recv(s, 2))[0]
-                    r = dns.message.from_wire(self.recv(s, n))
+                    n = struct.unpack(">H", recv_exact(s, 2))[0]
+                    r = dns.message.from_wire(recv_exact(s, n))
                     assert r.id == q.id and r.answer, r
                     self.answered += 1
                     break
@@ -114,16 +114,6 @@ class TcpClient:
             i += 1
             time.sleep(0.005)
         s.close()
-
-    @staticmethod
-    def recv(s, n):
-        out = b""
-        while len(out) < n:
-            chunk = s.recv(n - len(out))
-            if not chunk:
-                raise EOFError
-            out += chunk
-        return out
 
     def stop(self):
         self.stopped = True
