@@ -1,8 +1,9 @@
 //! Frame Streams (the framing dnstap travels in): data frames are a 32-bit big-endian length and
 //! the payload; control frames are an escape (a zero length), their own length, a type and fields.
 //! A file is written unidirectionally (START, data, STOP); a socket is bidirectional (READY →
-//! ACCEPT, START, data, STOP → FINISH). Written by hand: the Rust crates for it are unmaintained
-//! or async-runtime-specific, and the format is a few lines.
+//! ACCEPT, START, data, STOP → FINISH). Written by hand: the crates for it are a "preliminary"
+//! blocking implementation last released in 2020 (framestream) or tied to mio 0.6 (dnstap), and the
+//! format is a few lines.
 
 use std::time::Duration;
 
