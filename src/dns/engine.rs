@@ -486,6 +486,10 @@ impl Snapshot {
     /// The options of the response's OPT record (when the query had EDNS): our COOKIE when the
     /// client sent one, and `ede` when it fits within `limit`.
     fn add_options(&self, q: &Query<'_>, client: IpAddr, out: &mut Vec<u8>, ede: Option<Ede>, limit: usize) {
+        // Most answers have nothing to add: no look at the OPT record for them.
+        if q.cookie.is_none() && ede.is_none() {
+            return;
+        }
         let Some(opt) = wire::bare_opt(out) else { return };
         if let Some(c) = q.cookie {
             let server = self.cookies.server_cookie(&c[..8], client, cookie::now());
