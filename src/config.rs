@@ -183,6 +183,7 @@ impl Config {
         if let Some(d) = &self.discovery.aws {
             discovery::validate_discovery(d)?;
         }
+        discovery::validate_fleet(&self.discovery)?;
         proxy::validate_proxies(&self.proxies)?;
         if let Some(q) = &self.query_log {
             querylog::validate_query_log(q)?;

@@ -6,12 +6,13 @@
 //! publish what they found on a channel ([`Control::discovery_channel`]) and never see the
 //! engine.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::config::{ClusterConfig, Config};
+use crate::config::{ClusterConfig, Config, EndpointAddr};
 use crate::dns::Engine;
 use crate::dns::engine::EngineError;
 
@@ -33,16 +34,58 @@ pub fn merge_discovered(config: &Config, discovered: &[ClusterConfig]) -> Config
 /// snapshot another instance published.
 pub const SOURCES: [&str; 2] = ["msk", "snapshot"];
 
+/// The VPC endpoint addresses and subnet AZs a discovery source knows itself (a fleet snapshot
+/// carries its publisher's), so that EC2 is not asked for them.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Cells {
+    pub endpoints: BTreeMap<String, Vec<EndpointAddr>>,
+    pub subnets: BTreeMap<String, Vec<String>>,
+}
+
+/// What EC2 is not asked for: the endpoints sources provide (with their addresses, once the
+/// source has them), and subnet AZs. The file's own endpoints are always read from EC2.
+#[derive(Debug, Default)]
+pub struct Provided {
+    endpoints: BTreeMap<String, Option<Vec<EndpointAddr>>>,
+    subnets: BTreeMap<String, Vec<String>>,
+}
+
 struct Sources {
     file: Config,
     /// Each source's clusters, by its index in [`SOURCES`]: one source never replaces another's.
     discovered: [Arc<Vec<ClusterConfig>>; SOURCES.len()],
+    /// Each source's own endpoint addresses and subnet AZs, if it has any.
+    cells: [Option<Arc<Cells>>; SOURCES.len()],
 }
 
 impl Sources {
     /// Every source's clusters, in [`SOURCES`] order.
     fn all(&self) -> Vec<ClusterConfig> {
         self.discovered.iter().flat_map(|d| d.iter().cloned()).collect()
+    }
+
+    /// The endpoints of the clusters of sources with cells, less those the file or a source
+    /// without cells names (those are read from EC2), and the subnets sources know.
+    fn provided(&self) -> Provided {
+        let endpoint = |c: &ClusterConfig| c.vpc_endpoint.clone();
+        let file = self.file.clusters.iter().chain(self.file.views.iter().flat_map(|v| v.clusters.iter()));
+        let mut own: HashSet<String> = file.filter_map(endpoint).collect();
+        for (d, cells) in self.discovered.iter().zip(&self.cells) {
+            if cells.is_none() {
+                own.extend(d.iter().filter_map(endpoint));
+            }
+        }
+        let mut p = Provided::default();
+        for (d, cells) in self.discovered.iter().zip(&self.cells) {
+            let Some(cells) = cells else { continue };
+            for id in d.iter().filter_map(endpoint).filter(|id| !own.contains(id)) {
+                p.endpoints.entry(id.clone()).or_insert_with(|| cells.endpoints.get(&id).cloned());
+            }
+            for (subnet, az) in &cells.subnets {
+                p.subnets.entry(subnet.clone()).or_insert_with(|| az.clone());
+            }
+        }
+        p
     }
 }
 
@@ -55,14 +98,15 @@ pub struct Control {
     engine: Arc<Engine>,
     sources: Mutex<Sources>,
     published: watch::Sender<Arc<Config>>,
+    provided: Arc<ArcSwap<Provided>>,
 }
 
 impl Control {
     /// Takes over `engine`, built from `file`.
     pub fn new(engine: Arc<Engine>, file: Config) -> Arc<Control> {
         let (published, _) = watch::channel(Arc::new(file.clone()));
-        let sources = Sources { file, discovered: Default::default() };
-        Arc::new(Control { engine, sources: Mutex::new(sources), published })
+        let sources = Sources { file, discovered: Default::default(), cells: Default::default() };
+        Arc::new(Control { engine, sources: Mutex::new(sources), published, provided: Arc::default() })
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -89,6 +133,7 @@ impl Control {
         let mut s = self.lock();
         self.apply(&file, &s.all())?;
         s.file = file;
+        self.provide(&s);
         Ok(())
     }
 
@@ -96,17 +141,48 @@ impl Control {
     /// Clusters in the file (by cluster key) win over them, then earlier sources; a view's own
     /// entries win as they do over the file's top-level clusters.
     pub fn set_discovered(&self, source: &str, clusters: Vec<ClusterConfig>) -> Result<(), EngineError> {
+        self.set_found(source, clusters, None)
+    }
+
+    /// [`Control::set_discovered`], with the endpoint addresses and subnet AZs the source
+    /// knows itself (`None`: EC2 reads those of its clusters).
+    pub fn set_found(&self, source: &str, clusters: Vec<ClusterConfig>, cells: Option<Cells>) -> Result<(), EngineError> {
         let i = source_index(source);
         let mut s = self.lock();
-        if *s.discovered[i] == clusters {
-            return Ok(());
+        if *s.discovered[i] != clusters {
+            let previous = std::mem::replace(&mut s.discovered[i], Arc::new(clusters));
+            if let Err(e) = self.apply(&s.file, &s.all()) {
+                s.discovered[i] = previous;
+                return Err(e);
+            }
         }
-        let previous = std::mem::replace(&mut s.discovered[i], Arc::new(clusters));
-        if let Err(e) = self.apply(&s.file, &s.all()) {
-            s.discovered[i] = previous;
-            return Err(e);
+        if s.cells[i].as_deref() != cells.as_ref() {
+            s.cells[i] = cells.map(Arc::new);
         }
+        self.provide(&s);
         Ok(())
+    }
+
+    /// Works out what sources provide and sets it in the engine's cells (a rebuild carries
+    /// cells over by endpoint and view, but new ones start unread).
+    fn provide(&self, s: &Sources) {
+        let p = s.provided();
+        let snap = self.engine.snapshot();
+        for e in snap.catalog.endpoints() {
+            if let Some(Some(addrs)) = p.endpoints.get(&e.id)
+                && e.get().as_deref() != Some(addrs)
+            {
+                e.set(addrs.clone());
+            }
+        }
+        for v in snap.catalog.views() {
+            if let Some(az) = v.subnet.as_ref().and_then(|s| p.subnets.get(s))
+                && v.az().as_deref() != Some(az)
+            {
+                v.set_az(az.clone());
+            }
+        }
+        self.provided.store(Arc::new(p));
     }
 
     /// Where discovery source `source` publishes: each message replaces that source's clusters.
@@ -120,15 +196,15 @@ impl Control {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> crate::discovery::Discovered {
         source_index(source);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<ClusterConfig>>(4);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::discovery::Findings>(4);
         let control = self.clone();
         tasks.spawn(async move {
             loop {
-                let clusters = tokio::select! {
+                let found = tokio::select! {
                     c = rx.recv() => match c { Some(c) => c, None => return },
                     _ = shutdown.cancelled() => return,
                 };
-                if let Err(e) = control.set_discovered(source, clusters) {
+                if let Err(e) = control.set_found(source, found.clusters, found.cells) {
                     metrics::counter!("mskdns_discovery_apply_errors_total").increment(1);
                     tracing::error!(source, error = %e, "cannot apply the discovered clusters; the previous map stays");
                 }
@@ -152,29 +228,35 @@ impl Control {
 /// The EC2 cells of the engine's snapshot in force (its VPC endpoints' addresses, its views'
 /// AZs), for the EC2 refresh: control's narrow handle, from [`Control::endpoints`]. A rebuild
 /// carries the cells over, so setting one never rebuilds.
+/// Endpoints and subnets a discovery source provides are not listed.
 #[cfg(feature = "aws")]
-pub struct EngineEndpoints(Arc<Engine>);
+pub struct EngineEndpoints(Arc<Engine>, Arc<ArcSwap<Provided>>);
 
 #[cfg(feature = "aws")]
 impl Control {
     /// The handle through which EC2 refreshes set endpoint addresses and subnet AZs.
     pub fn endpoints(&self) -> EngineEndpoints {
-        EngineEndpoints(self.engine.clone())
+        EngineEndpoints(self.engine.clone(), self.provided.clone())
     }
 }
 
 #[cfg(feature = "aws")]
 impl crate::discovery::ec2::Endpoints for EngineEndpoints {
     fn endpoints(&self) -> Vec<(String, Option<Arc<Vec<crate::config::EndpointAddr>>>)> {
-        self.0.snapshot().catalog.endpoints().map(|e| (e.id.clone(), e.get())).collect()
+        let provided = self.1.load();
+        let snap = self.0.snapshot();
+        let read = snap.catalog.endpoints().filter(|e| !provided.endpoints.contains_key(&e.id));
+        read.map(|e| (e.id.clone(), e.get())).collect()
     }
 
     fn subnets(&self) -> Vec<(String, Option<Arc<Vec<String>>>)> {
         let snap = self.0.snapshot();
+        let provided = self.1.load();
         let mut out: Vec<(String, Option<Arc<Vec<String>>>)> = Vec::new();
         for v in snap.catalog.views() {
             if let Some(s) = &v.subnet
                 && !out.iter().any(|o| &o.0 == s)
+                && !provided.subnets.contains_key(s)
             {
                 out.push((s.clone(), v.az()));
             }

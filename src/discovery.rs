@@ -2,8 +2,10 @@
 //! and VPC endpoint addresses and subnet AZs (EC2). Every cluster source runs under one driver
 //! ([`driver`]); EC2 refreshes write through control's narrow [`ec2::Endpoints`] handle.
 
+pub mod cli;
 pub mod driver;
 pub mod ec2;
+pub mod fleet;
 pub mod msk;
 
 use std::sync::Arc;
@@ -17,5 +19,26 @@ use crate::config::{ClusterConfig, Config};
 #[derive(Clone)]
 pub struct Discovered {
     pub config: watch::Receiver<Arc<Config>>,
-    pub found: mpsc::Sender<Vec<ClusterConfig>>,
+    pub found: mpsc::Sender<Findings>,
+}
+
+/// What a source hands the control plane: its clusters, and the VPC endpoint addresses and
+/// subnet AZs it knows itself (a fleet snapshot's; `None`: EC2 reads those its clusters name).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Findings {
+    pub clusters: Vec<ClusterConfig>,
+    pub cells: Option<crate::control::Cells>,
+}
+
+/// Writes `bytes` to `dir/name` atomically: a temporary file, fsync, rename, fsync of the folder.
+pub(crate) fn write_atomic(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -96,6 +96,9 @@ pub struct Server {
     /// Discovered clusters read from the snapshot before serving.
     #[cfg(feature = "aws")]
     msk: discovery::msk::Msk,
+    /// The fleet snapshot's reader, its saved copy read before serving.
+    #[cfg(feature = "aws")]
+    fleet: discovery::fleet::reader::Snapshot,
 }
 
 impl Server {
@@ -147,6 +150,8 @@ impl Server {
         #[cfg(feature = "aws")]
         let msk = restore_source(discovery::msk::Msk::new(), config, &control, &health);
         #[cfg(feature = "aws")]
+        let fleet = restore_source(discovery::fleet::reader::Snapshot::new(), config, &control, &health);
+        #[cfg(feature = "aws")]
         discovery::ec2::restore(&control.endpoints(), &health, config.ec2_state_dir());
         Ok(Server {
             engine,
@@ -164,6 +169,8 @@ impl Server {
             shutdown,
             #[cfg(feature = "aws")]
             msk,
+            #[cfg(feature = "aws")]
+            fleet,
         })
     }
 
@@ -238,12 +245,16 @@ impl Server {
             let cells = Arc::new(self.control.endpoints());
             let config = self.control.subscribe();
             tasks.spawn(discovery::ec2::run(cells, config, self.health.clone(), self.ec2_refresh, shutdown.clone()));
-            let to = self.control.discovery_channel(
-                <discovery::msk::Msk as discovery::driver::Source>::NAME,
-                &tasks,
-                shutdown.clone(),
-            );
+            use discovery::driver::Source;
+            let passes = self.msk.passes();
+            let cells: Arc<dyn discovery::ec2::Endpoints> = Arc::new(self.control.endpoints());
+            let config = self.control.subscribe();
+            let health = self.health.clone();
+            tasks.spawn(discovery::fleet::publisher::run(passes, config, cells, health, shutdown.clone()));
+            let to = self.control.discovery_channel(discovery::msk::Msk::NAME, &tasks, shutdown.clone());
             tasks.spawn(discovery::driver::run(self.msk, to, self.health.clone(), shutdown.clone()));
+            let to = self.control.discovery_channel(discovery::fleet::reader::Snapshot::NAME, &tasks, shutdown.clone());
+            tasks.spawn(discovery::driver::run(self.fleet, to, self.health.clone(), shutdown.clone()));
         }
         ctx.admin(self.admin, render);
         for p in self.proxies {
@@ -384,7 +395,7 @@ fn restore_source<S: discovery::driver::Source>(
 ) -> S {
     if let Some(s) = S::settings(config) {
         discovery::driver::restore(&mut source, &s, health);
-        if let Err(e) = control.set_discovered(S::NAME, source.clusters(&s)) {
+        if let Err(e) = control.set_found(S::NAME, source.clusters(&s), source.cells(&s)) {
             tracing::error!(source = S::NAME, error = %e, "cannot apply the restored discovered clusters");
         }
     }

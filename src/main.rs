@@ -39,13 +39,18 @@ enum Command {
         #[arg(long)]
         listener: Option<std::net::SocketAddr>,
     },
-    /// List the clusters `[discovery.aws]` finds and what each would be answered with (uses
-    /// --config). Reads AWS only: writes no snapshot, changes nothing. Exits 1 if a call failed.
+    /// List the clusters `[discovery.aws]` finds (or `[discovery.snapshot]` holds) and what each
+    /// would be answered with (uses --config). Reads only: writes no state file, changes nothing.
+    /// Exits 1 if a call failed or the snapshot cannot be read.
     #[cfg(feature = "aws")]
     Discover {
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
+        /// Publish what `[discovery.aws]` finds to this S3 object (for readers' `[discovery.snapshot]`)
+        /// and exit; nothing is written if any call failed.
+        #[arg(long, value_name = "s3://BUCKET/KEY")]
+        publish: Option<String>,
     },
 }
 
@@ -86,8 +91,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     #[cfg(feature = "aws")]
-    if let Some(Command::Discover { json }) = &cli.command {
-        return discover(&config, *json);
+    if let Some(Command::Discover { json, publish }) = &cli.command {
+        return discover(&config, *json, publish.as_deref());
     }
     init_logging(&config);
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -133,36 +138,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "aws")]
-fn discover(config: &Config, json: bool) -> anyhow::Result<()> {
-    use mskdns::discovery::msk;
-    let d = config.discovery.aws.clone().context("the configuration has no [discovery.aws] section")?;
+fn discover(config: &Config, json: bool, publish: Option<&str>) -> anyhow::Result<()> {
+    use mskdns::discovery::cli;
+    use mskdns::discovery::fleet::publisher::Outcome;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let pass = runtime.block_on(async {
-        let mut clients = msk::Clients::new();
-        msk::pass(&d, &mut clients, &[], &mut Default::default()).await
-    });
-    let failed = !pass.errors.is_empty() || !pass.failed.is_empty();
-    let report = msk::report(pass, &config.clusters);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{:<60} {:<12} {:<14} {:<12} {:<28} STATUS", "BOOTSTRAP", "KIND", "ACCOUNT", "REGION", "TARGET");
-        for r in &report.clusters {
-            let f = &r.found;
-            println!(
-                "{:<60} {:<12} {:<14} {:<12} {:<28} {}",
-                f.bootstrap, f.kind, f.account, f.region, f.target, r.status
-            );
+    if let Some(url) = publish {
+        let (report, outcome) = runtime.block_on(cli::publish_once(config, url)).map_err(anyhow::Error::msg)?;
+        print_report(&report, json)?;
+        match outcome {
+            Outcome::Written { etag } => eprintln!("published {url} ({} clusters, ETag {etag})", report.clusters.len()),
+            Outcome::Unchanged { etag } => eprintln!("unchanged: {url} already holds this state (ETag {etag})"),
         }
-        for s in &report.skipped {
-            println!("skipped {} ({}): {}", s.name, s.arn, s.reason);
-        }
+        return Ok(());
     }
+    let (report, failed) = runtime.block_on(cli::report(config)).map_err(anyhow::Error::msg)?;
+    print_report(&report, json)?;
     for e in &report.errors {
         eprintln!("error: {e}");
     }
     if failed {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "aws")]
+fn print_report(report: &mskdns::discovery::msk::Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("{:<60} {:<12} {:<14} {:<12} {:<28} STATUS", "BOOTSTRAP", "KIND", "ACCOUNT", "REGION", "TARGET");
+    for r in &report.clusters {
+        let f = &r.found;
+        println!("{:<60} {:<12} {:<14} {:<12} {:<28} {}", f.bootstrap, f.kind, f.account, f.region, f.target, r.status);
+    }
+    for s in &report.skipped {
+        println!("skipped {} ({}): {}", s.name, s.arn, s.reason);
+    }
+    if let Some(s) = &report.snapshot {
+        println!("snapshot {} (pass {}, written by {})", s.url, s.pass_time, s.publisher);
+        for (id, addrs) in &s.endpoints {
+            let ips: Vec<String> = addrs.iter().map(|a| format!("{} ({})", a.ip, a.az)).collect();
+            println!("endpoint {id}: {}", ips.join(", "));
+        }
     }
     Ok(())
 }

@@ -127,7 +127,7 @@ pub struct ZoneConfig {
     pub origin: Option<String>,
 }
 
-pub(super) fn validate_clusters(at: &str, clusters: &[ClusterConfig]) -> Result<(), ConfigError> {
+pub(crate) fn validate_clusters(at: &str, clusters: &[ClusterConfig]) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashMap::new();
     for (i, cl) in clusters.iter().enumerate() {
         let key = |k: &str| format!("{at}[{i}].{k}");

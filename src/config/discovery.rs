@@ -16,22 +16,29 @@ pub struct AwsConfig {
     /// Where the last addresses and AZs read from EC2 are kept (`ec2.json`) and read at start;
     /// default: `discovery.aws.state_dir`, else systemd's `$STATE_DIRECTORY`; none: not kept.
     pub state_dir: Option<PathBuf>,
+    /// Path-style S3 requests (`http://host/bucket/key`): S3-compatible endpoints and emulators.
+    pub s3_path_style: bool,
 }
 
 impl Default for AwsConfig {
     fn default() -> Self {
-        AwsConfig { refresh_secs: 60, state_dir: None }
+        AwsConfig { refresh_secs: 60, state_dir: None, s3_path_style: false }
     }
 }
 
 impl Config {
-    /// The folder for the EC2 state file, if any.
+    /// The folder for the EC2 state file and the fleet snapshot's copy, if any.
     pub fn ec2_state_dir(&self) -> Option<PathBuf> {
         self.aws.state_dir.clone().or_else(|| match &self.discovery.aws {
             Some(d) => d.state_dir(),
-            None => std::env::var_os("STATE_DIRECTORY").and_then(|d| std::env::split_paths(&d).next()),
+            None => systemd_state_dir(),
         })
     }
+}
+
+/// systemd's `$STATE_DIRECTORY`: it may pass several, separated by colons; the first is ours.
+fn systemd_state_dir() -> Option<PathBuf> {
+    std::env::var_os("STATE_DIRECTORY").and_then(|d| std::env::split_paths(&d).next())
 }
 
 /// Clusters found through cloud APIs.
@@ -40,6 +47,60 @@ impl Config {
 pub struct DiscoveryConfig {
     /// `[discovery.aws]`: MSK clusters found with ListClustersV2 and GetBootstrapBrokers.
     pub aws: Option<AwsDiscoveryConfig>,
+    /// `[discovery.publish]`: write what `[discovery.aws]` found to S3 for a fleet of readers.
+    pub publish: Option<PublishConfig>,
+    /// `[discovery.snapshot]`: read the clusters from a document a publisher wrote to S3.
+    pub snapshot: Option<SnapshotConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// `s3://bucket/key`.
+    pub url: String,
+    /// An unchanged document is written again this often, so that its pass time shows the
+    /// publisher alive (readers' 304s become one 200 per interval).
+    pub heartbeat_secs: u64,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig { url: String::new(), heartbeat_secs: 3600 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// `s3://bucket/key`.
+    pub url: String,
+    /// Seconds between conditional GETs (If-None-Match), each spread by ±10%.
+    pub poll_secs: u64,
+    /// Past this long without S3 confirming the snapshot in force, /readyz is degraded.
+    pub max_age_secs: u64,
+    /// A larger document is rejected unread.
+    pub max_bytes: u64,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig { url: String::new(), poll_secs: 30, max_age_secs: 900, max_bytes: 4 << 20 }
+    }
+}
+
+/// `s3://bucket/key` as (bucket, key); the message says what is wrong.
+pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
+    let rest = url.strip_prefix("s3://").ok_or_else(|| format!("`{url}` is not an s3://bucket/key URL"))?;
+    let (bucket, key) = rest.split_once('/').ok_or_else(|| format!("`{url}` names no object key after the bucket"))?;
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !bucket_ok {
+        return Err(format!("`{bucket}` is not an S3 bucket name"));
+    }
+    if key.is_empty() || key.ends_with('/') || key.len() > 1024 {
+        return Err(format!("`{key}` is not an S3 object key"));
+    }
+    Ok((bucket.to_owned(), key.to_owned()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -93,11 +154,7 @@ impl Default for AwsDiscoveryConfig {
 
 impl AwsDiscoveryConfig {
     pub fn state_dir(&self) -> Option<PathBuf> {
-        self.state_dir.clone().or_else(|| {
-            let dirs = std::env::var_os("STATE_DIRECTORY")?;
-            // systemd may pass several, separated by colons: the first is ours.
-            std::env::split_paths(&dirs).next()
-        })
+        self.state_dir.clone().or_else(systemd_state_dir)
     }
 }
 
@@ -111,6 +168,43 @@ pub struct AwsAccountConfig {
     pub regions: Vec<String>,
     /// Overrides `discovery.aws.default_target` for this account's clusters.
     pub default_target: Option<String>,
+}
+
+pub(super) fn validate_fleet(d: &DiscoveryConfig) -> Result<(), ConfigError> {
+    let no_aws = || ConfigError::invalid("discovery", "this build has no AWS support (feature `aws`)");
+    if let Some(p) = &d.publish {
+        if !cfg!(feature = "aws") {
+            return Err(no_aws());
+        }
+        parse_s3_url(&p.url).map_err(|m| ConfigError::invalid("discovery.publish.url", m))?;
+        if d.aws.is_none() {
+            return Err(ConfigError::invalid("discovery.publish", "publishes what [discovery.aws] finds: add it"));
+        }
+        if p.heartbeat_secs < 60 {
+            return Err(ConfigError::invalid("discovery.publish.heartbeat_secs", "must be at least 60"));
+        }
+    }
+    if let Some(s) = &d.snapshot {
+        if !cfg!(feature = "aws") {
+            return Err(no_aws());
+        }
+        parse_s3_url(&s.url).map_err(|m| ConfigError::invalid("discovery.snapshot.url", m))?;
+        if s.poll_secs == 0 {
+            return Err(ConfigError::invalid("discovery.snapshot.poll_secs", "must be at least 1"));
+        }
+        if s.max_age_secs < s.poll_secs {
+            return Err(ConfigError::invalid("discovery.snapshot.max_age_secs", "must be at least poll_secs"));
+        }
+        if !(1024..=(256 << 20)).contains(&s.max_bytes) {
+            return Err(ConfigError::invalid("discovery.snapshot.max_bytes", "must be between 1024 and 268435456"));
+        }
+        if let Some(p) = &d.publish
+            && p.url == s.url
+        {
+            return Err(ConfigError::invalid("discovery.snapshot.url", "is the URL this instance publishes to"));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn validate_discovery(d: &AwsDiscoveryConfig) -> Result<(), ConfigError> {

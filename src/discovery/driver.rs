@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aws_sdk_kafka::error::{ProvideErrorMetadata, SdkError};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::Discovered;
+use super::{Discovered, Findings};
+use crate::control::Cells;
 use crate::admin::Health;
 use crate::config::{ClusterConfig, Config};
 
@@ -31,6 +33,56 @@ impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} failed ({}): {}", self.operation, self.kind, self.message)
     }
+}
+
+/// An AWS SDK error as the log and metrics say it: its kind (throttling, access denied, …) and a
+/// message without the raw response.
+pub fn api_error<E, R>(operation: &'static str, e: SdkError<E, R>) -> ApiError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let kind = match &e {
+        SdkError::TimeoutError(_) => "timeout",
+        SdkError::DispatchFailure(d) if d.is_timeout() => "timeout",
+        SdkError::DispatchFailure(_) => "connect",
+        SdkError::ResponseError(_) => "response",
+        SdkError::ServiceError(s) => match s.err().code() {
+            Some("ThrottlingException" | "TooManyRequestsException" | "Throttling" | "RequestLimitExceeded" | "SlowDown") => {
+                "throttling"
+            }
+            Some("AccessDeniedException" | "ForbiddenException" | "UnauthorizedException" | "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+                "access_denied"
+            }
+            Some("NotFoundException" | "NoSuchKey" | "NoSuchBucket") => "not_found",
+            Some("BadRequestException") => "bad_request",
+            _ => "service",
+        },
+        _ => "other",
+    };
+    // The error's own chain, not DisplayErrorContext: that ends with the Debug form of the
+    // raw response, whole bodies included, which has no place in a log line or /readyz.
+    let mut message = match &e {
+        SdkError::ServiceError(s) => match (s.err().code(), s.err().message()) {
+            (Some(c), Some(m)) => format!("{c}: {m}"),
+            (Some(c), None) => c.to_owned(),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    if message.is_empty() {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut parts: Vec<String> = Vec::new();
+        while let Some(err) = source {
+            let text = err.to_string();
+            if !parts.iter().any(|p| p.contains(&text)) {
+                parts.push(text);
+            }
+            source = err.source();
+        }
+        message = parts.join(": ");
+    }
+    ApiError { operation, kind, message }
 }
 
 /// When a source runs: every `every` (spread by ±`jitter`, a fraction); after failures, 1 s
@@ -70,7 +122,7 @@ pub struct Round {
 }
 
 impl Round {
-    fn reason(&self) -> Option<String> {
+    pub fn reason(&self) -> Option<String> {
         match (self.failed.is_empty(), self.errors.is_empty()) {
             (true, true) => None,
             (false, _) => Some(format!("serving the last known clusters; {}", self.failed.join("; "))),
@@ -107,6 +159,15 @@ pub trait Source: Send + 'static {
     }
     /// The `[[clusters]]` entries it serves now.
     fn clusters(&self, s: &Self::Settings) -> Vec<ClusterConfig>;
+    /// The VPC endpoint addresses and subnet AZs it knows itself; `None` (the default): EC2
+    /// reads those its clusters name.
+    fn cells(&self, _s: &Self::Settings) -> Option<Cells> {
+        None
+    }
+    /// What /readyz says of it after a pass; by default, the pass's failures.
+    fn degraded(&self, _s: &Self::Settings, round: &Round) -> Option<String> {
+        round.reason()
+    }
     /// One pass: list, and merge what was listed into what it knows.
     fn pass(&mut self, s: &Self::Settings) -> impl Future<Output = Round> + Send;
 }
@@ -141,13 +202,13 @@ fn clusters_gauge<S: Source>(n: usize) {
 pub async fn run<S: Source>(mut source: S, to: Discovered, health: Arc<Health>, shutdown: CancellationToken) {
     let settings = || S::settings(&to.config.borrow());
     let mut loaded_from: Option<PathBuf> = settings().and_then(|s| S::snapshot_dir(&s));
-    let mut published = settings().map(|s| source.clusters(&s)).unwrap_or_default();
+    let mut published = settings().map(|s| findings(&source, &s)).unwrap_or_default();
     let mut failures = 0u32;
     loop {
         let Some(s) = settings() else {
-            if !published.is_empty() {
+            if published != Findings::default() {
                 tracing::info!(source = S::NAME, "discovery removed from the configuration: its clusters dropped");
-                publish(&to, &mut published, Vec::new()).await;
+                publish(&to, &mut published, Findings::default()).await;
             }
             source.clear();
             health.set_degraded(S::HEALTH_KEY, None);
@@ -162,14 +223,14 @@ pub async fn run<S: Source>(mut source: S, to: Discovered, health: Arc<Health>, 
             loaded_from = dir.clone();
             if source.is_empty() {
                 restore(&mut source, &s, &health);
-                publish(&to, &mut published, source.clusters(&s)).await;
+                publish(&to, &mut published, findings(&source, &s)).await;
             }
         }
         let round = timed_pass::<S>(&mut source, &s).await;
         failures = if round.failed.is_empty() { 0 } else { failures + 1 };
-        health.set_degraded(S::HEALTH_KEY, round.reason());
+        health.set_degraded(S::HEALTH_KEY, source.degraded(&s, &round));
         if round.changed || round.failed.is_empty() {
-            publish(&to, &mut published, source.clusters(&s)).await;
+            publish(&to, &mut published, findings(&source, &s)).await;
             if let Some(dir) = &dir {
                 persist(&source, dir, &health);
             }
@@ -209,10 +270,14 @@ fn persist<S: Source>(source: &S, dir: &Path, health: &Health) {
     }
 }
 
-/// Sends the clusters to the control plane, unless they are what it was sent last.
-async fn publish(to: &Discovered, last: &mut Vec<ClusterConfig>, clusters: Vec<ClusterConfig>) {
-    if *last != clusters && to.found.send(clusters.clone()).await.is_ok() {
-        *last = clusters;
+fn findings<S: Source>(source: &S, s: &S::Settings) -> Findings {
+    Findings { clusters: source.clusters(s), cells: source.cells(s) }
+}
+
+/// Sends what the source serves to the control plane, unless it is what was sent last.
+async fn publish(to: &Discovered, last: &mut Findings, now: Findings) {
+    if *last != now && to.found.send(now.clone()).await.is_ok() {
+        *last = now;
     }
 }
 

@@ -3,7 +3,7 @@
 //! the AZ of views configured by subnet. Refreshed on an interval; when EC2 fails the last good
 //! addresses stay in service and /readyz reports the service degraded, with the reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,12 +21,8 @@ const HEALTH_KEY: &str = "ec2";
 const STATE_FILE: &str = "ec2.json";
 
 /// The last addresses and AZs read from EC2, kept so that a restart while EC2 is unreachable
-/// answers at once.
-#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Known {
-    pub endpoints: BTreeMap<String, Vec<EndpointAddr>>,
-    pub subnets: BTreeMap<String, Vec<String>>,
-}
+/// answers at once (the shape a fleet snapshot carries them in, too).
+pub type Known = crate::control::Cells;
 
 /// What EC2 refreshes read and write, and nothing more: the VPC endpoints and subnets the
 /// configuration in force names, and the cells holding their addresses and AZs (set here, read
@@ -41,7 +37,8 @@ pub trait Endpoints: Send + Sync {
 }
 
 impl Known {
-    fn of(cells: &dyn Endpoints) -> Self {
+    /// What `cells` hold now (those never read left out).
+    pub fn of(cells: &dyn Endpoints) -> Self {
         Known {
             endpoints: cells.endpoints().into_iter().filter_map(|(id, a)| Some((id, a?.to_vec()))).collect(),
             subnets: cells.subnets().into_iter().filter_map(|(id, az)| Some((id, az?.to_vec()))).collect(),
@@ -57,16 +54,9 @@ fn read_state(dir: &Path) -> std::io::Result<Option<Known>> {
     }
 }
 
-/// Writes atomically: a temporary file, fsync, rename, fsync of the folder.
 fn write_state(dir: &Path, known: &Known) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(known).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    let text = serde_json::to_vec_pretty(known).map_err(std::io::Error::other)?;
+    super::write_atomic(dir, STATE_FILE, &text)
 }
 
 /// Serves the addresses and AZs of the state file until EC2 answers: called before the first
@@ -188,7 +178,7 @@ pub async fn run(
 
 type Failure = (&'static str, String);
 
-async fn refresh(client: &Client, cells: &dyn Endpoints, ids: Vec<String>, subnets: &[String]) -> Result<(), Failure> {
+pub(crate) async fn refresh(client: &Client, cells: &dyn Endpoints, ids: Vec<String>, subnets: &[String]) -> Result<(), Failure> {
     if !ids.is_empty() {
         let fail = |e| ("DescribeVpcEndpoints", format!("{}", DisplayErrorContext(e)));
         let mut enis_of: HashMap<String, Vec<String>> = HashMap::new();

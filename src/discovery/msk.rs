@@ -9,12 +9,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kafka::Client;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::driver::{ApiError, Round, Schedule, Source};
+use super::fleet::publisher::Passed;
 use crate::config::{AwsDiscoveryConfig, ClusterConfig, Config, parse_target};
 use crate::names::cluster_key;
 
@@ -129,17 +132,29 @@ pub async fn pass_over(
 }
 
 /// The MSK source: what AWS listed last, kept between passes (and in its snapshot).
-#[derive(Default)]
 pub struct Msk {
     clients: Clients,
     /// Each cluster ARN's bootstrap name, read once (GetBootstrapBrokers).
     bootstraps: HashMap<String, String>,
     known: Vec<Found>,
+    /// Each completed pass, for the fleet publisher.
+    passes: watch::Sender<Option<Arc<Passed>>>,
+}
+
+impl Default for Msk {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Msk {
     pub fn new() -> Self {
-        Msk { clients: Clients::new(), ..Msk::default() }
+        Msk { clients: Clients::new(), bootstraps: HashMap::new(), known: Vec::new(), passes: watch::channel(None).0 }
+    }
+
+    /// Every pass that listed every scope (what a publisher writes).
+    pub fn passes(&self) -> watch::Receiver<Option<Arc<Passed>>> {
+        self.passes.subscribe()
     }
 }
 
@@ -199,6 +214,10 @@ impl Source for Msk {
         if changed || p.failed.is_empty() {
             self.known = p.clusters;
         }
+        if p.failed.is_empty() {
+            let passed = Passed { at: unix_now(), found: self.known.clone(), ttl: d.ttl };
+            self.passes.send_replace(Some(Arc::new(passed)));
+        }
         Round { changed, failed: p.failed, errors: p.errors }
     }
 }
@@ -209,6 +228,18 @@ pub struct Report {
     pub clusters: Vec<ReportRow>,
     pub skipped: Vec<Skipped>,
     pub errors: Vec<ApiError>,
+    /// VPC endpoint addresses and subnet AZs a fleet snapshot carries (read from EC2 otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotReport {
+    pub url: String,
+    pub pass_time: String,
+    pub publisher: String,
+    pub endpoints: BTreeMap<String, Vec<crate::config::EndpointAddr>>,
+    pub subnets: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -233,7 +264,7 @@ pub fn report(p: Pass, file: &[ClusterConfig]) -> Report {
             ReportRow { found, status }
         })
         .collect();
-    Report { clusters, skipped: p.skipped, errors: p.errors }
+    Report { clusters, skipped: p.skipped, errors: p.errors, snapshot: None }
 }
 
 #[cfg(test)]

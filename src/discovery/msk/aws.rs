@@ -4,61 +4,12 @@
 use std::collections::HashMap;
 
 use aws_sdk_kafka::Client;
-use aws_sdk_kafka::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kafka::types::{Cluster, ClusterState, ClusterType};
 
 use super::{Found, Skipped};
 use crate::config::{AwsDiscoveryConfig, parse_target};
-use crate::discovery::driver::ApiError;
+use crate::discovery::driver::{ApiError, api_error};
 use crate::names::first_msk_host;
-
-fn api_error<E, R>(operation: &'static str, e: SdkError<E, R>) -> ApiError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let kind = match &e {
-        SdkError::TimeoutError(_) => "timeout",
-        SdkError::DispatchFailure(d) if d.is_timeout() => "timeout",
-        SdkError::DispatchFailure(_) => "connect",
-        SdkError::ResponseError(_) => "response",
-        SdkError::ServiceError(s) => match s.err().code() {
-            Some("ThrottlingException" | "TooManyRequestsException" | "Throttling" | "RequestLimitExceeded") => {
-                "throttling"
-            }
-            Some("AccessDeniedException" | "ForbiddenException" | "UnauthorizedException" | "AccessDenied") => {
-                "access_denied"
-            }
-            Some("NotFoundException") => "not_found",
-            Some("BadRequestException") => "bad_request",
-            _ => "service",
-        },
-        _ => "other",
-    };
-    // The error's own chain, not DisplayErrorContext: that ends with the Debug form of the
-    // raw response, whole bodies included, which has no place in a log line or /readyz.
-    let mut message = match &e {
-        SdkError::ServiceError(s) => match (s.err().code(), s.err().message()) {
-            (Some(c), Some(m)) => format!("{c}: {m}"),
-            (Some(c), None) => c.to_owned(),
-            _ => String::new(),
-        },
-        _ => String::new(),
-    };
-    if message.is_empty() {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        let mut parts: Vec<String> = Vec::new();
-        while let Some(err) = source {
-            let text = err.to_string();
-            if !parts.iter().any(|p| p.contains(&text)) {
-                parts.push(text);
-            }
-            source = err.source();
-        }
-        message = parts.join(": ");
-    }
-    ApiError { operation, kind, message }
-}
 
 /// How clusters are chosen and what they resolve to, for one account.
 #[derive(Debug, Clone)]
@@ -249,6 +200,12 @@ async fn bootstrap_of(client: &Client, arn: &str) -> Result<Option<String>, ApiE
         out.bootstrap_broker_string_vpc_connectivity_sasl_iam(),
         out.bootstrap_broker_string_vpc_connectivity_tls(),
         out.bootstrap_broker_string_vpc_connectivity_sasl_scram(),
+        // Dual-stack clusters: the same names, for clients connecting over IPv6; a cluster
+        // whose names are only here is found all the same.
+        out.bootstrap_broker_string_sasl_iam_ipv6(),
+        out.bootstrap_broker_string_tls_ipv6(),
+        out.bootstrap_broker_string_sasl_scram_ipv6(),
+        out.bootstrap_broker_string_ipv6(),
     ];
     Ok(strings.into_iter().flatten().find_map(first_msk_host))
 }

@@ -68,20 +68,12 @@ pub fn load_snapshot(dir: &Path) -> Result<Option<Vec<Found>>, String> {
 
 /// Writes the snapshot atomically: a temporary file, fsync, rename, fsync of the folder.
 pub fn write_snapshot(dir: &Path, clusters: &[Found]) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
     let file = SnapshotFile { version: SNAPSHOT_VERSION, written: unix_now(), clusters: clusters.to_vec() };
     let text = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!(".{SNAPSHOT_FILE}.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&text)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::discovery::write_atomic(dir, SNAPSHOT_FILE, &text)
 }
 
-pub(super) fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
