@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::config::{ClusterConfig, Config, EndpointAddr};
+use crate::config::{ClusterConfig, Config, EndpointAddr, EndpointState};
 use crate::dns::Engine;
 use crate::dns::engine::EngineError;
 
@@ -34,14 +34,6 @@ pub fn merge_discovered(config: &Config, discovered: &[ClusterConfig]) -> Config
 /// snapshot another instance published.
 pub const SOURCES: [&str; 2] = ["msk", "snapshot"];
 
-/// The VPC endpoint addresses and subnet AZs a discovery source knows itself (a fleet snapshot
-/// carries its publisher's), so that EC2 is not asked for them.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Cells {
-    pub endpoints: BTreeMap<String, Vec<EndpointAddr>>,
-    pub subnets: BTreeMap<String, Vec<String>>,
-}
-
 /// What EC2 is not asked for: the endpoints sources provide (with their addresses, once the
 /// source has them), and subnet AZs. The file's own endpoints are always read from EC2.
 #[derive(Debug, Default)]
@@ -55,7 +47,7 @@ struct Sources {
     /// Each source's clusters, by its index in [`SOURCES`]: one source never replaces another's.
     discovered: [Arc<Vec<ClusterConfig>>; SOURCES.len()],
     /// Each source's own endpoint addresses and subnet AZs, if it has any.
-    cells: [Option<Arc<Cells>>; SOURCES.len()],
+    cells: [Option<Arc<EndpointState>>; SOURCES.len()],
 }
 
 impl Sources {
@@ -146,7 +138,12 @@ impl Control {
 
     /// [`Control::set_discovered`], with the endpoint addresses and subnet AZs the source
     /// knows itself (`None`: EC2 reads those of its clusters).
-    pub fn set_found(&self, source: &str, clusters: Vec<ClusterConfig>, cells: Option<Cells>) -> Result<(), EngineError> {
+    pub fn set_found(
+        &self,
+        source: &str,
+        clusters: Vec<ClusterConfig>,
+        cells: Option<EndpointState>,
+    ) -> Result<(), EngineError> {
         let i = source_index(source);
         let mut s = self.lock();
         if *s.discovered[i] != clusters {
@@ -340,6 +337,42 @@ mod tests {
         assert_eq!(c.discovered().len(), 2);
     }
 
+    #[cfg(feature = "aws")]
+    #[test]
+    fn endpoints_a_snapshot_provides_are_set_from_it_and_not_read_from_ec2() {
+        use crate::discovery::ec2::Endpoints;
+        const C: &str = "boot-cccc3333.c1.kafka-serverless.us-east-1.amazonaws.com";
+        let vpce =
+            |b: &str, id: &str| ClusterConfig { bootstrap: b.into(), ..crate::config::parse_target(id).unwrap() };
+        let c = control();
+        let addr = EndpointAddr { ip: "10.3.0.7".parse().unwrap(), az: "us-east-1a".into(), az_id: None };
+        let cells = EndpointState {
+            endpoints: [("vpce-0snap".to_owned(), vec![addr.clone()])].into(),
+            ..EndpointState::default()
+        };
+        // The snapshot names two endpoints; it has the addresses of one (the publisher has not
+        // read the other yet). MSK's own cluster names a third.
+        let snapshot = vec![vpce(B, "vpce-0snap"), vpce(C, "vpce-0later")];
+        c.set_found("snapshot", snapshot.clone(), Some(cells.clone())).unwrap();
+        c.set_discovered("msk", vec![vpce("boot-dddd4444.c1.kafka-serverless.us-east-1.amazonaws.com", "vpce-0mine")])
+            .unwrap();
+        let handle = c.endpoints();
+        let ec2_reads: Vec<String> = handle.endpoints().into_iter().map(|e| e.0).collect();
+        assert_eq!(ec2_reads, ["vpce-0mine"]);
+        let snap = c.engine().snapshot();
+        let cell = |id: &str| snap.catalog.endpoints().find(|e| e.id == id).unwrap().get();
+        assert_eq!(cell("vpce-0snap").as_deref(), Some(&vec![addr.clone()]));
+        assert_eq!(cell("vpce-0later"), None);
+
+        // The file naming the snapshot's endpoint itself: EC2 reads it.
+        let mut file = c.file_config();
+        file.clusters.push(vpce("boot-eeee5555.c1.kafka-serverless.us-east-1.amazonaws.com", "vpce-0snap"));
+        c.reload(file).unwrap();
+        let mut ec2_reads: Vec<String> = handle.endpoints().into_iter().map(|e| e.0).collect();
+        ec2_reads.sort();
+        assert_eq!(ec2_reads, ["vpce-0mine", "vpce-0snap"]);
+    }
+
     #[test]
     fn the_same_discovered_map_twice_rebuilds_nothing() {
         let c = control();
@@ -357,7 +390,8 @@ mod tests {
         let (tasks, shutdown) = (tokio_util::task::TaskTracker::new(), tokio_util::sync::CancellationToken::new());
         let d = c.discovery_channel("msk", &tasks, shutdown.clone());
         let mut rx = d.config.clone();
-        d.found.send(vec![cluster(B, "10.0.0.2")]).await.unwrap();
+        let found = crate::discovery::Findings { clusters: vec![cluster(B, "10.0.0.2")], cells: None };
+        d.found.send(found).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();
         assert_eq!(rx.borrow().clusters.len(), 2);
         shutdown.cancel();

@@ -27,7 +27,7 @@ pub struct Discovered {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Findings {
     pub clusters: Vec<ClusterConfig>,
-    pub cells: Option<crate::control::Cells>,
+    pub cells: Option<crate::config::EndpointState>,
 }
 
 /// Writes `bytes` to `dir/name` atomically: a temporary file, fsync, rename, fsync of the folder.

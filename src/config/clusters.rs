@@ -1,5 +1,6 @@
 //! `[[clusters]]`, `[[views]]` and `[[zones]]`: what is answered, for whom.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -229,6 +230,14 @@ pub(super) fn validate_zones(zones: &[ZoneConfig]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The VPC endpoint addresses and subnet AZs a discovery source knows itself (a fleet snapshot
+/// carries its publisher's), so that EC2 is not asked for them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointState {
+    pub endpoints: BTreeMap<String, Vec<EndpointAddr>>,
+    pub subnets: BTreeMap<String, Vec<String>>,
 }
 
 /// One private address of a VPC endpoint and the AZ of its network interface: what a

@@ -8,7 +8,7 @@ use super::fleet::s3::{self, Fetched, Location};
 use super::fleet::{Document, Rejected};
 use super::msk::{self, Pass, Report, SnapshotReport};
 use crate::config::Config;
-use crate::control::Cells;
+use crate::config::EndpointState;
 
 /// The report of every source configured, and whether any could not be read (with why).
 pub async fn report(config: &Config) -> Result<(Report, bool), String> {
@@ -81,7 +81,7 @@ pub async fn publish_once(config: &Config, url: &str) -> Result<(Report, Outcome
             .await
             .map_err(|(op, e)| format!("{op} failed, nothing published: {e}"))?;
     }
-    let doc = Document::build(&pass.clusters, d.ttl, &Cells::of(&memory), now);
+    let doc = Document::build(&pass.clusters, d.ttl, &EndpointState::of(&memory), now);
     let heartbeat = config.discovery.publish.as_ref().map_or(3600, |p| p.heartbeat_secs);
     let client = s3::client(config.aws.s3_path_style).await;
     let outcome = publisher::publish(&client, &at, &doc, None, heartbeat).await.map_err(|e| format!("{at}: {e}"))?;

@@ -17,8 +17,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::{Discovered, Findings};
-use crate::control::Cells;
 use crate::admin::Health;
+use crate::config::EndpointState;
 use crate::config::{ClusterConfig, Config};
 
 /// A failed API call, classified for the error metric.
@@ -48,12 +48,17 @@ where
         SdkError::DispatchFailure(_) => "connect",
         SdkError::ResponseError(_) => "response",
         SdkError::ServiceError(s) => match s.err().code() {
-            Some("ThrottlingException" | "TooManyRequestsException" | "Throttling" | "RequestLimitExceeded" | "SlowDown") => {
-                "throttling"
-            }
-            Some("AccessDeniedException" | "ForbiddenException" | "UnauthorizedException" | "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
-                "access_denied"
-            }
+            Some(
+                "ThrottlingException" | "TooManyRequestsException" | "Throttling" | "RequestLimitExceeded" | "SlowDown",
+            ) => "throttling",
+            Some(
+                "AccessDeniedException"
+                | "ForbiddenException"
+                | "UnauthorizedException"
+                | "AccessDenied"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch",
+            ) => "access_denied",
             Some("NotFoundException" | "NoSuchKey" | "NoSuchBucket") => "not_found",
             Some("BadRequestException") => "bad_request",
             _ => "service",
@@ -161,7 +166,7 @@ pub trait Source: Send + 'static {
     fn clusters(&self, s: &Self::Settings) -> Vec<ClusterConfig>;
     /// The VPC endpoint addresses and subnet AZs it knows itself; `None` (the default): EC2
     /// reads those its clusters name.
-    fn cells(&self, _s: &Self::Settings) -> Option<Cells> {
+    fn cells(&self, _s: &Self::Settings) -> Option<EndpointState> {
         None
     }
     /// What /readyz says of it after a pass; by default, the pass's failures.
@@ -182,6 +187,7 @@ pub fn restore<S: Source>(source: &mut S, s: &S::Settings, health: &Health) {
         Ok(true) => {
             tracing::info!(source = S::NAME, clusters = source.len(), dir = %dir.display(), "discovered clusters restored from the snapshot");
             clusters_gauge::<S>(source.len());
+            health.set_degraded(S::HEALTH_KEY, source.degraded(s, &Round::default()));
         }
         Ok(false) => {}
         Err(e) => {

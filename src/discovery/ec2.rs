@@ -15,14 +15,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::config::{Config, EndpointAddr};
+use crate::config::{Config, EndpointAddr, EndpointState};
 
 const HEALTH_KEY: &str = "ec2";
 const STATE_FILE: &str = "ec2.json";
-
-/// The last addresses and AZs read from EC2, kept so that a restart while EC2 is unreachable
-/// answers at once (the shape a fleet snapshot carries them in, too).
-pub type Known = crate::control::Cells;
 
 /// What EC2 refreshes read and write, and nothing more: the VPC endpoints and subnets the
 /// configuration in force names, and the cells holding their addresses and AZs (set here, read
@@ -36,17 +32,17 @@ pub trait Endpoints: Send + Sync {
     fn set_az(&self, subnet: &str, az: Vec<String>);
 }
 
-impl Known {
+impl EndpointState {
     /// What `cells` hold now (those never read left out).
     pub fn of(cells: &dyn Endpoints) -> Self {
-        Known {
+        EndpointState {
             endpoints: cells.endpoints().into_iter().filter_map(|(id, a)| Some((id, a?.to_vec()))).collect(),
             subnets: cells.subnets().into_iter().filter_map(|(id, az)| Some((id, az?.to_vec()))).collect(),
         }
     }
 }
 
-fn read_state(dir: &Path) -> std::io::Result<Option<Known>> {
+fn read_state(dir: &Path) -> std::io::Result<Option<EndpointState>> {
     match std::fs::read(dir.join(STATE_FILE)) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(std::io::Error::other),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -54,7 +50,7 @@ fn read_state(dir: &Path) -> std::io::Result<Option<Known>> {
     }
 }
 
-fn write_state(dir: &Path, known: &Known) -> std::io::Result<()> {
+fn write_state(dir: &Path, known: &EndpointState) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(known).map_err(std::io::Error::other)?;
     super::write_atomic(dir, STATE_FILE, &text)
 }
@@ -110,7 +106,7 @@ pub async fn run(
     let duration = metrics::histogram!("mskdns_ec2_refresh_duration_seconds");
     let mut client = None;
     let mut reported: Vec<String> = Vec::new();
-    let mut written: Option<Known> = None;
+    let mut written: Option<EndpointState> = None;
     loop {
         let subnets: Vec<String> = cells.subnets().into_iter().map(|s| s.0).collect();
         let ids: Vec<String> = cells.endpoints().into_iter().map(|e| e.0).collect();
@@ -137,7 +133,7 @@ pub async fn run(
         match refresh(client, cells.as_ref(), ids, &subnets).await {
             Ok(()) => {
                 health.set_degraded(HEALTH_KEY, None);
-                let known = Known::of(cells.as_ref());
+                let known = EndpointState::of(cells.as_ref());
                 let dir = config.borrow().ec2_state_dir();
                 if let Some(dir) = dir
                     && written.as_ref() != Some(&known)
@@ -178,7 +174,12 @@ pub async fn run(
 
 type Failure = (&'static str, String);
 
-pub(crate) async fn refresh(client: &Client, cells: &dyn Endpoints, ids: Vec<String>, subnets: &[String]) -> Result<(), Failure> {
+pub(crate) async fn refresh(
+    client: &Client,
+    cells: &dyn Endpoints,
+    ids: Vec<String>,
+    subnets: &[String],
+) -> Result<(), Failure> {
     if !ids.is_empty() {
         let fail = |e| ("DescribeVpcEndpoints", format!("{}", DisplayErrorContext(e)));
         let mut enis_of: HashMap<String, Vec<String>> = HashMap::new();

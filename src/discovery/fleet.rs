@@ -14,9 +14,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::ec2::Known;
 use super::msk::Found;
-use crate::config::{ClusterConfig, ConfigError, EndpointAddr, parse_target, validate_clusters};
+use crate::config::{ClusterConfig, ConfigError, EndpointAddr, EndpointState, parse_target, validate_clusters};
 
 /// The schema's version this build writes and reads.
 pub const VERSION: u32 = 1;
@@ -81,7 +80,7 @@ fn rejected(kind: &'static str, reason: impl Into<String>) -> Rejected {
 impl Document {
     /// The document for what a discovery pass found at `pass_unix`, with the endpoint addresses
     /// and subnet AZs known (only the endpoints its clusters name are kept).
-    pub fn build(found: &[Found], ttl: u32, cells: &Known, pass_unix: u64) -> Document {
+    pub fn build(found: &[Found], ttl: u32, cells: &EndpointState, pass_unix: u64) -> Document {
         let clusters: Vec<Cluster> = found
             .iter()
             .filter(|f| f.cluster(ttl).is_some())
@@ -97,7 +96,8 @@ impl Document {
             })
             .collect();
         let named: Vec<String> = clusters.iter().filter_map(|c| endpoint_of(&c.target)).collect();
-        let endpoints = cells.endpoints.iter().filter(|(id, _)| named.contains(id)).map(|(k, v)| (k.clone(), v.clone()));
+        let endpoints =
+            cells.endpoints.iter().filter(|(id, _)| named.contains(id)).map(|(k, v)| (k.clone(), v.clone()));
         Document {
             version: VERSION,
             pass_time: rfc3339(pass_unix),
@@ -156,7 +156,8 @@ impl Document {
     pub fn cluster_configs(&self) -> Result<Vec<ClusterConfig>, Rejected> {
         let mut out = Vec::with_capacity(self.clusters.len());
         for (i, c) in self.clusters.iter().enumerate() {
-            let mut cfg = parse_target(&c.target).map_err(|m| rejected("invalid", format!("clusters[{i}].target: {m}")))?;
+            let mut cfg =
+                parse_target(&c.target).map_err(|m| rejected("invalid", format!("clusters[{i}].target: {m}")))?;
             cfg.bootstrap = c.bootstrap.clone();
             cfg.ttl = c.ttl;
             cfg.source = Some(format!("snapshot {}", if c.arn.is_empty() { &c.bootstrap } else { &c.arn }));
@@ -170,8 +171,8 @@ impl Document {
     }
 
     /// The endpoint addresses and subnet AZs it carries.
-    pub fn cells(&self) -> Known {
-        Known { endpoints: self.endpoints.clone(), subnets: self.subnets.clone() }
+    pub fn cells(&self) -> EndpointState {
+        EndpointState { endpoints: self.endpoints.clone(), subnets: self.subnets.clone() }
     }
 
     /// The same discovered state, whenever and by whomever it was written.
@@ -242,9 +243,9 @@ mod tests {
         }
     }
 
-    fn cells() -> Known {
+    fn cells() -> EndpointState {
         let addr = |ip: &str, az: &str| EndpointAddr { ip: ip.parse().unwrap(), az: az.into(), az_id: None };
-        Known {
+        EndpointState {
             endpoints: [
                 ("vpce-0aaa".to_owned(), vec![addr("10.1.0.5", "us-east-1a"), addr("2600:1f18::5", "us-east-1a")]),
                 ("vpce-0unrelated".to_owned(), vec![addr("10.9.0.5", "us-east-1b")]),
@@ -257,7 +258,12 @@ mod tests {
     #[test]
     fn a_built_document_reads_back_with_its_endpoints_and_pass_time() {
         let other = "b-1.ledger.xyz789.c2.kafka.us-east-1.amazonaws.com";
-        let doc = Document::build(&[found(BOOT, "vpce-0aaa"), found(other, "addresses=10.4.4.4")], 30, &cells(), 1_800_000_000);
+        let doc = Document::build(
+            &[found(BOOT, "vpce-0aaa"), found(other, "addresses=10.4.4.4")],
+            30,
+            &cells(),
+            1_800_000_000,
+        );
         assert_eq!(doc.pass_time, "2027-01-15T08:00:00Z");
         assert_eq!(doc.endpoints.keys().collect::<Vec<_>>(), ["vpce-0aaa"]);
         let text = serde_json::to_vec(&doc).unwrap();
@@ -276,7 +282,8 @@ mod tests {
 
     #[test]
     fn a_bad_document_is_rejected_whole_with_the_reason() {
-        let good = serde_json::to_value(Document::build(&[found(BOOT, "addresses=10.0.0.1")], 60, &cells(), 1)).unwrap();
+        let good =
+            serde_json::to_value(Document::build(&[found(BOOT, "addresses=10.0.0.1")], 60, &cells(), 1)).unwrap();
         let with = |f: &dyn Fn(&mut serde_json::Value)| {
             let mut v = good.clone();
             f(&mut v);

@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::driver::{ApiError, Round, Schedule, Source};
-use super::fleet::publisher::Passed;
 use crate::config::{AwsDiscoveryConfig, ClusterConfig, Config, parse_target};
 use crate::names::cluster_key;
 
@@ -60,6 +59,15 @@ impl Found {
         cluster_key(&c.bootstrap).ok()?;
         Some(c)
     }
+}
+
+/// A pass of `[discovery.aws]` that completed: what is published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Passed {
+    /// Unix seconds.
+    pub at: u64,
+    pub found: Vec<Found>,
+    pub ttl: u32,
 }
 
 /// A cluster listed but not served, and why.

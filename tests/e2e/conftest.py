@@ -126,6 +126,11 @@ class Daemon:
                 total += float(value)
         return total
 
+    def log_text(self):
+        """What the daemon wrote to stderr so far."""
+        with open(self.log.name) as f:
+            return f.read()
+
     def alive(self):
         return self.proc.poll() is None
 
@@ -305,6 +310,8 @@ class MskFront:
         self.bootstrap = {}
         self.calls = []
         self.auth = []
+        # Every call as (access key id, service, method, path, status): who asked what.
+        self.log = []
         front = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -312,20 +319,25 @@ class MskFront:
                 pass
 
             def relay(self):
+                import re
+
                 path = urllib.parse.unquote(self.path.split("?")[0])
                 front.calls.append((self.command, path))
-                front.auth.append((path, self.headers.get("Authorization", "")))
+                auth = self.headers.get("Authorization", "")
+                front.auth.append((path, auth))
+                m = re.search(r"Credential=([^/]+)/[^/]+/[^/]+/([^/]+)/", auth)
+                self.caller = (m.group(1), m.group(2)) if m else ("", "")
                 if self.command == "GET" and path.startswith("/v1/clusters/") and path.endswith("/bootstrap-brokers"):
                     arn = path[len("/v1/clusters/"):-len("/bootstrap-brokers")]
                     return self.bootstrap_brokers(arn)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "expect")}
                 req = urllib.request.Request(front.moto.url + self.path, data=body or None, headers=headers, method=self.command)
                 try:
                     with urllib.request.urlopen(req, timeout=10) as r:
-                        self.reply(r.status, fix_timestamps(r.read()), r.headers.get("Content-Type"))
+                        self.reply(r.status, fix_timestamps(r.read()), r.headers.get("Content-Type"), passed=r.headers)
                 except urllib.error.HTTPError as e:
-                    self.reply(e.code, e.read(), e.headers.get("Content-Type"))
+                    self.reply(e.code, e.read(), e.headers.get("Content-Type"), passed=e.headers)
                 except OSError:
                     # moto is down: drop the connection, as an unreachable endpoint would.
                     self.close_connection = True
@@ -336,19 +348,28 @@ class MskFront:
                 if arn not in front.bootstrap:
                     body = {"message": f"cluster {arn} not found"}
                     return self.reply(404, json.dumps(body).encode(), "application/json", "NotFoundException")
-                kind = "bootstrapBrokerStringSaslIam" if ".kafka-serverless." in front.bootstrap[arn] else "bootstrapBrokerStringTls"
-                self.reply(200, json.dumps({kind: front.bootstrap[arn]}).encode(), "application/json")
+                answer = front.bootstrap[arn]
+                if isinstance(answer, str):
+                    kind = "bootstrapBrokerStringSaslIam" if ".kafka-serverless." in answer else "bootstrapBrokerStringTls"
+                    answer = {kind: answer}
+                self.reply(200, json.dumps(answer).encode(), "application/json")
 
-            def reply(self, status, body, ctype, error_type=None):
+            def reply(self, status, body, ctype, error_type=None, passed=None):
+                front.log.append((*self.caller, self.command, urllib.parse.unquote(self.path.split("?")[0]), status))
                 self.send_response(status)
                 self.send_header("Content-Type", ctype or "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 if error_type:
                     self.send_header("x-amzn-ErrorType", error_type)
+                # What S3 clients read from the headers (the ETag of a GET, a PUT, a 304).
+                for k, v in (passed or {}).items():
+                    if k.lower() == "etag" or k.lower() == "last-modified" or k.lower().startswith("x-amz"):
+                        self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD" and status != 304:
+                    self.wfile.write(body)
 
-            do_GET = do_POST = do_PUT = do_DELETE = relay
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = relay
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

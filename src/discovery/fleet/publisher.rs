@@ -15,31 +15,26 @@ use tokio_util::sync::CancellationToken;
 use super::Document;
 use super::s3::{self, Expect, Fetched, Location, PutFailed};
 use crate::admin::Health;
+use crate::config::EndpointState;
 use crate::config::{Config, EndpointAddr};
-use crate::control::Cells;
 use crate::discovery::driver::ApiError;
 use crate::discovery::ec2::Endpoints;
-use crate::discovery::msk::Found;
+use crate::discovery::msk::Passed;
 
 const HEALTH_KEY: &str = "discovery.publish";
 /// The object as read before a write is never larger than this (a document is kilobytes).
 const READ_CAP: u64 = 64 << 20;
 
-/// A pass of `[discovery.aws]` that completed: what is published.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Passed {
-    /// Unix seconds.
-    pub at: u64,
-    pub found: Vec<Found>,
-    pub ttl: u32,
-}
-
 /// What a publish did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Written { etag: String },
+    Written {
+        etag: String,
+    },
     /// The object already holds this state (written by this or another publisher) recently enough.
-    Unchanged { etag: String },
+    Unchanged {
+        etag: String,
+    },
 }
 
 /// Whether an unchanged document from pass `then` is written again for a pass at `now`.
@@ -139,7 +134,7 @@ pub async fn run(
             continue;
         };
         let Some(pass) = passes.borrow().clone() else { continue };
-        let doc = Document::build(&pass.found, pass.ttl, &Cells::of(cells.as_ref()), pass.at);
+        let doc = Document::build(&pass.found, pass.ttl, &EndpointState::of(cells.as_ref()), pass.at);
         let etag = match &last {
             Some((url, etag, held)) if *url == p.url => {
                 let due = heartbeat_due(held.pass_unix().unwrap_or(0), pass.at, p.heartbeat_secs);
@@ -217,6 +212,7 @@ impl Endpoints for Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::msk::Found;
 
     fn doc(target: &str, pass: u64) -> Document {
         let f = Found {
@@ -231,7 +227,7 @@ mod tests {
             scope: "default".into(),
             last_seen: pass,
         };
-        Document::build(&[f], 60, &Cells::default(), pass)
+        Document::build(&[f], 60, &EndpointState::default(), pass)
     }
 
     #[test]

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::s3::{self, Fetched, Location};
 use super::{Document, Rejected};
+use crate::config::EndpointState;
 use crate::config::{ClusterConfig, Config, SnapshotConfig};
-use crate::control::Cells;
 use crate::discovery::driver::{Round, Schedule, Source};
 use crate::discovery::msk::unix_now;
 
@@ -195,7 +195,7 @@ impl Source for Snapshot {
         self.held_for(s).and_then(|h| h.document.cluster_configs().ok()).unwrap_or_default()
     }
 
-    fn cells(&self, s: &Settings) -> Option<Cells> {
+    fn cells(&self, s: &Settings) -> Option<EndpointState> {
         Some(self.held_for(s).map(|h| h.document.cells()).unwrap_or_default())
     }
 
@@ -221,7 +221,10 @@ impl Source for Snapshot {
             let w = why().map(|w| format!(": {w}")).unwrap_or_default();
             return Some(format!("snapshot {age} s old, past discovery.snapshot.max_age_secs ({max}){w}"));
         }
-        None
+        // A document the publisher got wrong is news at once; S3 unreachable only past the age.
+        self.rejected.as_ref().map(|(_, r)| {
+            format!("the object in S3 was rejected: {r}; serving the last good one (pass {})", held.document.pass_time)
+        })
     }
 
     async fn pass(&mut self, s: &Settings) -> Round {

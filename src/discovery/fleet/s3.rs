@@ -46,9 +46,15 @@ pub async fn client(path_style: bool) -> Client {
 pub enum Fetched {
     /// The object is still the one with the ETag asked about.
     NotModified,
-    Object { etag: Option<String>, bytes: Vec<u8> },
+    Object {
+        etag: Option<String>,
+        bytes: Vec<u8>,
+    },
     /// Larger than the cap: not read (or not to its end).
-    TooLarge { bytes: u64, etag: Option<String> },
+    TooLarge {
+        bytes: u64,
+        etag: Option<String>,
+    },
     /// There is no such object (or bucket).
     Absent,
 }

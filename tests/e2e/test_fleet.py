@@ -1,0 +1,278 @@
+"""One discovery for a fleet: a publisher daemon ([discovery.aws] + [discovery.publish]) writes
+the discovered state to moto's S3; reader daemons ([discovery.snapshot]) answer from it. Every
+AWS call goes through the MskFront relay (conftest.py), which records who made it (the access
+key id each daemon runs with) and to which service, so the test counts calls per caller."""
+import json
+import subprocess
+import time
+from collections import Counter
+
+import boto3
+import dns.rcode
+import pytest
+
+from conftest import BIN, Moto, wait_for
+from test_discovery import REGION, TAGGED, Msk
+from test_dns import addresses, ask
+
+BUCKET = "mskdns-fleet"
+KEY = "discovery/us-east-1.json"
+URL = f"s3://{BUCKET}/{KEY}"
+
+
+def s3(moto):
+    return boto3.client("s3", region_name=REGION, endpoint_url=moto.url, aws_access_key_id="test", aws_secret_access_key="test")
+
+
+def env(msk, caller):
+    """Every AWS call through the counting relay, signed with the caller's own access key id."""
+    return {**msk.front.env, "AWS_ENDPOINT_URL": msk.front.url, "AWS_ACCESS_KEY_ID": caller}
+
+
+BASE = """
+[dns]
+listen = ["127.0.0.1:0"]
+upstreams = ["127.0.0.1:9"]
+unknown_clusters = "nxdomain"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[reload]
+poll_secs = 0
+"""
+
+
+def publisher_config(tmp_path, publish=True):
+    text = BASE + f"""
+[aws]
+refresh_secs = 1
+s3_path_style = true
+state_dir = "{tmp_path / "publisher-state"}"
+
+[discovery.aws]
+regions = ["{REGION}"]
+refresh_secs = 1
+jitter = 0.0
+max_backoff_secs = 1
+default_target = "addresses=10.9.9.9"
+ttl = 30
+"""
+    return text + (f'\n[discovery.publish]\nurl = "{URL}"\n' if publish else "")
+
+
+def reader_config(tmp_path, name, max_age=3, extra=""):
+    return BASE + f"""
+[aws]
+s3_path_style = true
+state_dir = "{tmp_path / (name + "-state")}"
+
+[discovery.snapshot]
+url = "{URL}"
+poll_secs = 1
+max_age_secs = {max_age}
+""" + extra
+
+
+def dual_stack_endpoint(moto):
+    """An interface VPC endpoint whose network interface has an IPv4 and an IPv6 address."""
+    ec2 = moto.ec2
+    vpc = ec2.create_vpc(CidrBlock="10.31.0.0/16", AmazonProvidedIpv6CidrBlock=True)["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.31.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+    ep = ec2.create_vpc_endpoint(
+        VpcId=vpc, ServiceName="com.amazonaws.vpce.us-east-1.vpce-svc-0fleet", VpcEndpointType="Interface", SubnetIds=[subnet]
+    )["VpcEndpoint"]
+    eni = ep["NetworkInterfaceIds"][0]
+    ec2.assign_ipv6_addresses(NetworkInterfaceId=eni, Ipv6Addresses=["2600:1f18:31:1::10"])
+    v4 = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]["PrivateIpAddress"]
+    return ep["VpcEndpointId"], v4, "2600:1f18:31:1::10"
+
+
+def calls_by(front, caller):
+    return [c for c in list(front.log) if c[0] == caller]
+
+
+def test_one_publisher_serves_five_readers(daemon, moto, tmp_path):
+    msk = Msk(moto)
+    s3(moto).create_bucket(Bucket=BUCKET)
+    _, orders = msk.serverless("orders", "a1b2c3d4", {**TAGGED, "mskdns:target": "addresses=10.1.0.10 10.1.1.10"})
+    vpce, v4, v6 = dual_stack_endpoint(moto)
+    # Dual-stack: MSK gives this cluster's names only in its IPv6 bootstrap string.
+    arn, payments = msk.serverless("payments", "e5f6a7b8", {**TAGGED, "mskdns:target": vpce})
+    msk.front.bootstrap[arn] = {"bootstrapBrokerStringSaslIamIpv6": f"{payments}:9098"}
+
+    pub = daemon(publisher_config(tmp_path), env=env(msk, "AKIDPUBLISHER"), name="publisher.toml")
+    # Published once the endpoint's addresses are read too.
+    def published():
+        try:
+            doc = json.loads(s3(moto).get_object(Bucket=BUCKET, Key=KEY)["Body"].read())
+        except Exception:
+            return None
+        return doc if vpce in doc.get("endpoints", {}) else None
+
+    doc = wait_for(published, timeout=20)
+    assert doc, pub.log_text()[-3000:]
+    assert doc["version"] == 1
+    assert sorted(c["bootstrap"] for c in doc["clusters"]) == sorted([orders, payments])
+    assert sorted(a["ip"] for a in doc["endpoints"][vpce]) == sorted([v4, v6])
+
+    readers = [
+        daemon(reader_config(tmp_path, f"reader{i}"), env=env(msk, f"AKIDREADER{i}"), name=f"reader{i}.toml")
+        for i in range(5)
+    ]
+    for r in readers:
+        assert wait_for(lambda: addresses(ask(r, orders)) == ["10.1.0.10", "10.1.1.10"], timeout=10)
+        assert addresses(ask(r, payments)) == [v4]
+        assert addresses(ask(r, payments.replace("boot-", "b0101-"), "AAAA")) == [v6]
+
+    # A cluster added in MSK reaches every reader within one publish and one poll.
+    _, events = msk.serverless("events", "99aa88bb", {**TAGGED, "mskdns:target": "addresses=10.7.0.1"})
+    added = time.time()
+    for r in readers:
+        assert wait_for(lambda: addresses(ask(r, events)) == ["10.7.0.1"], timeout=10)
+    took = time.time() - added
+    # One MSK refresh (1 s), one EC2 check (the publisher looks every 5 s), one poll (1 s).
+    assert took < 10, took
+    time.sleep(5)
+
+    # Calls per caller: MSK and EC2 only from the publisher; readers only GET the object from S3,
+    # most of them answered 304.
+    pub_services = Counter(c[1] for c in calls_by(msk.front, "AKIDPUBLISHER"))
+    assert pub_services["kafka"] > 0 and pub_services["ec2"] > 0, pub_services
+    puts = [c for c in calls_by(msk.front, "AKIDPUBLISHER") if c[1] == "s3" and c[2] == "PUT"]
+    # Written when the state changed (first without, then with the endpoint's addresses; the new
+    # cluster), not on each of its many passes.
+    assert 1 <= len(puts) <= 4, puts
+    assert pub.metric("mskdns_discovery_refreshes_total", source="msk", result="ok") > 2 * len(puts)
+    for i, r in enumerate(readers):
+        calls = calls_by(msk.front, f"AKIDREADER{i}")
+        assert {(c[1], c[2], c[3]) for c in calls} == {("s3", "GET", f"/{BUCKET}/{KEY}")}, calls
+        statuses = Counter(c[4] for c in calls)
+        assert statuses[304] > statuses[200] >= 2, statuses
+        assert r.metric("mskdns_discovery_snapshot_fetches_total", result="not_modified") >= statuses[304] - 1
+        assert abs(r.metric("mskdns_discovery_snapshot_pass_timestamp_seconds") - time.time()) < 60
+        assert r.http("/readyz") == (200, "ready\n")
+
+    # S3 stops: readers keep answering; past max_age_secs /readyz says degraded, with the age.
+    moto.stop()
+    r0 = readers[0]
+    assert wait_for(lambda: "past discovery.snapshot.max_age_secs" in r0.http("/readyz")[1], timeout=15), r0.http("/readyz")
+    status, body = r0.http("/readyz")
+    assert status == 200 and "snapshot" in body and "s old" in body, body
+    assert addresses(ask(r0, orders)) == ["10.1.0.10", "10.1.1.10"]
+    assert addresses(ask(r0, events)) == ["10.7.0.1"]
+    assert r0.metric("mskdns_discovery_snapshot_age_seconds") >= 3
+
+    # A reader restarted while S3 is down serves its saved snapshot from the first query.
+    r0.stop()
+    again = daemon(reader_config(tmp_path, "reader0"), env=env(msk, "AKIDREADER0"), name="reader0-again.toml")
+    assert addresses(ask(again, events)) == ["10.7.0.1"]
+    assert addresses(ask(again, payments, "AAAA")) == [v6]
+    status, body = again.http("/readyz")
+    assert status == 200 and "serving the saved snapshot" in body, body
+    msk.front.stop()
+
+
+def valid_document(bootstrap, ip, pass_time="2026-12-06T08:00:00Z"):
+    return {
+        "version": 1,
+        "pass_time": pass_time,
+        "publisher": "test",
+        "clusters": [{"bootstrap": bootstrap, "target": f"addresses={ip}", "ttl": 30, "arn": "arn:x", "name": "x"}],
+        "endpoints": {},
+        "subnets": {},
+    }
+
+
+def test_a_bad_snapshot_is_rejected_and_the_last_good_one_kept(daemon, moto, tmp_path):
+    client = s3(moto)
+    client.create_bucket(Bucket=BUCKET)
+    boot = "boot-aaaa1111.c1.kafka-serverless.us-east-1.amazonaws.com"
+    other = "boot-bbbb2222.c1.kafka-serverless.us-east-1.amazonaws.com"
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=json.dumps(valid_document(boot, "10.2.0.1")).encode())
+    extra = "max_bytes = 4096\n"
+    text = reader_config(tmp_path, "reader", max_age=600, extra=extra)
+    d = daemon(text, env={**moto.env, "AWS_ACCESS_KEY_ID": "AKIDREADER"})
+    assert wait_for(lambda: addresses(ask(d, boot)) == ["10.2.0.1"], timeout=10)
+
+    bad_cluster = valid_document(other, "10.2.0.2")
+    bad_cluster["clusters"][0]["bootstrap"] = "boot-bbbb2222.example.com"
+    cases = [
+        ("json", b'{"version": 1, "clusters": [', "not a JSON object"),
+        ("version", json.dumps({**valid_document(other, "10.2.0.2"), "version": 2}).encode(), "version 2; this build reads version 1"),
+        ("size", json.dumps({**valid_document(other, "10.2.0.2"), "padding": "x" * 5000}).encode(), "past discovery.snapshot.max_bytes (4096)"),
+        ("invalid", json.dumps(bad_cluster).encode(), "clusters[0].bootstrap"),
+    ]
+    for kind, body, reason in cases:
+        client.put_object(Bucket=BUCKET, Key=KEY, Body=body)
+        assert wait_for(lambda: d.metric("mskdns_discovery_snapshot_rejected_total", reason=kind) == 1, timeout=10), kind
+        # Logged once with the reason, and not fetched again while it stays.
+        time.sleep(2.5)
+        assert d.metric("mskdns_discovery_snapshot_rejected_total", reason=kind) == 1, kind
+        log = d.log_text()
+        assert "discovery snapshot rejected" in log and reason in log, (kind, log[-2000:])
+        assert addresses(ask(d, boot)) == ["10.2.0.1"], kind
+        assert ask(d, other).rcode() == dns.rcode.NXDOMAIN, kind
+        status, body_text = d.http("/readyz")
+        assert status == 200 and "rejected" in body_text, body_text
+
+    # A good one again is taken, and the saved copy follows it.
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=json.dumps(valid_document(other, "10.2.0.2")).encode())
+    assert wait_for(lambda: addresses(ask(d, other)) == ["10.2.0.2"], timeout=10)
+    assert ask(d, boot).rcode() == dns.rcode.NXDOMAIN
+    assert wait_for(lambda: d.http("/readyz") == (200, "ready\n"), timeout=5), d.http("/readyz")
+    saved = json.loads((tmp_path / "reader-state" / "discovery-snapshot.json").read_text())
+    assert saved["document"]["clusters"][0]["bootstrap"] == other
+
+    # `mskdns discover --json` reports what the snapshot serves, and fails with the reason
+    # when S3 cannot be read.
+    cfg = tmp_path / "discover.toml"
+    cfg.write_text(text)
+    run_env = {**moto.env, "AWS_ACCESS_KEY_ID": "AKIDREADER", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([BIN, "--config", str(cfg), "discover", "--json"], capture_output=True, text=True, env=run_env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [(c["bootstrap"], c["target"], c["status"]) for c in report["clusters"]] == [(other, "addresses=10.2.0.2", "served")]
+    assert report["snapshot"]["url"] == URL
+    moto.stop()
+    out = subprocess.run([BIN, "--config", str(cfg), "discover", "--json"], capture_output=True, text=True, env=run_env, timeout=120)
+    assert out.returncode == 1 and URL in out.stderr, (out.returncode, out.stderr)
+
+
+def test_discover_publish_writes_once_and_on_condition(moto, tmp_path):
+    msk = Msk(moto)
+    client = s3(moto)
+    client.create_bucket(Bucket=BUCKET)
+    _, orders = msk.serverless("orders", "a1b2c3d4", {**TAGGED, "mskdns:target": "addresses=10.1.0.10"})
+    cfg = tmp_path / "publish.toml"
+    cfg.write_text(publisher_config(tmp_path, publish=False))
+    run_env = {**env(msk, "AKIDJOB"), "PATH": "/usr/bin:/bin"}
+
+    def publish():
+        return subprocess.run([BIN, "--config", str(cfg), "discover", "--publish", URL], capture_output=True, text=True, env=run_env, timeout=60)
+
+    out = publish()
+    assert out.returncode == 0 and "published" in out.stderr, out.stderr
+    first = client.get_object(Bucket=BUCKET, Key=KEY)
+    doc = json.loads(first["Body"].read())
+    assert [c["bootstrap"] for c in doc["clusters"]] == [orders]
+    # Nothing changed: not written again.
+    out = publish()
+    assert out.returncode == 0 and "unchanged" in out.stderr, out.stderr
+    assert client.get_object(Bucket=BUCKET, Key=KEY)["ETag"] == first["ETag"]
+    puts = [c for c in msk.front.log if c[0] == "AKIDJOB" and c[2] == "PUT"]
+    assert len(puts) == 1 and all(c[4] == 200 for c in puts), puts
+
+    # Another writer's document in between: replaced whole, on the ETag just read.
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=json.dumps(valid_document(orders, "10.6.6.6")).encode())
+    out = publish()
+    assert out.returncode == 0 and "published" in out.stderr, out.stderr
+    doc = json.loads(client.get_object(Bucket=BUCKET, Key=KEY)["Body"].read())
+    assert doc["clusters"][0]["target"] == "addresses=10.1.0.10"
+
+    # MSK unreachable: exit 1, and the object is left as it was.
+    before = client.get_object(Bucket=BUCKET, Key=KEY)["ETag"]
+    msk.front.stop()
+    out = publish()
+    assert out.returncode == 1 and "nothing published" in out.stderr, out.stderr
+    assert client.get_object(Bucket=BUCKET, Key=KEY)["ETag"] == before
