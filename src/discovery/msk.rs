@@ -398,6 +398,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dual_stack_cluster_named_only_in_the_ipv6_strings_is_found() {
+        let listing = mock!(Client::list_clusters_v2).then_output(|| {
+            ListClustersV2Output::builder()
+                .cluster_info_list(cluster(ARN_A, "orders", ClusterType::Serverless, &[("mskdns", "1")]))
+                .build()
+        });
+        let boot = mock!(Client::get_bootstrap_brokers).then_output(|| {
+            GetBootstrapBrokersOutput::builder()
+                .bootstrap_broker_string_sasl_iam_ipv6("boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com:9098")
+                .build()
+        });
+        let client = mock_client!(aws_sdk_kafka, RuleMode::MatchAny, [&listing, &boot]);
+        let l = list(&client, "us-east-1", &rules(), &mut HashMap::new(), 1).await.unwrap();
+        assert_eq!(
+            l.found.iter().map(|f| f.bootstrap.as_str()).collect::<Vec<_>>(),
+            ["boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"]
+        );
+    }
+
+    #[tokio::test]
     async fn throttling_is_retried_by_the_sdk_then_succeeds() {
         let listing = mock!(Client::list_clusters_v2)
             .sequence()

@@ -276,3 +276,55 @@ def test_discover_publish_writes_once_and_on_condition(moto, tmp_path):
     out = publish()
     assert out.returncode == 1 and "nothing published" in out.stderr, out.stderr
     assert client.get_object(Bucket=BUCKET, Key=KEY)["ETag"] == before
+
+
+def test_two_publishers_on_one_object_never_tear_it(daemon, moto, tmp_path):
+    """Both publish the same discovery; the one whose ETag is stale gets 412, reads the object
+    again, finds its state there and writes nothing: one whole write per change."""
+    import threading
+
+    msk = Msk(moto)
+    client = s3(moto)
+    client.create_bucket(Bucket=BUCKET)
+    _, orders = msk.serverless("orders", "a1b2c3d4", {**TAGGED, "mskdns:target": "addresses=10.1.0.10"})
+    first = daemon(publisher_config(tmp_path), env=env(msk, "AKIDPUBA"), name="pub-a.toml")
+    assert wait_for(lambda: any(c[0] == "AKIDPUBA" and c[2] == "PUT" for c in list(msk.front.log)), timeout=15)
+    text = publisher_config(tmp_path).replace("publisher-state", "publisher-b-state")
+    second = daemon(text, env=env(msk, "AKIDPUBB"), name="pub-b.toml")
+    # The second reads the object, finds its own state, writes nothing.
+    assert wait_for(lambda: second.metric("mskdns_discovery_publish_total", result="unchanged") >= 1, timeout=15)
+
+    torn = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                body = client.get_object(Bucket=BUCKET, Key=KEY)["Body"].read()
+                json.loads(body)
+            except json.JSONDecodeError:
+                torn.append(body)
+            except Exception:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for n, cid in enumerate(["99aa88bb", "77cc66dd"]):
+        _, boot = msk.serverless(f"events{n}", cid, {**TAGGED, "mskdns:target": f"addresses=10.7.0.{n + 1}"})
+        assert wait_for(lambda: boot in client.get_object(Bucket=BUCKET, Key=KEY)["Body"].read().decode(), timeout=15)
+        time.sleep(7)  # both publishers past their next EC2 check
+    stop.set()
+    watcher.join()
+    assert torn == []
+    puts = [c for c in list(msk.front.log) if c[1] == "s3" and c[2] == "PUT"]
+    written = [c for c in puts if c[4] == 200]
+    refused = [c for c in puts if c[4] == 412]
+    # The first state, then one write per change, whoever made it; the other's write was refused.
+    assert len(written) == 3, puts
+    assert len(refused) >= 1, puts
+    assert first.metric("mskdns_discovery_publish_total", result="error") == 0
+    assert second.metric("mskdns_discovery_publish_total", result="error") == 0
+    doc = json.loads(client.get_object(Bucket=BUCKET, Key=KEY)["Body"].read())
+    assert len(doc["clusters"]) == 3
+    msk.front.stop()
