@@ -24,6 +24,40 @@ def test_systemd_unit_verifies(tmp_path):
 
 def test_cloudformation_lints():
     run(require("cfn-lint"), str(ROOT / "packaging/cloudformation/mskdns.yaml"))
+    run(require("cfn-lint"), str(ROOT / "packaging/cloudformation/fleet.yaml"))
+
+
+def test_the_fleet_template_deploys(moto):
+    """The fleet template's stack, created in moto's CloudFormation: the bucket, the reader
+    policy, the publisher's task and schedule; its output is the URL readers and the publisher use."""
+    import boto3
+
+    kw = dict(region_name="us-east-1", endpoint_url=moto.url, aws_access_key_id="test", aws_secret_access_key="test")
+    ec2, cf = moto.ec2, boto3.client("cloudformation", **kw)
+    vpc = ec2.create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.40.1.0/24")["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName="publisher", Description="publisher", VpcId=vpc)["GroupId"]
+    params = {
+        "BucketName": "acme-mskdns",
+        "PublisherImage": "registry.example/mskdns:1",
+        "Subnets": subnet,
+        "SecurityGroup": group,
+        "ReaderAccounts": "111122223333",
+        "DefaultTarget": "vpce-0abc",
+    }
+    cf.create_stack(
+        StackName="fleet",
+        TemplateBody=(ROOT / "packaging/cloudformation/fleet.yaml").read_text(),
+        Capabilities=["CAPABILITY_IAM"],
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()],
+    )
+    stack = cf.describe_stacks(StackName="fleet")["Stacks"][0]
+    assert stack["StackStatus"] == "CREATE_COMPLETE", stack
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+    assert outputs["SnapshotUrl"] == "s3://acme-mskdns/discovery/snapshot.json"
+    kinds = {r["ResourceType"] for r in cf.list_stack_resources(StackName="fleet")["StackResourceSummaries"]}
+    assert {"AWS::S3::Bucket", "AWS::IAM::ManagedPolicy", "AWS::ECS::TaskDefinition", "AWS::Events::Rule"} <= kinds, kinds
+    boto3.client("s3", **kw).head_bucket(Bucket="acme-mskdns")
 
 
 def test_kubernetes_manifests_validate():
