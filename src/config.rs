@@ -226,6 +226,32 @@ mod tests {
     }
 
     #[test]
+    fn fleet_settings_name_the_bad_key() {
+        let err = |text: &str| match Config::from_toml(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        let ok = Config::from_toml("[discovery.snapshot]\nurl = \"s3://acme-mskdns/a/b.json\"\n").unwrap();
+        let s = ok.discovery.snapshot.unwrap();
+        assert_eq!((s.poll_secs, s.max_age_secs, s.max_bytes), (30, 900, 4 << 20));
+        assert_eq!(err("[discovery.snapshot]\nurl = \"https://x/y\"\n"), "discovery.snapshot.url");
+        assert_eq!(err("[discovery.snapshot]\nurl = \"s3://Bad_Bucket/k\"\n"), "discovery.snapshot.url");
+        assert_eq!(err("[discovery.snapshot]\nurl = \"s3://bucket\"\n"), "discovery.snapshot.url");
+        assert_eq!(
+            err("[discovery.snapshot]\nurl = \"s3://bucket/k\"\npoll_secs = 0\n"),
+            "discovery.snapshot.poll_secs"
+        );
+        assert_eq!(
+            err("[discovery.snapshot]\nurl = \"s3://bucket/k\"\nmax_age_secs = 5\n"),
+            "discovery.snapshot.max_age_secs"
+        );
+        // Publishing needs something to publish.
+        assert_eq!(err("[discovery.publish]\nurl = \"s3://bucket/k\"\n"), "discovery.publish");
+        let both = "[discovery.aws]\n[discovery.publish]\nurl = \"s3://bucket/k\"\n[discovery.snapshot]\nurl = \"s3://bucket/k\"\n";
+        assert_eq!(err(both), "discovery.snapshot.url");
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::default();
         c.validate().unwrap();

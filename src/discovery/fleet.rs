@@ -316,4 +316,23 @@ mod tests {
         // A field this build does not know is not a reason: later versions may add some.
         assert!(with(&|v| v["owner"] = "platform".into()).is_ok());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_or_a_damaged_document_are_taken_or_rejected_never_a_panic(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            at in 0usize..4096,
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let _ = Document::parse(&noise);
+            let doc = Document::build(&[found(BOOT, "vpce-0aaa")], 30, &cells(), 1_800_000_000);
+            let mut text = serde_json::to_vec(&doc).unwrap();
+            let i = at % text.len();
+            text[i] = byte;
+            if let Ok(d) = Document::parse(&text) {
+                // Whatever was taken is servable as the file's clusters are.
+                proptest::prop_assert!(d.cluster_configs().is_ok());
+            }
+        }
+    }
 }

@@ -328,3 +328,102 @@ def test_two_publishers_on_one_object_never_tear_it(daemon, moto, tmp_path):
     doc = json.loads(client.get_object(Bucket=BUCKET, Key=KEY)["Body"].read())
     assert len(doc["clusters"]) == 3
     msk.front.stop()
+
+
+class HostileS3:
+    """An S3 endpoint that misbehaves on demand (no real store stalls when asked): `good` serves
+    `body` with its ETag (304 for If-None-Match), `half` sends the headers and half the body then
+    stalls, `silent` reads the request and answers nothing, `endless` streams chunks forever."""
+
+    def __init__(self):
+        import hashlib
+        import http.server
+        import threading
+
+        self.mode = "good"
+        self.body = b""
+        self.requests = []
+        self.closing = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((outer.mode, self.path))
+                body = outer.body
+                etag = '"%s"' % hashlib.md5(body).hexdigest()
+                if outer.mode == "silent":
+                    outer.closing.wait(120)
+                    return
+                if outer.mode == "endless":
+                    self.send_response(200)
+                    self.send_header("ETag", '"endless"')
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    chunk = b"x" * 1024
+                    try:
+                        while not outer.closing.is_set():
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    except OSError:
+                        return
+                    return
+                if outer.mode == "good" and self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.send_header("ETag", etag)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.mode == "half":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    outer.closing.wait(120)
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_stalled_or_endless_s3_is_cut_off_and_the_last_good_snapshot_served(daemon, tmp_path):
+    fake = HostileS3()
+    boot = "boot-aaaa1111.c1.kafka-serverless.us-east-1.amazonaws.com"
+    other = "boot-bbbb2222.c1.kafka-serverless.us-east-1.amazonaws.com"
+    fake.body = json.dumps(valid_document(boot, "10.2.0.1")).encode()
+    aws = {"AWS_ENDPOINT_URL": fake.url, "AWS_REGION": REGION, "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+    d = daemon(reader_config(tmp_path, "reader", max_age=600, extra="max_bytes = 4096\n"), env=aws)
+    try:
+        assert wait_for(lambda: addresses(ask(d, boot)) == ["10.2.0.1"], timeout=10)
+        for mode in ("half", "silent"):
+            fake.mode = mode
+            errors = d.metric("mskdns_discovery_snapshot_fetches_total", result="error")
+            # Cut off within the read timeout (10 s; the SDK retries a silent endpoint twice).
+            assert wait_for(lambda: d.metric("mskdns_discovery_snapshot_fetches_total", result="error") > errors, timeout=45), mode
+            assert addresses(ask(d, boot)) == ["10.2.0.1"], mode
+        fake.mode = "endless"
+        assert wait_for(lambda: d.metric("mskdns_discovery_snapshot_rejected_total", reason="size") >= 1, timeout=30)
+        assert "past discovery.snapshot.max_bytes (4096)" in d.log_text()
+        assert addresses(ask(d, boot)) == ["10.2.0.1"]
+        # The store behaves again, with a new document: taken at the next poll.
+        fake.body = json.dumps(valid_document(other, "10.2.0.2")).encode()
+        fake.mode = "good"
+        assert wait_for(lambda: addresses(ask(d, other)) == ["10.2.0.2"], timeout=15)
+        assert d.alive()
+    finally:
+        fake.stop()
