@@ -258,7 +258,7 @@ impl Server {
         }
         ctx.admin(self.admin, render);
         for p in self.proxies {
-            tasks.spawn(p.run());
+            tasks.spawn(p.run(self.control.subscribe(), self.health.clone()));
         }
         #[cfg(feature = "aws")]
         discovery::ec2::mark_unread(&self.control.endpoints(), &self.health);

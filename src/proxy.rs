@@ -93,9 +93,10 @@ impl Bound {
         }
     }
 
-    pub async fn run(self) {
+    /// Serves until shutdown; a ports-mode block follows `config` for a cluster switch.
+    pub async fn run(self, config: ports::Following, health: Arc<crate::admin::Health>) {
         match self {
-            Bound::Ports(p) => p.run().await,
+            Bound::Ports(p) => p.run(config, health).await,
             Bound::Sni(s) => s.run().await,
         }
     }

@@ -103,10 +103,20 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.log != new.log {
         keys.push("log");
     }
-    if old.proxies != new.proxies {
-        keys.push("proxies");
+    if proxies_shape(old) != proxies_shape(new) {
+        keys.push("proxies (all but a ports-mode block's upstream, upstream TLS keys and switch_drain_secs)");
     }
     keys
+}
+
+/// The `[[proxies]]` blocks without what a ports-mode block switches live.
+fn proxies_shape(c: &Config) -> Vec<crate::config::ProxyBlock> {
+    use crate::config::ProxyBlock;
+    let shape = |b: &ProxyBlock| match b {
+        ProxyBlock::Ports(p) => ProxyBlock::Ports(p.without_upstream()),
+        other => other.clone(),
+    };
+    c.proxies.iter().map(shape).collect()
 }
 
 #[cfg(test)]

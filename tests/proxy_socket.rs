@@ -179,6 +179,7 @@ fn config(upstream: SocketAddr, broker_ports: PortRange, max_frame_bytes: u32) -
         max_connections_per_client: 100,
         first_request_timeout_ms: 1000,
         shutdown_grace_secs: 30,
+        switch_drain_secs: 30,
     }
 }
 
@@ -200,7 +201,7 @@ async fn sparse_node_ids_get_ports_and_a_later_broker_gets_its_own() {
     let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
     let proxy = Proxy::bind(0, &config(up, range, 1 << 20), tasks.clone(), shutdown.clone()).unwrap();
     let boot = proxy.local_addr().unwrap();
-    tasks.spawn(proxy.run());
+    tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Default::default()));
 
     let mut client = TcpStream::connect(boot).await.unwrap();
     let first = metadata(&mut client, 1).await;
@@ -237,7 +238,7 @@ async fn clients_that_leave_mid_request_or_send_too_much_leave_no_task_behind() 
     let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
     let proxy = Proxy::bind(0, &config(up, port_range(10), 4096), tasks.clone(), shutdown.clone()).unwrap();
     let boot = proxy.local_addr().unwrap();
-    tasks.spawn(proxy.run());
+    tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Default::default()));
     // The proxy's own tasks: the bootstrap accept loop and the broker-port sweeper.
     assert!(wait_until(|| tasks.len() == 2).await, "{} tasks at rest", tasks.len());
 
@@ -286,7 +287,7 @@ async fn a_response_declaring_billions_of_brokers_closes_one_connection_not_the_
     let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
     let proxy = Proxy::bind(0, &config(up, port_range(10), 1 << 20), tasks.clone(), shutdown.clone()).unwrap();
     let boot = proxy.local_addr().unwrap();
-    tasks.spawn(proxy.run());
+    tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Default::default()));
 
     let mut c = TcpStream::connect(boot).await.unwrap();
     let mut req = BytesMut::new();
@@ -383,7 +384,7 @@ async fn a_broker_answering_acks0_produce_keeps_the_connection() {
     let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
     let proxy = Proxy::bind(0, &config(up, port_range(10), 1 << 20), tasks.clone(), shutdown.clone()).unwrap();
     let boot = proxy.local_addr().unwrap();
-    tasks.spawn(proxy.run());
+    tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Default::default()));
     let mut c = TcpStream::connect(boot).await.unwrap();
     for i in 0..50 {
         c.write_all(&produce_acks0(1000 + i)).await.unwrap();
@@ -409,7 +410,7 @@ async fn no_broker_connection_for_strangers_silent_clients_or_past_the_per_clien
     cfg.first_request_timeout_ms = 300;
     let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
     let boot = proxy.local_addr().unwrap();
-    tasks.spawn(proxy.run());
+    tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Default::default()));
     let from = |ip: &str| {
         let s = tokio::net::TcpSocket::new_v4().unwrap();
         s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
@@ -559,7 +560,7 @@ async fn large_fetch_responses_with_leader_hints_stream_through_in_bounded_memor
     let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
     let proxy = Proxy::bind(0, &config(up, port_range(10), 100 << 20), tasks.clone(), shutdown.clone()).unwrap();
     let boot = proxy.local_addr().unwrap();
-    tasks.spawn(proxy.run());
+    tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Default::default()));
 
     let before = LIVE.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);

@@ -233,6 +233,36 @@ pub struct ProxyConfig {
     /// response pending (no Kafka request is lost half-way), at the latest at the end of this.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// A reload that changes `upstream` (or its TLS keys) switches clients to the new cluster:
+    /// new connections go there at once; open ones close at a request boundary within this.
+    #[serde(default = "default_shutdown_grace")]
+    pub switch_drain_secs: u64,
+}
+
+impl ProxyConfig {
+    /// The block with what a reload switches live (`upstream`, its TLS keys, `switch_drain_secs`)
+    /// set aside: two blocks equal here differ only by a switch.
+    pub fn without_upstream(&self) -> ProxyConfig {
+        ProxyConfig {
+            upstream: String::new(),
+            upstream_tls: true,
+            upstream_ca_file: None,
+            upstream_tls_cert: None,
+            upstream_tls_key: None,
+            switch_drain_secs: 0,
+            ..self.clone()
+        }
+    }
+
+    /// Whether `new` is this block switched to another cluster (or the same with other TLS keys).
+    pub fn switches_to(&self, new: &ProxyConfig) -> bool {
+        self.without_upstream() == new.without_upstream()
+            && (self.upstream != new.upstream
+                || self.upstream_tls != new.upstream_tls
+                || self.upstream_ca_file != new.upstream_ca_file
+                || self.upstream_tls_cert != new.upstream_tls_cert
+                || self.upstream_tls_key != new.upstream_tls_key)
+    }
 }
 
 fn default_proxy_per_client() -> usize {

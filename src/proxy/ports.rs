@@ -9,6 +9,7 @@ pub mod hints;
 mod registry;
 mod relay;
 pub mod rewrite;
+mod switch;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -32,6 +33,10 @@ use crate::net::{Active, next_client};
 use crate::tls;
 use registry::{NodeEntry, load_state, sweep};
 use relay::relay;
+use switch::Upstream;
+
+/// The configuration in force, as the control plane publishes it.
+pub type Following = tokio::sync::watch::Receiver<Arc<crate::config::Config>>;
 
 /// A connection on either side: plaintext, or TLS over TCP.
 type Stream = Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
@@ -52,8 +57,8 @@ struct Shared {
     shutdown: CancellationToken,
     /// TLS towards clients (`tls_cert`/`tls_key`).
     terminator: Option<tls::Terminator>,
-    /// TLS towards brokers (`upstream_tls`).
-    connector: Option<TlsConnector>,
+    /// The cluster new connections go to (a reload may switch it: switch.rs).
+    current: arc_swap::ArcSwap<Upstream>,
     /// When the brokers were last asked for by the proxy itself (`port_assignment = "node_id"`):
     /// one Metadata request at a time, at most one a second.
     learned: tokio::sync::Mutex<Option<std::time::Instant>>,
@@ -76,6 +81,8 @@ enum Listener {
 pub struct Proxy {
     shared: Arc<Shared>,
     bootstrap: TcpListener,
+    /// Its block's index in `[[proxies]]`.
+    index: usize,
 }
 
 impl Proxy {
@@ -91,8 +98,10 @@ impl Proxy {
         let bootstrap =
             bind_listener(cfg.listen).map_err(|source| ProxyError::Bind { index, addr: cfg.listen, source })?;
         let nodes = cfg.state_file.as_ref().map(load_state).unwrap_or_default();
+        let label = format!("proxies[{index}]");
+        let current = Upstream::new(&label, cfg.upstream.clone(), connector, &shutdown);
         let shared = Arc::new(Shared {
-            label: format!("proxies[{index}]"),
+            label,
             advertise: StrBytes::from_string(cfg.advertise_host.clone()),
             bind_ip: cfg.broker_bind.unwrap_or(cfg.listen.ip()),
             cfg: cfg.clone(),
@@ -104,7 +113,7 @@ impl Proxy {
             tasks,
             shutdown,
             terminator,
-            connector,
+            current: arc_swap::ArcSwap::from_pointee(current),
             learned: tokio::sync::Mutex::new(None),
             log_budget: Default::default(),
         });
@@ -112,14 +121,7 @@ impl Proxy {
             for port in cfg.broker_ports.first..=cfg.broker_ports.last {
                 let addr = SocketAddr::new(shared.bind_ip, port);
                 let l = bind_listener(addr).map_err(|source| ProxyError::Bind { index, addr, source })?;
-                let upstream = shared.cfg.upstream.clone();
-                shared.tasks.spawn(accept_loop(
-                    shared.clone(),
-                    l,
-                    Listener::Port(port),
-                    upstream,
-                    CancellationToken::new(),
-                ));
+                shared.tasks.spawn(accept_loop(shared.clone(), l, Listener::Port(port), CancellationToken::new()));
             }
         }
         for (node, e) in nodes {
@@ -136,17 +138,19 @@ impl Proxy {
                 }
             }
         }
-        Ok(Proxy { shared, bootstrap })
+        Ok(Proxy { shared, bootstrap, index })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.bootstrap.local_addr().ok()
     }
 
-    /// Serves until shutdown.
-    pub async fn run(self) {
+    /// Serves until shutdown, following its block in the configuration in force (`config`) for
+    /// a cluster switch.
+    pub async fn run(self, config: Following, health: Arc<crate::admin::Health>) {
         let shared = self.shared.clone();
         shared.tasks.spawn(sweep(shared.clone()));
+        shared.tasks.spawn(switch::follow(shared.clone(), self.index, config, health));
         if shared.terminator.is_some() {
             shared.tasks.spawn(watch_certificate(shared.clone()));
         }
@@ -155,8 +159,7 @@ impl Proxy {
             let s = shared.clone();
             shared.tasks.spawn(async move { s.learn_brokers().await });
         }
-        let upstream = shared.cfg.upstream.clone();
-        accept_loop(shared, self.bootstrap, Listener::Bootstrap, upstream, CancellationToken::new()).await;
+        accept_loop(shared, self.bootstrap, Listener::Bootstrap, CancellationToken::new()).await;
     }
 }
 
@@ -179,13 +182,7 @@ async fn watch_certificate(shared: Arc<Shared>) {
     }
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    which: Listener,
-    bootstrap: String,
-    stop: CancellationToken,
-) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, which: Listener, stop: CancellationToken) {
     let kind = if matches!(which, Listener::Bootstrap) { "bootstrap" } else { "broker" };
     loop {
         let (sock, peer) = tokio::select! {
@@ -200,7 +197,7 @@ async fn accept_loop(
                 None => continue,
             },
             Listener::Port(_) => None,
-            Listener::Bootstrap => Some(bootstrap.clone()),
+            Listener::Bootstrap => Some(shared.current.load().bootstrap.clone()),
         };
         // One span per connection: every event of it carries these fields.
         let span = tracing::info_span!("connection", proxy = %shared.label, %peer, upstream = tracing::field::Empty, listener = kind);
@@ -295,7 +292,7 @@ async fn serve_client(
         .increment(1);
     // Decremented however the connection ends (a panic included).
     let _active = Active::new(metrics::gauge!("mskdns_proxy_connections_active", "proxy" => shared.label.clone()));
-    match connection(&shared, sock, &upstream).await {
+    match connection(&shared, sock, which, upstream).await {
         Ok(()) => tracing::debug!("connection closed"),
         Err(e) => e.log(&shared.label),
     }
@@ -435,11 +432,12 @@ impl ConnError {
     }
 }
 
-/// Connects to `upstream`, with TLS when `upstream_tls` is set (SNI: the host in `upstream`).
-async fn connect(shared: &Shared, upstream: &str) -> Result<Stream, ConnError> {
+/// Connects to `upstream`, a broker of cluster `to`, with TLS when its `upstream_tls` is set
+/// (SNI: the host in `upstream`).
+async fn connect(shared: &Shared, to: &Upstream, upstream: &str) -> Result<Stream, ConnError> {
     let tcp = connect_tcp(shared, upstream).await?;
     let _ = tcp.set_nodelay(true);
-    let Some(connector) = &shared.connector else { return Ok(Either::Left(tcp)) };
+    let Some(connector) = &to.connector else { return Ok(Either::Left(tcp)) };
     let name = tls::server_name(upstream).map_err(|e| ConnError::UpstreamTls(upstream.to_owned(), e))?;
     let limit = Duration::from_millis(shared.cfg.handshake_timeout_ms);
     // A plaintext broker answers a ClientHello by closing (it reads a huge frame size), with
@@ -549,22 +547,32 @@ async fn first_request<R: AsyncRead + Unpin>(shared: &Shared, client: &mut R) ->
 }
 
 /// Relays one client connection to `upstream` until either side closes. The broker connection
-/// is opened only once the client has completed its TLS handshake and sent its first request.
-async fn connection(shared: &Arc<Shared>, client: TcpStream, upstream: &str) -> Result<(), ConnError> {
+/// is opened only once the client has completed its TLS handshake and sent its first request;
+/// if the proxy switched clusters meanwhile, it goes where the listener now leads.
+async fn connection(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    which: Listener,
+    upstream: String,
+) -> Result<(), ConnError> {
+    let accepted = shared.current.load_full();
     let mut client = accept(shared, client).await?;
     let first = std::io::Cursor::new(first_request(shared, &mut client).await?);
-    let server = connect(shared, upstream).await?;
+    let to = shared.current.load_full();
+    let upstream = if Arc::ptr_eq(&accepted, &to) { upstream } else { shared.leads_to(which, &to) };
+    let server = connect(shared, &to, &upstream).await?;
+    let _counted = to.enter();
     match (client, server) {
         // Plaintext both ways: the halves of a TcpStream need no lock between them.
         (Either::Left(c), Either::Left(s)) => {
             let (cr, cw) = c.into_split();
             let (sr, sw) = s.into_split();
-            relay(shared, first.chain(cr), cw, sr, sw).await
+            relay(shared, &to, first.chain(cr), cw, sr, sw).await
         }
         (c, s) => {
             let (cr, cw) = tokio::io::split(c);
             let (sr, sw) = tokio::io::split(s);
-            relay(shared, first.chain(cr), cw, sr, sw).await
+            relay(shared, &to, first.chain(cr), cw, sr, sw).await
         }
     }
 }

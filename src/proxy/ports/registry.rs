@@ -67,11 +67,11 @@ impl Shared {
     ) -> std::io::Result<()> {
         let listener = bind_listener(SocketAddr::new(self.bind_ip, port))?;
         let stop = CancellationToken::new();
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            node,
-            NodeEntry { port, upstream: upstream.clone(), seen: Instant::now(), stop: Some(stop.clone()) },
-        );
-        self.tasks.spawn(accept_loop(self.clone(), listener, super::Listener::Node(node), upstream, stop));
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, NodeEntry { port, upstream, seen: Instant::now(), stop: Some(stop.clone()) });
+        self.tasks.spawn(accept_loop(self.clone(), listener, super::Listener::Node(node), stop));
         self.ports_changed();
         Ok(())
     }
@@ -85,7 +85,7 @@ impl Shared {
         metrics::gauge!("mskdns_proxy_broker_ports", "proxy" => self.label.clone()).set(n as f64);
     }
 
-    fn save_state(&self) {
+    pub(super) fn save_state(&self) {
         let Some(path) = &self.cfg.state_file else { return };
         let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let text = match serde_json::to_vec_pretty(&StateFile { version: 1, nodes }) {
@@ -219,6 +219,18 @@ impl Shared {
         Some(p)
     }
 
+    /// Where a listener leads now, without asking the cluster: its node's broker, else the
+    /// cluster's bootstrap address (after a switch, a port the new cluster has no node for).
+    pub(super) fn leads_to(&self, which: super::Listener, to: &super::Upstream) -> String {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let found = match which {
+            super::Listener::Bootstrap => None,
+            super::Listener::Node(n) => nodes.get(&n).map(|e| e.upstream.clone()),
+            super::Listener::Port(p) => nodes.values().find(|e| e.port == p).map(|e| e.upstream.clone()),
+        };
+        found.unwrap_or_else(|| to.bootstrap.clone())
+    }
+
     /// The upstream of the node on `port` (`port_assignment = "node_id"`); when no node is known
     /// there yet (no response naming it has passed this instance), the cluster is asked first.
     pub(super) async fn upstream_at(self: &Arc<Self>, port: u16) -> Option<String> {
@@ -257,7 +269,7 @@ impl Shared {
                 self.learn(&nodes).await;
             }
             Err(e) => {
-                tracing::warn!(proxy = %self.label, upstream = %self.cfg.upstream, error = %e, "cannot ask the cluster for its brokers")
+                tracing::warn!(proxy = %self.label, upstream = %self.current.load().bootstrap, error = %e, "cannot ask the cluster for its brokers")
             }
         }
     }
@@ -271,7 +283,8 @@ async fn ask_brokers(shared: &Arc<Shared>) -> Result<Vec<(i32, String, i32)>, St
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const VERSION: i16 = 4; // the oldest Metadata version Kafka 4 still serves; not flexible
-    let mut s = super::connect(shared, &shared.cfg.upstream).await.map_err(|e| e.to_string())?;
+    let to = shared.current.load_full();
+    let mut s = super::connect(shared, &to, &to.bootstrap).await.map_err(|e| e.to_string())?;
     let mut body = BytesMut::new();
     RequestHeader::default()
         .with_request_api_key(ApiKey::Metadata as i16)
@@ -379,6 +392,7 @@ pub(super) mod tests {
             max_connections_per_client: 10,
             first_request_timeout_ms: 1000,
             shutdown_grace_secs: 30,
+            switch_drain_secs: 30,
         }
     }
 
@@ -395,7 +409,7 @@ pub(super) mod tests {
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
         let shared = proxy.shared.clone();
-        tasks.spawn(proxy.run());
+        tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Arc::default()));
         let held = |node| shared.nodes.lock().unwrap().get(&node).map(|e| e.port);
 
         let port = port_for(&shared, 7, "10.0.0.7").await.expect("a port");
@@ -424,7 +438,7 @@ pub(super) mod tests {
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
         let shared = proxy.shared.clone();
-        tasks.spawn(proxy.run());
+        tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Arc::default()));
         // Order of appearance does not matter: node 3 first, then node 1.
         assert_eq!(port_for(&shared, 3, "10.0.0.3").await, Some(first + 3));
         assert_eq!(port_for(&shared, 1, "10.0.0.1").await, Some(first + 1));
@@ -436,5 +450,45 @@ pub(super) mod tests {
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;
+    }
+
+    /// A switch to cluster B, for either assignment: every port leads to B's bootstrap at once; a
+    /// node id B shares keeps its port and gets B's address once learned; a node only A had
+    /// leads to B's bootstrap until its grace ends; B's new nodes get ports of their own.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_switch_every_port_leads_to_the_new_cluster() {
+        use super::super::Listener;
+        for assignment in [PortAssignment::FirstCome, PortAssignment::NodeId] {
+            let mut cfg = config(60);
+            cfg.port_assignment = assignment;
+            let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+            let proxy = Proxy::bind(0, &cfg, tasks.clone(), shutdown.clone()).unwrap();
+            let shared = proxy.shared.clone();
+            tasks.spawn(proxy.run(tokio::sync::watch::channel(Default::default()).1, Arc::default()));
+            let p1 = port_for(&shared, 1, "127.0.1.1").await.unwrap();
+            let p2 = port_for(&shared, 2, "127.0.1.2").await.unwrap();
+
+            let mut b = cfg.clone();
+            b.upstream = "127.0.2.100:9".into();
+            shared.switch(&b, &Arc::default()).unwrap();
+            let to = shared.current.load_full();
+            for which in
+                [Listener::Node(1), Listener::Node(2), Listener::Port(p1), Listener::Port(p2), Listener::Bootstrap]
+            {
+                assert_eq!(shared.leads_to(which, &to), "127.0.2.100:9", "{assignment:?}");
+            }
+            // B's metadata names its nodes 1 and 3.
+            assert_eq!(port_for(&shared, 1, "127.0.2.1").await, Some(p1), "{assignment:?}: node 1 keeps its port");
+            assert_eq!(shared.upstream_of(1).as_deref(), Some("127.0.2.1:9098"));
+            let p3 = port_for(&shared, 3, "127.0.2.3").await.unwrap();
+            assert!(![p1, p2].contains(&p3), "{assignment:?}");
+            assert_eq!(shared.leads_to(Listener::Port(p2), &to), "127.0.2.100:9", "{assignment:?}: A's node 2");
+            // Node 2, named by no response of B, gives its port back after the grace period.
+            tokio::time::sleep(Duration::from_secs(130)).await;
+            assert_eq!(shared.upstream_of(2), None, "{assignment:?}");
+            shutdown.cancel();
+            tasks.close();
+            tasks.wait().await;
+        }
     }
 }

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 
+use super::switch::{Left, Upstream};
 use super::{ConnError, Shared, hints, rewrite};
 use crate::proxy::frame::{self, FrameError, RequestHeader, copy_exact};
 
@@ -22,7 +23,14 @@ const MAX_ACKS0: usize = 1024;
 /// Read-ahead and write buffer per direction of a connection.
 const BUFFER: usize = 64 * 1024;
 
-pub(super) async fn relay<CR, CW, SR, SW>(shared: &Arc<Shared>, cr: CR, cw: CW, sr: SR, sw: SW) -> Result<(), ConnError>
+pub(super) async fn relay<CR, CW, SR, SW>(
+    shared: &Arc<Shared>,
+    to: &Upstream,
+    cr: CR,
+    cw: CW,
+    sr: SR,
+    sw: SW,
+) -> Result<(), ConnError>
 where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
@@ -30,64 +38,72 @@ where
     SW: AsyncWrite + Unpin,
 {
     let (tx, rx) = mpsc::channel::<RequestHeader>(MAX_INFLIGHT);
-    let acks0: Arc<Mutex<VecDeque<i32>>> = Arc::default();
-    // Requests forwarded and not answered yet: a draining connection closes when none is left.
-    let pending = Arc::new(AtomicUsize::new(0));
-    let idle = Duration::from_secs(shared.cfg.idle_timeout_secs);
-    let activity = Arc::new(Mutex::new(Instant::now()));
+    let state = Both::default();
+    // Shutdown, or a switch away (at this connection's turn): read no more requests, answer those
+    // forwarded, close; what is still owed at the end of the grace is cut.
+    let leave = to.leave(&shared.shutdown);
+    let hard_stop = to.hard_stop(&shared.shutdown, Duration::from_secs(shared.cfg.shutdown_grace_secs));
+    tokio::pin!(leave);
     // Bounded both ways: BUFFER bytes read ahead and BUFFER bytes waiting to be written per
     // direction; a slow reader on one side stops the proxy reading from the other.
     let requests = requests(
         shared,
+        leave.as_mut(),
         BufReader::with_capacity(BUFFER, cr),
         BufWriter::with_capacity(BUFFER, sw),
         tx,
-        acks0.clone(),
-        activity.clone(),
-        pending.clone(),
+        state.clone(),
     );
     let responses = responses(
         shared,
         BufReader::with_capacity(BUFFER, sr),
         BufWriter::with_capacity(BUFFER, cw),
         rx,
-        acks0,
-        activity.clone(),
-        pending.clone(),
+        state.clone(),
     );
-    let watchdog = async {
-        loop {
-            let last = *activity.lock().unwrap_or_else(|e| e.into_inner());
-            let left = idle.saturating_sub(last.elapsed());
-            if left.is_zero() {
-                return Err::<(), _>(ConnError::Idle(idle));
-            }
-            tokio::time::sleep(left).await;
-        }
-    };
-    let hard_stop = super::super::end_of_grace(&shared.shutdown, Duration::from_secs(shared.cfg.shutdown_grace_secs));
+    let watchdog = idle_watch(&state, Duration::from_secs(shared.cfg.idle_timeout_secs));
     tokio::pin!(requests, responses, watchdog, hard_stop);
     tokio::select! {
         r = &mut requests => match r {
-            // Shutting down: no request was cut; the answers to those forwarded still come back.
+            // Leaving: no request was cut; the answers to those forwarded still come back.
             Ok(Stopped::Draining) => {}
             Ok(Stopped::ClientDone) => return Ok(()),
             Err(e) => return Err(e),
         },
         r = &mut responses => return r,
         r = &mut watchdog => return r,
-        () = &mut hard_stop => return Ok(()),
+        () = &mut hard_stop => {
+            to.record(Left::Cut, &shared.shutdown);
+            return Ok(());
+        }
     }
+    let how = if state.pending.load(Ordering::Relaxed) == 0 { Left::Idle } else { Left::Boundary };
     loop {
-        if pending.load(Ordering::Relaxed) == 0 {
+        if state.pending.load(Ordering::Relaxed) == 0 {
+            to.record(how, &shared.shutdown);
             return Ok(());
         }
         tokio::select! {
             r = &mut responses => return r,
             r = &mut watchdog => return r,
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-            () = &mut hard_stop => return Ok(()),
+            () = &mut hard_stop => {
+                to.record(Left::Cut, &shared.shutdown);
+                return Ok(());
+            }
         }
+    }
+}
+
+/// Ends with an error once neither direction has moved for `idle`.
+async fn idle_watch(state: &Both, idle: Duration) -> Result<(), ConnError> {
+    loop {
+        let last = *state.activity.lock().unwrap_or_else(|e| e.into_inner());
+        let left = idle.saturating_sub(last.elapsed());
+        if left.is_zero() {
+            return Err(ConnError::Idle(idle));
+        }
+        tokio::time::sleep(left).await;
     }
 }
 
@@ -97,6 +113,23 @@ enum Stopped {
     ClientDone,
     /// Shutdown, at a request boundary: nothing of a request was forwarded half.
     Draining,
+}
+
+/// What a connection's two directions share.
+#[derive(Clone)]
+struct Both {
+    /// acks=0 correlation ids, in case the broker answers them.
+    acks0: Arc<Mutex<VecDeque<i32>>>,
+    /// The last traffic either way (the idle timer).
+    activity: Arc<Mutex<Instant>>,
+    /// Requests forwarded and not answered yet: a draining connection closes when none is left.
+    pending: Arc<AtomicUsize>,
+}
+
+impl Default for Both {
+    fn default() -> Self {
+        Both { acks0: Arc::default(), activity: Arc::new(Mutex::new(Instant::now())), pending: Arc::default() }
+    }
 }
 
 fn touch(activity: &Mutex<Instant>) {
@@ -132,18 +165,18 @@ async fn flush_unless_more<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 
 /// Client → upstream: each request's header is read, noted in the FIFO, and the request is
 /// forwarded; bodies past the first [`frame::REQUEST_PREFIX`] bytes are streamed, not held.
-async fn requests<R, W>(
+async fn requests<R, W, L>(
     shared: &Shared,
+    mut leave: std::pin::Pin<&mut L>,
     mut client: BufReader<R>,
     mut server: W,
     fifo: mpsc::Sender<RequestHeader>,
-    acks0: Arc<Mutex<VecDeque<i32>>>,
-    activity: Arc<Mutex<Instant>>,
-    pending: Arc<AtomicUsize>,
+    state: Both,
 ) -> Result<Stopped, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    L: std::future::Future<Output = ()>,
 {
     let max = shared.cfg.max_frame_bytes;
     let bytes =
@@ -151,20 +184,23 @@ where
     let mut prefix = vec![0u8; frame::REQUEST_PREFIX];
     let mut by_api: BTreeMap<i16, metrics::Counter> = BTreeMap::new();
     loop {
-        // Shutdown is looked at only between requests: one that has begun is forwarded whole.
+        // Leaving is looked at only between requests, and first: one that has begun is forwarded
+        // whole, and a client that keeps sending still stops at the next boundary (requests it
+        // sent after are not forwarded: unanswered on a closed connection, a client sends them
+        // again on its next one).
         let size = tokio::select! {
             biased;
-            r = read_size(&mut client) => r?,
-            _ = shared.shutdown.cancelled() => {
+            _ = &mut leave => {
                 server.flush().await?;
                 return Ok(Stopped::Draining);
             }
+            r = read_size(&mut client) => r?,
         };
         let Some(size) = size else { return Ok(Stopped::ClientDone) };
         let n = frame::frame_size(size, max).map_err(ConnError::ClientFrame)?;
         let head = n.min(frame::REQUEST_PREFIX);
         client.read_exact(&mut prefix[..head]).await?;
-        touch(&activity);
+        touch(&state.activity);
         let h = frame::parse_request(&prefix[..head]).map_err(ConnError::ClientFrame)?;
         if rewrite::refused(h.api_key, h.api_version) {
             return Err(ConnError::Refused(api_name(h.api_key), h.api_version));
@@ -188,10 +224,10 @@ where
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed().into()),
             }
-            pending.fetch_add(1, Ordering::Relaxed);
+            state.pending.fetch_add(1, Ordering::Relaxed);
         } else {
             // Remembered (the most recent ones) in case the broker answers anyway.
-            let mut q = acks0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = state.acks0.lock().unwrap_or_else(|e| e.into_inner());
             if q.len() == MAX_ACKS0 {
                 q.pop_front();
             }
@@ -212,9 +248,7 @@ async fn responses<R, W>(
     mut server: BufReader<R>,
     mut client: W,
     mut fifo: mpsc::Receiver<RequestHeader>,
-    acks0: Arc<Mutex<VecDeque<i32>>>,
-    activity: Arc<Mutex<Instant>>,
-    pending: Arc<AtomicUsize>,
+    state: Both,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -233,9 +267,9 @@ where
             return Err(ConnError::UpstreamFrame(FrameError::Truncated));
         }
         server.read_exact(&mut corr).await?;
-        touch(&activity);
+        touch(&state.activity);
         let got = i32::from_be_bytes(corr);
-        if answers_acks0(&acks0, got) {
+        if answers_acks0(&state.acks0, got) {
             acks0_dropped.increment(1);
             copy_exact(&mut server, &mut tokio::io::sink(), (n - 4) as u64).await?;
             bytes.increment(4 + n as u64);
@@ -280,7 +314,7 @@ where
         flush_unless_more(&server, &mut client).await?;
         bytes.increment(4 + n as u64);
         // Counted as answered once written: the last one of a draining connection goes out now.
-        if pending.fetch_sub(1, Ordering::Relaxed) == 1 {
+        if state.pending.fetch_sub(1, Ordering::Relaxed) == 1 {
             client.flush().await?;
         }
     }
@@ -361,7 +395,7 @@ mod tests {
         let (proxy_server, mut broker) = duplex(1 << 16);
         let (cr, cw) = tokio::io::split(proxy_client);
         let (sr, sw) = tokio::io::split(proxy_server);
-        let relay = tokio::spawn(async move { relay(&shared, cr, cw, sr, sw).await });
+        let relay = tokio::spawn(async move { relay(&shared, &shared.current.load_full(), cr, cw, sr, sw).await });
 
         client.write_all(&[heartbeat(1), heartbeat(2)].concat()).await.unwrap();
         let mut got = vec![0u8; 2 * heartbeat(1).len()];
@@ -393,7 +427,7 @@ mod tests {
         let (proxy_server, mut broker) = duplex(1 << 16);
         let (cr, cw) = tokio::io::split(proxy_client);
         let (sr, sw) = tokio::io::split(proxy_server);
-        let relay = tokio::spawn(async move { relay(&shared, cr, cw, sr, sw).await });
+        let relay = tokio::spawn(async move { relay(&shared, &shared.current.load_full(), cr, cw, sr, sw).await });
         client.write_all(&heartbeat(1)).await.unwrap();
         let mut got = vec![0u8; heartbeat(1).len()];
         broker.read_exact(&mut got).await.unwrap();
@@ -423,7 +457,7 @@ mod tests {
         let (cr, cw) = tokio::io::split(proxy_client);
         let (sr, sw) = tokio::io::split(proxy_server);
         let started = Instant::now();
-        let relay = tokio::spawn(async move { relay(&shared, cr, cw, sr, sw).await });
+        let relay = tokio::spawn(async move { relay(&shared, &shared.current.load_full(), cr, cw, sr, sw).await });
         tokio::time::sleep(Duration::from_secs(500)).await;
         client.write_all(&heartbeat(1)).await.unwrap();
         let mut got = vec![0u8; heartbeat(1).len()];
@@ -432,5 +466,144 @@ mod tests {
         assert!(matches!(ended, Err(ConnError::Idle(_))), "{ended:?}");
         let lasted = started.elapsed();
         assert!(lasted >= Duration::from_secs(1100) && lasted < Duration::from_secs(1110), "{lasted:?}");
+    }
+
+    /// A relay of a client connection to the cluster the proxy leads to now.
+    fn connect_one(
+        shared: &Arc<Shared>,
+    ) -> (tokio::io::DuplexStream, tokio::io::DuplexStream, tokio::task::JoinHandle<Result<(), ConnError>>) {
+        let (client, proxy_client) = duplex(1 << 16);
+        let (proxy_server, broker) = duplex(1 << 16);
+        let (cr, cw) = tokio::io::split(proxy_client);
+        let (sr, sw) = tokio::io::split(proxy_server);
+        let (shared, to) = (shared.clone(), shared.current.load_full());
+        let relay = tokio::spawn(async move {
+            let _counted = to.enter();
+            relay(&shared, &to, cr, cw, sr, sw).await
+        });
+        (client, broker, relay)
+    }
+
+    fn switched(shared: &Arc<Shared>, upstream: &str, drain_secs: u64) -> Arc<Upstream> {
+        let old = shared.current.load_full();
+        let mut to = shared.cfg.clone();
+        to.upstream = upstream.into();
+        to.switch_drain_secs = drain_secs;
+        shared.switch(&to, &Arc::default()).unwrap();
+        old
+    }
+
+    fn answer(id: i32) -> [u8; 12] {
+        let mut r = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0];
+        r[4..8].copy_from_slice(&id.to_be_bytes());
+        r
+    }
+
+    /// A switch: the idle connection closes at once; the busy one delivers the answer it owes,
+    /// forwards nothing sent after the switch, then closes; a new one goes to the new cluster.
+    #[tokio::test]
+    async fn a_switch_closes_idle_connections_at_once_and_busy_ones_after_their_answers() {
+        let (shared, _tasks, _stop) = shared(60);
+        let (_idle_client, _idle_broker, idle) = connect_one(&shared);
+        let (mut client, mut broker, busy) = connect_one(&shared);
+        client.write_all(&heartbeat(1)).await.unwrap();
+        let mut got = vec![0u8; heartbeat(1).len()];
+        broker.read_exact(&mut got).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let old = switched(&shared, "127.0.0.1:10", 30);
+        assert_eq!(shared.current.load().bootstrap, "127.0.0.1:10");
+        let ended = tokio::time::timeout(Duration::from_secs(2), idle).await.expect("the idle one closed at once");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        assert!(!busy.is_finished(), "an answer is owed");
+        // Past its turn (connections leave paced): what it sends now is not forwarded.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(&heartbeat(2)).await.unwrap();
+        broker.write_all(&answer(1)).await.unwrap();
+        let mut back = [0u8; 12];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, answer(1), "the answer owed was delivered");
+        let ended = tokio::time::timeout(Duration::from_secs(5), busy).await.expect("closed after its answer");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        let mut rest = Vec::new();
+        broker.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing sent after the switch reached the old cluster: {rest:?}");
+        assert_eq!(old.active(), 0);
+        assert_eq!(old.left(), [1, 1, 0]);
+    }
+
+    /// A client that never pauses still stops at the next request boundary, not at the drain time.
+    #[tokio::test]
+    async fn a_client_that_keeps_sending_leaves_at_a_request_boundary() {
+        let (shared, _tasks, _stop) = shared(60);
+        let (client, broker, relay) = connect_one(&shared);
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        let (mut broker_r, mut broker_w) = tokio::io::split(broker);
+        let sender = tokio::spawn(async move {
+            let mut id = 0;
+            loop {
+                id += 1;
+                if client_w.write_all(&heartbeat(id)).await.is_err() {
+                    return id;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        // The broker answers whatever reaches it.
+        tokio::spawn(async move {
+            let mut frame = vec![0u8; heartbeat(1).len()];
+            while broker_r.read_exact(&mut frame).await.is_ok() {
+                let id = i32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
+                if broker_w.write_all(&answer(id)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move { while client_r.read(&mut [0u8; 4096]).await.is_ok_and(|n| n > 0) {} });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let old = switched(&shared, "127.0.0.1:10", 30);
+        let ended = tokio::time::timeout(Duration::from_secs(5), relay).await.expect("left well before the drain time");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        assert_eq!(old.left()[2], 0, "not cut");
+        sender.abort();
+    }
+
+    /// On tokio's paused clock: a connection whose answer never comes is cut at switch_drain_secs.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_still_owed_an_answer_is_cut_at_the_drain_time() {
+        let (shared, _tasks, _stop) = shared(600);
+        let (mut client, mut broker, relay) = connect_one(&shared);
+        client.write_all(&heartbeat(1)).await.unwrap();
+        let mut got = vec![0u8; heartbeat(1).len()];
+        broker.read_exact(&mut got).await.unwrap();
+        let started = Instant::now();
+        let old = switched(&shared, "127.0.0.1:10", 20);
+        let ended = relay.await.unwrap();
+        assert!(matches!(ended, Ok(())), "{ended:?}");
+        let lasted = started.elapsed();
+        assert!(lasted >= Duration::from_secs(20) && lasted < Duration::from_secs(21), "{lasted:?}");
+        assert_eq!(old.left(), [0, 0, 1]);
+    }
+
+    /// Many idle connections take turns: all gone by half the drain time, not all at once.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_leave_paced_within_half_the_drain_time() {
+        let (shared, _tasks, _stop) = shared(600);
+        let mut conns = Vec::new();
+        for _ in 0..400 {
+            conns.push(connect_one(&shared));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = Instant::now();
+        let old = switched(&shared, "127.0.0.1:10", 4);
+        let mut ends = Vec::new();
+        for (_c, _b, relay) in conns {
+            relay.await.unwrap().unwrap();
+            ends.push(started.elapsed());
+        }
+        let last = *ends.iter().max().unwrap();
+        // 400 in 2 s: 200 a second (more than the 100/s floor).
+        assert!(last >= Duration::from_millis(1900) && last <= Duration::from_secs(2), "{last:?}");
+        assert!(ends.iter().filter(|e| **e < Duration::from_millis(500)).count() < 150, "paced, not at once");
+        assert_eq!(old.left(), [400, 0, 0]);
     }
 }
