@@ -256,7 +256,7 @@ impl Server {
             let to = self.control.discovery_channel(discovery::fleet::reader::Snapshot::NAME, &tasks, shutdown.clone());
             tasks.spawn(discovery::driver::run(self.fleet, to, self.health.clone(), shutdown.clone()));
         }
-        ctx.admin(self.admin, render);
+        ctx.admin(self.admin, proxy::with_client_connections(render, &self.proxies));
         for p in self.proxies {
             tasks.spawn(p.run(self.control.subscribe(), self.health.clone()));
         }

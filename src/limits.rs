@@ -16,6 +16,14 @@ pub struct ClientSlot {
 }
 
 impl PerClient {
+    /// Each client holding a connection now, with how many.
+    pub fn counts(&self) -> Vec<(IpAddr, usize)> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(IpAddr, usize)> = open.iter().map(|(ip, n)| (*ip, *n)).collect();
+        out.sort();
+        out
+    }
+
     /// A slot for `ip`, unless it already holds `max`.
     pub fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());

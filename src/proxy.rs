@@ -93,11 +93,48 @@ impl Bound {
         }
     }
 
+    /// Its label and the connections each client holds now.
+    pub fn clients(&self) -> (String, Arc<crate::limits::PerClient>) {
+        match self {
+            Bound::Ports(p) => p.clients(),
+            Bound::Sni(s) => s.clients(),
+        }
+    }
+
     /// Serves until shutdown; a ports-mode block follows `config` for a cluster switch.
     pub async fn run(self, config: ports::Following, health: Arc<crate::admin::Health>) {
         match self {
             Bound::Ports(p) => p.run(config, health).await,
             Bound::Sni(s) => s.run().await,
+        }
+    }
+}
+
+/// The metrics with `mskdns_proxy_client_connections{proxy, client}` appended: each client
+/// holding proxy connections now, rendered at scrape time from the per-client tables, so a client
+/// gone leaves no series behind (at most `max_connections` series per block).
+pub fn with_client_connections(render: crate::admin::Render, proxies: &[Bound]) -> crate::admin::Render {
+    if proxies.is_empty() {
+        return render;
+    }
+    let tables: Vec<_> = proxies.iter().map(Bound::clients).collect();
+    Arc::new(move || {
+        let mut text = render();
+        render_clients(&mut text, &tables);
+        text
+    })
+}
+
+fn render_clients(text: &mut String, tables: &[(String, Arc<crate::limits::PerClient>)]) {
+    use std::fmt::Write;
+    let mut header = false;
+    for (label, table) in tables {
+        for (ip, n) in table.counts() {
+            if !header {
+                text.push_str("# TYPE mskdns_proxy_client_connections gauge\n");
+                header = true;
+            }
+            let _ = writeln!(text, "mskdns_proxy_client_connections{{proxy=\"{label}\",client=\"{ip}\"}} {n}");
         }
     }
 }

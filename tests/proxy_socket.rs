@@ -103,8 +103,10 @@ async fn upstream_with(nodes: Arc<Mutex<Vec<i32>>>, hostile: Arc<AtomicBool>) ->
                     } else {
                         body.encode(&mut out, version).unwrap();
                     }
-                    sock.write_u32(out.len() as u32).await.unwrap();
-                    sock.write_all(&out).await.unwrap();
+                    // The proxy may have closed this connection (its client left): not an error here.
+                    if sock.write_u32(out.len() as u32).await.is_err() || sock.write_all(&out).await.is_err() {
+                        return;
+                    }
                 }
             });
         }

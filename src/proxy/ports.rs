@@ -145,6 +145,10 @@ impl Proxy {
         self.bootstrap.local_addr().ok()
     }
 
+    pub fn clients(&self) -> (String, Arc<crate::limits::PerClient>) {
+        (self.shared.label.clone(), self.shared.per_client.clone())
+    }
+
     /// Serves until shutdown, following its block in the configuration in force (`config`) for
     /// a cluster switch.
     pub async fn run(self, config: Following, health: Arc<crate::admin::Health>) {

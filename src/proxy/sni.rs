@@ -119,6 +119,10 @@ impl SniProxy {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
+    pub fn clients(&self) -> (String, Arc<crate::limits::PerClient>) {
+        (self.shared.label.clone(), self.shared.per_client.clone())
+    }
+
     /// Serves until shutdown.
     pub async fn run(self) {
         for l in self.listeners {
