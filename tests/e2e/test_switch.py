@@ -181,8 +181,7 @@ class Clients:
         c = Consumer({"bootstrap.servers": self.boot, "group.id": self.group, "auto.offset.reset": "earliest",
                       "auto.commit.interval.ms": 500, "reconnect.backoff.max.ms": 500,
                       "max.poll.interval.ms": 10000, "session.timeout.ms": 6000,
-                      "error_cb": lambda e: self.note_error("consumer", e),
-                      **({"debug": "cgrp,fetch", "logger": __import__("logging").getLogger("rdk")} if __import__("os").environ.get("SWITCH_DEBUG") else {})})
+                      "error_cb": lambda e: self.note_error("consumer", e)})
         c.subscribe([self.topic])
         while not self.stop.is_set() or time.time() < self.drain_until:
             m = c.poll(0.2)
