@@ -325,14 +325,18 @@ def test_a_collector_that_stops_reading_costs_no_answer_and_no_memory(tmp_path, 
     try:
         names = tmp_path / "names"
         names.write_text(f"{A} A\n" * 1000)
+        # A first run brings the daemon to its working size (buffers, allocator, the queue full):
+        # the second, as long as the first, is measured.
+        perf = ["dnsperf", "-s", d.host, "-p", str(d.port), "-d", str(names), "-l", "8", "-Q", "5000"]
+        subprocess.run(perf, capture_output=True, text=True, timeout=60)
         before = rss_kib(d.proc.pid)
-        out = subprocess.run(["dnsperf", "-s", d.host, "-p", str(d.port), "-d", str(names), "-l", "8", "-Q", "5000"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(perf, capture_output=True, text=True, timeout=60)
         lost = [line for line in out.stdout.splitlines() if "Queries lost" in line]
         assert lost and lost[0].split()[2] == "0", out.stdout
         grown = rss_kib(d.proc.pid) - before
-        # 40,000 records of ~300 bytes went by; the queue holds 1 MiB, a batch in writing another.
-        assert grown < 24 * 1024, f"RSS grew {grown} KiB"
+        # 40,000 records of ~300 bytes (12 MB) went by; the queue holds 1 MiB, a batch in writing
+        # another: at its working size, the daemon grows by much less than the records.
+        assert grown < 6 * 1024, f"RSS grew {grown} KiB"
         assert d.metric("mskdns_query_log_dropped_total") > 10000
         # The collector comes back: records reach it again.
         col.back()
