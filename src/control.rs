@@ -47,7 +47,7 @@ struct Sources {
     /// Each source's clusters, by its index in [`SOURCES`]: one source never replaces another's.
     discovered: [Arc<Vec<ClusterConfig>>; SOURCES.len()],
     /// Each source's own endpoint addresses and subnet AZs, if it has any.
-    cells: [Option<Arc<EndpointState>>; SOURCES.len()],
+    cells: [Option<EndpointState>; SOURCES.len()],
 }
 
 impl Sources {
@@ -153,9 +153,7 @@ impl Control {
                 return Err(e);
             }
         }
-        if s.cells[i].as_deref() != cells.as_ref() {
-            s.cells[i] = cells.map(Arc::new);
-        }
+        s.cells[i] = cells;
         self.provide(&s);
         Ok(())
     }
@@ -224,8 +222,8 @@ impl Control {
 
 /// The EC2 cells of the engine's snapshot in force (its VPC endpoints' addresses, its views'
 /// AZs), for the EC2 refresh: control's narrow handle, from [`Control::endpoints`]. A rebuild
-/// carries the cells over, so setting one never rebuilds.
-/// Endpoints and subnets a discovery source provides are not listed.
+/// carries the cells over, so setting one never rebuilds. Endpoints and subnets a discovery
+/// source provides are not listed.
 #[cfg(feature = "aws")]
 pub struct EngineEndpoints(Arc<Engine>, Arc<ArcSwap<Provided>>);
 
