@@ -112,9 +112,13 @@ impl Snapshot {
     fn reject(&mut self, etag: Option<String>, r: Rejected) -> Round {
         metrics::counter!("mskdns_discovery_snapshot_rejected_total", "reason" => r.kind).increment(1);
         tracing::error!(reason = %r, "discovery snapshot rejected; the last good one stays in force");
-        let failed = vec![format!("the snapshot in S3 was rejected: {r}")];
         self.rejected = Some((etag, r));
-        Round { failed, ..Round::default() }
+        Round { failed: self.rejection().into_iter().collect(), ..Round::default() }
+    }
+
+    /// Why the object in S3 is not the one in force, if it was rejected.
+    fn rejection(&self) -> Option<String> {
+        self.rejected.as_ref().map(|(_, r)| format!("the object in S3 was rejected: {r}"))
     }
 
     fn heard(&mut self) {
@@ -201,10 +205,7 @@ impl Source for Snapshot {
 
     fn degraded(&self, s: &Settings, round: &Round) -> Option<String> {
         let max = s.snapshot.max_age_secs;
-        let why = || {
-            let rejected = self.rejected.as_ref().map(|(_, r)| format!("the object in S3 was rejected: {r}"));
-            rejected.or_else(|| self.last_error.clone()).or_else(|| round.reason())
-        };
+        let why = || self.rejection().or_else(|| self.last_error.clone()).or_else(|| round.reason());
         let Some(held) = self.held_for(s) else {
             return Some(format!("no discovery snapshot yet{}", why().map(|w| format!(": {w}")).unwrap_or_default()));
         };
@@ -222,9 +223,7 @@ impl Source for Snapshot {
             return Some(format!("snapshot {age} s old, past discovery.snapshot.max_age_secs ({max}){w}"));
         }
         // A document the publisher got wrong is news at once; S3 unreachable only past the age.
-        self.rejected.as_ref().map(|(_, r)| {
-            format!("the object in S3 was rejected: {r}; serving the last good one (pass {})", held.document.pass_time)
-        })
+        self.rejection().map(|r| format!("{r}; serving the last good one (pass {})", held.document.pass_time))
     }
 
     async fn pass(&mut self, s: &Settings) -> Round {
@@ -247,8 +246,7 @@ impl Source for Snapshot {
         match fetched {
             Ok(Fetched::NotModified) if self.rejected.is_some() => {
                 fetch_result("not_modified");
-                let r = self.rejected.as_ref().map(|(_, r)| r.to_string()).unwrap_or_default();
-                Round { failed: vec![format!("the snapshot in S3 was rejected: {r}")], ..Round::default() }
+                Round { failed: self.rejection().into_iter().collect(), ..Round::default() }
             }
             Ok(Fetched::NotModified) => {
                 fetch_result("not_modified");
