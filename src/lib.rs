@@ -226,10 +226,12 @@ impl Server {
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
         };
+        // On before any listener serves: a configured log holds every query from the first.
+        let log = self.config.query_log.as_ref().map(|q| querylog::start(&self.engine, &self.config, q, &tasks));
         ctx.secure(self.secure, self.listeners.len());
         let threads = ctx.plain(self.listeners, self.udp_threads);
         tasks.spawn(report_budgets(self.engine.clone(), self.health.clone(), shutdown.clone()));
-        tasks.spawn(querylog::follow(self.engine.clone(), self.control.subscribe(), tasks.clone(), shutdown.clone()));
+        tasks.spawn(querylog::follow(self.engine.clone(), self.control.subscribe(), tasks.clone(), shutdown.clone(), log));
         if let Some(path) = config_path {
             tasks.spawn(reload::run(
                 self.control.clone(),

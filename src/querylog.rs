@@ -192,14 +192,15 @@ pub fn start(engine: &Engine, config: &Config, q: &QueryLogConfig, tasks: &TaskT
 }
 
 /// Follows the configuration in force: starts, restarts (on a change of the section) or stops
-/// the log.
+/// the log. `running` is the log started before the listeners served (so the first query is
+/// logged too), if the configuration had one.
 pub async fn follow(
     engine: Arc<Engine>,
     mut config: watch::Receiver<Arc<Config>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    mut running: Option<Running>,
 ) {
-    let mut running: Option<Running> = None;
     loop {
         let c = config.borrow_and_update().clone();
         let wanted = c.query_log.clone();
