@@ -231,7 +231,13 @@ impl Server {
         ctx.secure(self.secure, self.listeners.len());
         let threads = ctx.plain(self.listeners, self.udp_threads);
         tasks.spawn(report_budgets(self.engine.clone(), self.health.clone(), shutdown.clone()));
-        tasks.spawn(querylog::follow(self.engine.clone(), self.control.subscribe(), tasks.clone(), shutdown.clone(), log));
+        tasks.spawn(querylog::follow(
+            self.engine.clone(),
+            self.control.subscribe(),
+            tasks.clone(),
+            shutdown.clone(),
+            log,
+        ));
         if let Some(path) = config_path {
             tasks.spawn(reload::run(
                 self.control.clone(),

@@ -15,58 +15,65 @@ use crate::control::Control;
 
 const HEALTH_KEY: &str = "config";
 
-/// Watches until `shutdown`. `poll` 0: SIGHUP only.
-pub async fn run(
+/// Watches until `shutdown`. `poll` 0: SIGHUP only. The SIGHUP handler is installed when this is
+/// called, not when the future first runs: a SIGHUP right after the daemon said it is ready must
+/// reload it, not end it (the signal's default action).
+pub fn run(
     control: Arc<Control>,
     path: PathBuf,
     mut running: Config,
     health: Arc<Health>,
     poll: Duration,
     shutdown: CancellationToken,
-) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler: reload on file change only");
-        return;
-    };
-    let mut seen = stamps(&path, &running);
-    loop {
-        let why = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
-            _ = tokio::time::sleep(if poll.is_zero() { Duration::from_secs(3600) } else { poll }) => {
-                if poll.is_zero() || stamps(&path, &running) == seen {
-                    continue;
-                }
-                "file changed"
-            }
-            _ = shutdown.cancelled() => return,
+) -> impl std::future::Future<Output = ()> {
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hup) = hup else {
+            tracing::error!("cannot install the SIGHUP handler: reload on file change only");
+            return;
         };
-        let result = Config::load(Some(&path)).map_err(|e| e.to_string()).and_then(|next| {
-            // Views chosen by listener refer to dns.listen by position: with other sockets
-            // than the running ones, clients could get another view's answers.
-            if next.dns.listen != running.dns.listen {
-                return Err("`dns.listen` changed: restart to apply it (nothing was reloaded)".into());
-            }
-            control.reload(next.clone()).map_err(|e| e.to_string())?;
-            Ok(next)
-        });
-        match result {
-            Ok(next) => {
-                for key in restart_only(&running, &next) {
-                    tracing::warn!(key, "changed, but takes effect only after a restart");
+        let mut seen = stamps(&path, &running);
+        loop {
+            let why = tokio::select! {
+                _ = hup.recv() => "SIGHUP",
+                _ = tokio::time::sleep(if poll.is_zero() { Duration::from_secs(3600) } else { poll }) => {
+                    if poll.is_zero() || stamps(&path, &running) == seen {
+                        continue;
+                    }
+                    "file changed"
                 }
-                running = next;
-                metrics::counter!("mskdns_config_reloads_total", "result" => "ok").increment(1);
-                health.set_degraded(HEALTH_KEY, None);
-                tracing::info!(trigger = why, file = %path.display(), "configuration reloaded");
+                _ = shutdown.cancelled() => return,
+            };
+            let result = Config::load(Some(&path)).map_err(|e| e.to_string()).and_then(|next| {
+                // Views chosen by listener refer to dns.listen by position: with other sockets
+                // than the running ones, clients could get another view's answers.
+                if next.dns.listen != running.dns.listen {
+                    return Err("`dns.listen` changed: restart to apply it (nothing was reloaded)".into());
+                }
+                control.reload(next.clone()).map_err(|e| e.to_string())?;
+                Ok(next)
+            });
+            match result {
+                Ok(next) => {
+                    for key in restart_only(&running, &next) {
+                        tracing::warn!(key, "changed, but takes effect only after a restart");
+                    }
+                    running = next;
+                    metrics::counter!("mskdns_config_reloads_total", "result" => "ok").increment(1);
+                    health.set_degraded(HEALTH_KEY, None);
+                    tracing::info!(trigger = why, file = %path.display(), "configuration reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!("mskdns_config_reloads_total", "result" => "error").increment(1);
+                    tracing::error!(trigger = why, error = %e, "reload failed; the running configuration stays");
+                    health.set_degraded(
+                        HEALTH_KEY,
+                        Some(format!("reload failed, running the previous configuration: {e}")),
+                    );
+                }
             }
-            Err(e) => {
-                metrics::counter!("mskdns_config_reloads_total", "result" => "error").increment(1);
-                tracing::error!(trigger = why, error = %e, "reload failed; the running configuration stays");
-                health
-                    .set_degraded(HEALTH_KEY, Some(format!("reload failed, running the previous configuration: {e}")));
-            }
+            seen = stamps(&path, &running);
         }
-        seen = stamps(&path, &running);
     }
 }
 

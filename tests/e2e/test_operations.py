@@ -5,13 +5,14 @@ import socket
 import subprocess
 import time
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rdatatype
 import dns.query
 import dns.rcode
 
-from conftest import relay, require, wait_for
+from conftest import Daemon, relay, require, wait_for
 
 A = "boot-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"
 
@@ -78,6 +79,28 @@ def test_sighup_reload_under_load(daemon, nsd, tmp_path):
     d.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: answer(d) == ["10.1.0.77"], timeout=3)
     assert d.http("/readyz") == (200, "ready\n")
+
+
+def test_sighup_the_moment_it_is_ready_reloads_and_never_ends_it(nsd, tmp_path):
+    """`ready` (and systemd's READY=1) is said once every handler is in place: a reload at once,
+    as `systemctl reload` right after start sends it, must not meet SIGHUP's default action."""
+    for i in range(20):
+        d = Daemon(config(nsd.port, "10.1.0.10", 0), tmp_path, name=f"ready-{i}.toml")
+        try:
+            d.config.write_text(config(nsd.port, "10.1.0.11", 0))
+            d.proc.send_signal(signal.SIGHUP)
+
+            def reloaded():
+                try:
+                    return not d.alive() or answer(d) == ["10.1.0.11"]
+                except dns.exception.Timeout:
+                    return False
+
+            ok = wait_for(reloaded, timeout=3)
+            assert d.alive(), f"run {i}: SIGHUP ended the daemon (exit {d.proc.returncode})"
+            assert ok, f"run {i}: not reloaded"
+        finally:
+            d.stop()
 
 
 def test_file_change_reloads_without_a_signal(daemon, nsd):
