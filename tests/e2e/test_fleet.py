@@ -332,8 +332,10 @@ def test_two_publishers_on_one_object_never_tear_it(daemon, moto, tmp_path):
 
 class HostileS3:
     """An S3 endpoint that misbehaves on demand (no real store stalls when asked): `good` serves
-    `body` with its ETag (304 for If-None-Match), `half` sends the headers and half the body then
-    stalls, `silent` reads the request and answers nothing, `endless` streams chunks forever."""
+    `body` with its ETag (304 for If-None-Match; 404 while it is None), `half` sends the headers
+    and half the body then stalls, `silent` reads the request and answers nothing, `endless`
+    streams chunks forever. PUT by `put_mode`: `good` stores the body, `silent` takes nothing and
+    answers nothing, `half` takes the body and stops halfway through the status line."""
 
     def __init__(self):
         import hashlib
@@ -341,6 +343,7 @@ class HostileS3:
         import threading
 
         self.mode = "good"
+        self.put_mode = "good"
         self.body = b""
         self.requests = []
         self.closing = threading.Event()
@@ -355,7 +358,7 @@ class HostileS3:
             def do_GET(self):
                 outer.requests.append((outer.mode, self.path))
                 body = outer.body
-                etag = '"%s"' % hashlib.md5(body).hexdigest()
+                etag = '"%s"' % hashlib.md5(body or b"").hexdigest()
                 if outer.mode == "silent":
                     outer.closing.wait(120)
                     return
@@ -370,6 +373,14 @@ class HostileS3:
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     except OSError:
                         return
+                    return
+                if outer.mode == "good" and body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Type", "application/xml")
+                    err = b"<Error><Code>NoSuchKey</Code><Message>absent</Message></Error>"
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    self.wfile.write(err)
                     return
                 if outer.mode == "good" and self.headers.get("If-None-Match") == etag:
                     self.send_response(304)
@@ -388,6 +399,23 @@ class HostileS3:
                     outer.closing.wait(120)
                     return
                 self.wfile.write(body)
+
+            def do_PUT(self):
+                outer.requests.append(("put-" + outer.put_mode, self.path))
+                if outer.put_mode == "silent":
+                    outer.closing.wait(120)
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if outer.put_mode == "half":
+                    self.wfile.write(b"HTTP/1.1 20")
+                    self.wfile.flush()
+                    outer.closing.wait(120)
+                    return
+                outer.body = body
+                self.send_response(200)
+                self.send_header("ETag", '"%s"' % hashlib.md5(body).hexdigest())
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -427,3 +455,56 @@ def test_a_stalled_or_endless_s3_is_cut_off_and_the_last_good_snapshot_served(da
         assert d.alive()
     finally:
         fake.stop()
+
+
+def test_a_store_that_stalls_a_write_cuts_the_publisher_off_and_it_publishes_again(daemon, moto, tmp_path):
+    """The publisher is a writer: a store that takes the PUT and never answers, or stops halfway
+    through its answer, fails that publish within the S3 timeouts while the daemon keeps answering
+    (its own discovery goes on), /readyz names it; the next good store gets the new state; and a
+    SIGTERM during a stalled PUT ends the daemon at once."""
+    fake = HostileS3()
+    fake.body = None
+    msk = Msk(moto)
+    _, orders = msk.serverless("orders", "a1b2c3d4", {**TAGGED, "mskdns:target": "addresses=10.1.0.10"})
+    aws = {**env(msk, "AKIDPUBLISHER"), "AWS_ENDPOINT_URL_S3": fake.url}
+    pub = daemon(publisher_config(tmp_path), env=aws, name="publisher.toml")
+
+    def held():
+        try:
+            return sorted(c["bootstrap"] for c in json.loads(fake.body)["clusters"])
+        except Exception:
+            return None
+
+    try:
+        assert wait_for(lambda: held() == [orders], timeout=20), pub.log_text()[-3000:]
+        grown = [orders]
+        for mode, cluster in (("silent", "b1c2d3e4"), ("half", "c1d2e3f4")):
+            fake.put_mode = mode
+            _, added = msk.serverless(f"more-{cluster}", cluster, {**TAGGED, "mskdns:target": "addresses=10.1.0.11"})
+            grown.append(added)
+            # Discovery and answers go on while the write hangs.
+            assert wait_for(lambda: addresses(ask(pub, added)) == ["10.1.0.11"], timeout=10), mode
+            # (An attempt begun just before the mode changed still meets the previous one.)
+            assert wait_for(lambda: any(r[0] == "put-" + mode for r in fake.requests), timeout=45), mode
+            errors = pub.metric("mskdns_discovery_publish_total", result="error")
+            assert wait_for(lambda: pub.metric("mskdns_discovery_publish_total", result="error") > errors, timeout=75), mode
+            assert addresses(ask(pub, orders)) == ["10.1.0.10"], mode
+            status, body = pub.http("/readyz")
+            assert status == 200 and "degraded" in body and "cannot publish" in body, body
+            assert held() == [orders], mode  # nothing half-written
+        fake.put_mode = "good"
+        assert wait_for(lambda: held() == sorted(grown), timeout=75), pub.log_text()[-3000:]
+        assert wait_for(lambda: pub.http("/readyz") == (200, "ready\n"), timeout=10)
+
+        # A SIGTERM while a write hangs: the daemon ends at once, the write abandoned.
+        fake.put_mode = "silent"
+        msk.serverless("last", "d1e2f3a4", {**TAGGED, "mskdns:target": "addresses=10.1.0.12"})
+        puts = sum(1 for r in fake.requests if r[0] == "put-silent")
+        assert wait_for(lambda: sum(1 for r in fake.requests if r[0] == "put-silent") > puts, timeout=15)
+        started = time.monotonic()
+        assert pub.stop() == 0
+        assert time.monotonic() - started < 5
+        assert "still running at the end of the shutdown grace period" not in pub.log_text()
+    finally:
+        fake.stop()
+        msk.front.stop()

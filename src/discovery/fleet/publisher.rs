@@ -150,7 +150,12 @@ pub async fn run(
             Some((ps, c)) if *ps == path_style => c.clone(),
             _ => client.insert((path_style, s3::client(path_style).await)).1.clone(),
         };
-        match publish(&s3, &at, &doc, etag, p.heartbeat_secs).await {
+        // A store that stalls holds the call up to its timeouts, never the shutdown.
+        let result = tokio::select! {
+            r = publish(&s3, &at, &doc, etag, p.heartbeat_secs) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match result {
             Ok(outcome) => {
                 let (result, etag) = match outcome {
                     Outcome::Written { etag } => ("written", etag),
