@@ -18,6 +18,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
+
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,6 +57,8 @@ pub struct Record {
 #[derive(Debug)]
 pub struct Forwarded {
     pub upstream: SocketAddr,
+    /// Over TCP (after a truncated answer over UDP).
+    pub tcp: bool,
     pub sent: SystemTime,
     pub received: SystemTime,
     /// The query as it was sent, rebuilt from the answer's id and question.
@@ -67,6 +71,7 @@ impl Record {
         let answered = SystemTime::now();
         let forwarded = q.exchange.map(|e| Forwarded {
             upstream: e.upstream,
+            tcp: e.tcp,
             sent: e.received.checked_sub(e.rtt).unwrap_or(e.received),
             received: e.received,
             query: rebuilt_query(e.response),
@@ -125,6 +130,8 @@ struct Shared {
     sample_below: u64,
     /// The `dns.listen` entries, by listener index (the address a query arrived on).
     listeners: Vec<SocketAddr>,
+    /// The view name of each listener index (for JSON lines), as of the configuration in force.
+    views: ArcSwap<Vec<String>>,
     dropped_full: metrics::Counter,
     queued_bytes: metrics::Gauge,
 }
@@ -162,6 +169,7 @@ impl Observer for QueryLog {
 pub struct Running {
     config: QueryLogConfig,
     stop: CancellationToken,
+    shared: Arc<Shared>,
 }
 
 impl Running {
@@ -180,15 +188,16 @@ pub fn start(engine: &Engine, config: &Config, q: &QueryLogConfig, tasks: &TaskT
         wake_bytes: (q.max_queue_bytes / 8).min(256 << 10),
         sample_below,
         listeners: config.dns.all_listeners(),
+        views: ArcSwap::from_pointee(engine.views_by_listener()),
         dropped_full: metrics::counter!("mskdns_query_log_dropped_total", "reason" => "queue_full"),
         queued_bytes: metrics::gauge!("mskdns_query_log_queue_bytes"),
     });
     let stop = CancellationToken::new();
-    let writer = Writer::new(q.clone(), shared.clone(), engine.views_by_listener());
+    let writer = Writer::new(q.clone(), shared.clone());
     tasks.spawn(writer.run(stop.clone()));
-    engine.set_observer(Some(Box::new(QueryLog(shared))));
+    engine.set_observer(Some(Box::new(QueryLog(shared.clone()))));
     tracing::info!(format = ?q.format, path = %q.path, sample = q.sample, "query log on");
-    Running { config: q.clone(), stop }
+    Running { config: q.clone(), stop, shared }
 }
 
 /// Follows the configuration in force: starts, restarts (on a change of the section) or stops
@@ -211,6 +220,9 @@ pub async fn follow(
                 tracing::info!("query log off");
             }
             running = wanted.map(|q| start(&engine, &c, &q, &tasks));
+        } else if let Some(r) = &running {
+            // A reload that renamed views: JSON lines name the views in force.
+            r.shared.views.store(Arc::new(engine.views_by_listener()));
         }
         tokio::select! {
             changed = config.changed() => if changed.is_err() { break },
@@ -230,8 +242,6 @@ struct Writer {
     sink: Sink,
     dnstap: dnstap::Encoder,
     aws: json::Aws,
-    /// The view name of each listener index (for JSON lines).
-    views: Vec<String>,
     written: metrics::Counter,
     bytes: metrics::Counter,
     errors: metrics::Counter,
@@ -239,7 +249,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(config: QueryLogConfig, shared: Arc<Shared>, views: Vec<String>) -> Self {
+    fn new(config: QueryLogConfig, shared: Arc<Shared>) -> Self {
         let identity = config.identity.clone().unwrap_or_else(host_name).into_bytes();
         let aws = json::Aws {
             account_id: config.account_id.clone(),
@@ -253,7 +263,6 @@ impl Writer {
             shared,
             dnstap: dnstap::Encoder::new(identity),
             aws,
-            views,
             written: metrics::counter!("mskdns_query_log_records_total"),
             bytes: metrics::counter!("mskdns_query_log_bytes_total"),
             errors: metrics::counter!("mskdns_query_log_write_errors_total"),
@@ -274,8 +283,9 @@ impl Writer {
             };
             let records = self.take();
             buf.clear();
+            let views = self.shared.views.load_full();
             for r in &records {
-                self.encode(r, &mut buf);
+                self.encode(r, &views, &mut buf);
             }
             let count = records.len();
             drop(records);
@@ -299,11 +309,11 @@ impl Writer {
         out
     }
 
-    fn encode(&mut self, r: &Record, out: &mut Vec<u8>) {
+    fn encode(&mut self, r: &Record, views: &[String], out: &mut Vec<u8>) {
         match self.config.format {
             QueryLogFormat::Dnstap => self.dnstap.frames(r, &self.config.messages, out),
             QueryLogFormat::Json => {
-                let view = self.views.get(r.listener).map(String::as_str).filter(|v| *v != "default");
+                let view = views.get(r.listener).map(String::as_str).filter(|v| *v != "default");
                 json::line(r, &self.aws, view, out)
             }
         }

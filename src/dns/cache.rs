@@ -11,6 +11,9 @@ use moka::Expiry;
 use super::wire::{self, Query};
 use crate::config::CacheConfig;
 
+mod inflight;
+pub use inflight::{Failure, Inflight, Join, Leader, Shared};
+
 /// Cache key: the forwarder's id (every forwarder shares one cache), lowercase wire name, type,
 /// class, and the DO and CD bits (they change the answer).
 pub type Key = Box<[u8]>;
@@ -46,14 +49,19 @@ pub struct Answer {
     origin: Option<Origin>,
     /// Set once an observer was told of the exchange that gave it.
     told: std::sync::atomic::AtomicBool,
+    /// Upstream answered over TCP (after a truncated answer over UDP).
+    over_tcp: bool,
 }
 
-/// Where an answer came from.
+/// The upstream exchange an answer came from (told to observers, such as a query log).
 #[derive(Debug, Clone, Copy)]
-struct Origin {
-    upstream: std::net::SocketAddr,
-    received: std::time::SystemTime,
-    rtt: std::time::Duration,
+pub struct Origin {
+    pub upstream: std::net::SocketAddr,
+    /// When the answer arrived, and how long after the query left.
+    pub received: std::time::SystemTime,
+    pub rtt: std::time::Duration,
+    /// Over TCP (upstream's UDP answer was truncated).
+    pub tcp: bool,
 }
 
 /// Why an upstream response cannot be used.
@@ -163,12 +171,13 @@ impl Answer {
             prefetching: Default::default(),
             origin: None,
             told: Default::default(),
+            over_tcp: false,
         }
     }
 
     /// Records the exchange that gave this answer: `upstream`, `rtt` after the query left.
     pub fn set_origin(&mut self, upstream: std::net::SocketAddr, rtt: std::time::Duration) {
-        self.origin = Some(Origin { upstream, received: std::time::SystemTime::now(), rtt });
+        self.origin = Some(Origin { upstream, received: std::time::SystemTime::now(), rtt, tcp: self.over_tcp });
     }
 
     /// The upstream that gave this answer.
@@ -176,11 +185,15 @@ impl Answer {
         self.origin.map(|o| o.upstream)
     }
 
-    /// The exchange that gave this answer (upstream, when it arrived, round trip), the first time
-    /// it is asked for only.
-    pub fn exchange_once(&self) -> Option<(std::net::SocketAddr, std::time::SystemTime, std::time::Duration)> {
+    /// Marks an answer upstream gave over TCP.
+    pub fn came_over_tcp(&mut self) {
+        self.over_tcp = true;
+    }
+
+    /// The exchange that gave this answer, the first time it is asked for only.
+    pub fn exchange_once(&self) -> Option<Origin> {
         let o = self.origin?;
-        (!self.told.swap(true, std::sync::atomic::Ordering::Relaxed)).then_some((o.upstream, o.received, o.rtt))
+        (!self.told.swap(true, std::sync::atomic::Ordering::Relaxed)).then_some(o)
     }
 
     /// The answer's bytes as stored: upstream's, without its OPT record.
@@ -510,87 +523,6 @@ impl BucketRef<'_> {
         if let Some(slot) = self.lock().iter_mut().find(|s| s.holds(self.hash, key)) {
             slot.answer = None;
         }
-    }
-}
-
-/// What every client waiting on one resolution receives.
-pub type Shared = Result<Arc<Answer>, Failure>;
-
-/// Why a resolution has no answer.
-#[derive(Debug, Clone)]
-pub enum Failure {
-    /// The upstream packet budget did not let the query go (`dns.upstream_max_pps`).
-    Budget,
-    /// The upstreams failed, or the resolution ended without a result.
-    Upstream(Arc<str>),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Budget => f.write_str("the upstream packet budget is spent"),
-            Failure::Upstream(e) => f.write_str(e),
-        }
-    }
-}
-
-/// Resolutions in flight, by key: the first asker starts the resolution, and every asker (the
-/// first one too) waits for its result. The resolution belongs to this table, not to any asker:
-/// an asker that goes away (a DoH stream reset, a closed connection) cancels only its own wait.
-#[derive(Default)]
-pub struct Inflight {
-    waiting: std::sync::Mutex<std::collections::HashMap<Key, Vec<tokio::sync::oneshot::Sender<Shared>>>>,
-}
-
-/// Held by the resolution of a key; dropping it unfinished (a panic) releases the waiters.
-pub struct Leader {
-    inflight: Arc<Inflight>,
-    key: Key,
-}
-
-pub enum Join {
-    /// No resolution of the key was in flight: the caller starts one with the [`Leader`]; the
-    /// receiver gets its result like every other asker's.
-    Lead(Leader, tokio::sync::oneshot::Receiver<Shared>),
-    Wait(tokio::sync::oneshot::Receiver<Shared>),
-}
-
-impl Inflight {
-    pub fn join(self: &Arc<Self>, key: &[u8]) -> Join {
-        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        match w.get_mut(key) {
-            Some(waiters) => {
-                waiters.push(tx);
-                Join::Wait(rx)
-            }
-            None => {
-                w.insert(key.into(), vec![tx]);
-                Join::Lead(Leader { inflight: self.clone(), key: key.into() }, rx)
-            }
-        }
-    }
-}
-
-impl Leader {
-    /// Hands the result to everyone still waiting.
-    pub fn finish(self, result: &Shared) {
-        for tx in self.take_waiters() {
-            let _ = tx.send(result.clone());
-        }
-    }
-
-    fn take_waiters(&self) -> Vec<tokio::sync::oneshot::Sender<Shared>> {
-        let mut w = self.inflight.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        w.remove(&self.key).unwrap_or_default()
-    }
-}
-
-impl Drop for Leader {
-    /// A resolution that ended without a result (it panicked) drops its waiters' senders: they
-    /// answer SERVFAIL.
-    fn drop(&mut self) {
-        drop(self.take_waiters());
     }
 }
 

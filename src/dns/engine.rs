@@ -349,10 +349,11 @@ impl Engine {
                     }
                     _ => None,
                 };
-                q.exchange = exchange.as_ref().map(|(upstream, received, rtt)| Exchange {
-                    upstream: *upstream,
-                    received: *received,
-                    rtt: *rtt,
+                q.exchange = exchange.map(|e| Exchange {
+                    upstream: e.upstream,
+                    received: e.received,
+                    rtt: e.rtt,
+                    tcp: e.tcp,
                     response: answer.as_ref().map_or(&[][..], |a| a.bytes()),
                 });
                 self.done(q);

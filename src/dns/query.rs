@@ -167,6 +167,8 @@ pub struct Exchange<'a> {
     /// When the answer arrived, and how long after the query left.
     pub received: std::time::SystemTime,
     pub rtt: Duration,
+    /// Over TCP (upstream's UDP answer was truncated).
+    pub tcp: bool,
     /// The answer as cached: upstream's bytes without its OPT record.
     pub response: &'a [u8],
 }

@@ -374,8 +374,9 @@ async fn ask_tcp(upstream: SocketAddr, query: &[u8], limits: &CacheConfig) -> Re
     let len = s.read_u16().await.map_err(io)? as usize;
     let mut buf = vec![0u8; len];
     s.read_exact(&mut buf).await.map_err(io)?;
-    let a = Answer::from_upstream(&buf, query, limits, Instant::now())
+    let mut a = Answer::from_upstream(&buf, query, limits, Instant::now())
         .map_err(|source| UpstreamError::Bad { upstream, source })?;
+    a.came_over_tcp();
     usable(upstream, a)
 }
 

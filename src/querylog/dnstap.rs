@@ -118,11 +118,11 @@ impl Encoder {
         }
         if let Some(f) = &r.forwarded {
             let (family, upstream) = address(f.upstream.ip());
-            // An exchange that went on over TCP after a truncated answer is written as UDP too.
+            // The exchange that gave the answer: over TCP when UDP's answer was truncated.
             let q = Fields {
                 kind: FORWARDER_QUERY,
                 family,
-                protocol: UDP,
+                protocol: if f.tcp { TCP } else { UDP },
                 query_address: None,
                 query_port: None,
                 response_address: Some(upstream),
@@ -306,6 +306,7 @@ mod tests {
             upstream: None,
             forwarded: forwarded.then(|| super::super::Forwarded {
                 upstream: "10.0.0.2:53".parse().unwrap(),
+                tcp: false,
                 sent: t,
                 received: t + std::time::Duration::from_micros(200),
                 query: vec![8, 9],
@@ -371,6 +372,13 @@ mod tests {
             (Some(&[10, 0, 0, 2][..]), Some(&[8, 9][..]))
         );
         assert_eq!(taps[2].message.as_ref().unwrap().response_message.as_deref(), Some(&[10, 11, 12][..]));
+        // An answer upstream gave over TCP (its UDP answer was truncated): both forwarder messages say TCP.
+        let mut r = record(true);
+        r.forwarded.as_mut().unwrap().tcp = true;
+        let mut out = Vec::new();
+        enc.frames(&r, &[ForwarderQuery, ForwarderResponse], &mut out);
+        let protocols: Vec<_> = decoded(&out).iter().map(|t| t.message.as_ref().unwrap().socket_protocol).collect();
+        assert_eq!(protocols, [Some(TCP), Some(TCP)]);
         // Only the messages asked for; no response when nothing was sent.
         let mut out = Vec::new();
         let mut r = record(true);

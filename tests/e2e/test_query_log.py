@@ -154,6 +154,29 @@ def test_dnstap_to_a_file_read_by_both_decoders(tmp_path):
         check_tap(messages(decode(tool, path)))
 
 
+def test_dnstap_says_tcp_for_an_upstream_exchange_that_went_on_over_tcp(nsd, tmp_path):
+    """NSD's answer is too big for UDP (TC): mskdns asks again over TCP, and the forwarder
+    messages say so; a small answer's stay UDP."""
+    require("dnstap")
+
+    class Upstream:
+        addr = f"127.0.0.1:{nsd.port}"
+
+    path = tmp_path / "queries.tap"
+    d = Daemon(config(Upstream, f'[query_log]\nformat = "dnstap"\npath = "{path}"'), tmp_path)
+    try:
+        q = dns.message.make_query("big.example.test", "TXT")
+        assert len(dns.query.tcp(q, d.host, port=d.port, timeout=5).answer[0]) == 13
+        assert ask(d, "www.example.test").answer
+        assert wait_for(lambda: d.metric("mskdns_query_log_records_total") >= 2, 10)
+    finally:
+        d.stop()
+    forwarded = {m["type"] + " " + ("big" if "big.example.test" in m["text"] else "www"): m.get("socket_protocol")
+                 for m in messages(decode("dnstap", path)) if m.get("type", "").startswith("FORWARDER_")}
+    assert forwarded == {"FORWARDER_QUERY big": "TCP", "FORWARDER_RESPONSE big": "TCP",
+                         "FORWARDER_QUERY www": "UDP", "FORWARDER_RESPONSE www": "UDP"}, forwarded
+
+
 def test_dnstap_names_the_dot_and_doh_transports(tmp_path):
     require("dnstap")
     require("kdig")
@@ -384,9 +407,23 @@ def test_a_reload_starts_and_stops_the_log(tmp_path):
             return path.exists() and path.read_text().count("\n") > 0
 
         assert wait_for(logged, 10)
+        # Views renamed by a reload that leaves the log alone: the lines name the views in force.
+        logged_with = config(up, f'[query_log]\nformat = "json"\npath = "{path}"\ninstance_metadata = false')
+        for name in ("vpc-one", "vpc-two"):
+            view = f'\n[[views]]\nname = "{name}"\nlisteners = ["127.0.0.1:0"]\n'
+            d.config.write_text(logged_with + view)
+            d.proc.send_signal(signal.SIGHUP)
+
+            def named():
+                ask(d, A)
+                lines = [json.loads(x) for x in path.read_text().splitlines()]
+                return lines and lines[-1].get("view") == name
+
+            assert wait_for(named, 10), name
+        assert path.exists() and "query log on" in d.log_text() and d.log_text().count("query log on") == 1
         d.config.write_text(without)
         d.proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: d.metric("mskdns_config_reloads_total", result="ok") >= 2, 10)
+        assert wait_for(lambda: d.metric("mskdns_config_reloads_total", result="ok") >= 4, 10)
         time.sleep(1)
         n = path.read_text().count("\n")
         for _ in range(20):
