@@ -232,7 +232,11 @@ pub async fn run<S: Source>(mut source: S, to: Discovered, health: Arc<Health>, 
                 publish(&to, &mut published, findings(&source, &s)).await;
             }
         }
-        let round = timed_pass::<S>(&mut source, &s).await;
+        // An AWS call that stalls holds the pass up to its timeouts, never the shutdown.
+        let round = tokio::select! {
+            r = timed_pass::<S>(&mut source, &s) => r,
+            _ = shutdown.cancelled() => return,
+        };
         failures = if round.failed.is_empty() { 0 } else { failures + 1 };
         health.set_degraded(S::HEALTH_KEY, source.degraded(&s, &round));
         if round.changed || round.failed.is_empty() {

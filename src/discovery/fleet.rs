@@ -175,6 +175,20 @@ impl Document {
         EndpointState { endpoints: self.endpoints.clone(), subnets: self.subnets.clone() }
     }
 
+    /// The VPC endpoints its clusters lead to that it holds no addresses for (the publisher had
+    /// not read them): those clusters answer SERVFAIL on readers until it does.
+    pub fn unread_endpoints(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .clusters
+            .iter()
+            .filter_map(|c| endpoint_of(&c.target))
+            .filter(|id| !self.endpoints.contains_key(id))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// The same discovered state, whenever and by whomever it was written.
     pub fn same_state(&self, other: &Document) -> bool {
         (&self.clusters, &self.endpoints, &self.subnets) == (&other.clusters, &other.endpoints, &other.subnets)
@@ -266,6 +280,9 @@ mod tests {
         );
         assert_eq!(doc.pass_time, "2027-01-15T08:00:00Z");
         assert_eq!(doc.endpoints.keys().collect::<Vec<_>>(), ["vpce-0aaa"]);
+        assert!(doc.unread_endpoints().is_empty());
+        let unread = Document::build(&[found(BOOT, "vpce-0bbb"), found(other, "vpce-0bbb")], 30, &cells(), 1);
+        assert_eq!(unread.unread_endpoints(), ["vpce-0bbb"]);
         let text = serde_json::to_vec(&doc).unwrap();
         let back = Document::parse(&text).unwrap();
         assert_eq!(back, doc);

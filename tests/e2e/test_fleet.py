@@ -224,6 +224,22 @@ def test_a_bad_snapshot_is_rejected_and_the_last_good_one_kept(daemon, moto, tmp
     saved = json.loads((tmp_path / "reader-state" / "discovery-snapshot.json").read_text())
     assert saved["document"]["clusters"][0]["bootstrap"] == other
 
+    # A cluster led to a VPC endpoint the publisher had not read yet: named on /readyz (degraded),
+    # and the next document with its addresses clears it.
+    unread = valid_document(other, "10.2.0.2")
+    unread["clusters"].append({**unread["clusters"][0], "bootstrap": boot, "target": "vpce-0notreadyet"})
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=json.dumps(unread).encode())
+    assert wait_for(lambda: "vpce-0notreadyet" in d.http("/readyz")[1], timeout=10), d.http("/readyz")
+    assert d.http("/readyz")[0] == 200 and ask(d, boot).rcode() == dns.rcode.SERVFAIL
+    unread["endpoints"] = {"vpce-0notreadyet": [{"ip": "10.2.0.9", "az": "us-east-1a"}]}
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=json.dumps(unread).encode())
+    assert wait_for(lambda: addresses(ask(d, boot)) == ["10.2.0.9"], timeout=10)
+    assert wait_for(lambda: d.http("/readyz") == (200, "ready\n"), timeout=5), d.http("/readyz")
+    unread["clusters"].pop()
+    unread["endpoints"] = {}
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=json.dumps(unread).encode())
+    assert wait_for(lambda: ask(d, boot).rcode() == dns.rcode.NXDOMAIN, timeout=10)
+
     # `mskdns discover --json` reports what the snapshot serves, and fails with the reason
     # when S3 cannot be read.
     cfg = tmp_path / "discover.toml"
@@ -453,6 +469,14 @@ def test_a_stalled_or_endless_s3_is_cut_off_and_the_last_good_snapshot_served(da
         fake.mode = "good"
         assert wait_for(lambda: addresses(ask(d, other)) == ["10.2.0.2"], timeout=15)
         assert d.alive()
+        # A SIGTERM while a poll hangs: the daemon ends at once, the poll abandoned.
+        fake.mode = "silent"
+        polls = len(fake.requests)
+        assert wait_for(lambda: any(r[0] == "silent" for r in fake.requests[polls:]), timeout=10)
+        started = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - started < 5
+        assert "still running at the end of the shutdown grace period" not in d.log_text()
     finally:
         fake.stop()
 

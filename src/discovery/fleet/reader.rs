@@ -223,7 +223,16 @@ impl Source for Snapshot {
             return Some(format!("snapshot {age} s old, past discovery.snapshot.max_age_secs ({max}){w}"));
         }
         // A document the publisher got wrong is news at once; S3 unreachable only past the age.
-        self.rejection().map(|r| format!("{r}; serving the last good one (pass {})", held.document.pass_time))
+        if let Some(r) = self.rejection() {
+            return Some(format!("{r}; serving the last good one (pass {})", held.document.pass_time));
+        }
+        let unread = held.document.unread_endpoints();
+        (!unread.is_empty()).then(|| {
+            format!(
+                "the snapshot holds no addresses for {} (the publisher has not read them): its clusters there answer SERVFAIL",
+                unread.join(", ")
+            )
+        })
     }
 
     async fn pass(&mut self, s: &Settings) -> Round {
