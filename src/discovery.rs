@@ -30,6 +30,23 @@ pub struct Findings {
     pub cells: Option<crate::config::EndpointState>,
 }
 
+/// A connection that sends nothing for this long fails (and is retried by the SDK)...
+pub(crate) const AWS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...and no call, its retries included, takes longer than this: an AWS endpoint (or a proxy on
+/// the way) that accepts and never answers holds a discovery pass only this long.
+pub(crate) const AWS_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The SDK's default chain (`AWS_ENDPOINT_URL…`, `AWS_REGION`, credentials) with every call
+/// bounded in time (the SDK sets no read or call timeout of its own).
+pub(crate) async fn aws_config() -> aws_config::SdkConfig {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .read_timeout(AWS_READ_TIMEOUT)
+        .operation_timeout(AWS_CALL_TIMEOUT)
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts).load().await
+}
+
 /// Writes `bytes` to `dir/name` atomically: a temporary file, fsync, rename, fsync of the folder.
 pub(crate) fn write_atomic(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;

@@ -75,7 +75,7 @@ pub async fn publish_once(config: &Config, url: &str) -> Result<(Report, Outcome
     let subnets: BTreeSet<String> = config.views.iter().filter_map(|v| v.subnet.clone()).collect();
     let memory = Memory::new(endpoints.iter().cloned(), subnets.iter().cloned());
     if !endpoints.is_empty() || !subnets.is_empty() {
-        let base = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let base = super::aws_config().await;
         let ec2 = aws_sdk_ec2::Client::new(&base);
         super::ec2::refresh(&ec2, &memory, endpoints.into_iter().collect(), &subnets.into_iter().collect::<Vec<_>>())
             .await

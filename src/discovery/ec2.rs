@@ -125,12 +125,17 @@ pub async fn run(
         let client = match &client {
             Some(c) => c,
             None => {
-                let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                let conf = super::aws_config().await;
                 client.insert(Client::new(&conf))
             }
         };
         let started = Instant::now();
-        match refresh(client, cells.as_ref(), ids, &subnets).await {
+        // A call that stalls holds the refresh up to its timeouts, never the shutdown.
+        let result = tokio::select! {
+            r = refresh(client, cells.as_ref(), ids, &subnets) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match result {
             Ok(()) => {
                 health.set_degraded(HEALTH_KEY, None);
                 let known = EndpointState::of(cells.as_ref());

@@ -312,6 +312,10 @@ class MskFront:
         self.auth = []
         # Every call as (access key id, service, method, path, status): who asked what.
         self.log = []
+        # Services (as the signature names them: "kafka", "ec2", "s3") whose calls are taken and
+        # never answered while listed: an endpoint that stalls.
+        self.stall = set()
+        self.closing = False
         front = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -327,6 +331,12 @@ class MskFront:
                 front.auth.append((path, auth))
                 m = re.search(r"Credential=([^/]+)/[^/]+/[^/]+/([^/]+)/", auth)
                 self.caller = (m.group(1), m.group(2)) if m else ("", "")
+                if self.caller[1] in front.stall:
+                    front.log.append((*self.caller, self.command, path, "stalled"))
+                    while self.caller[1] in front.stall and not front.closing:
+                        time.sleep(0.05)
+                    self.close_connection = True
+                    return
                 if self.command == "GET" and path.startswith("/v1/clusters/") and path.endswith("/bootstrap-brokers"):
                     arn = path[len("/v1/clusters/"):-len("/bootstrap-brokers")]
                     return self.bootstrap_brokers(arn)
@@ -380,6 +390,7 @@ class MskFront:
         return {**self.moto.env, "AWS_ENDPOINT_URL_KAFKA": self.url}
 
     def stop(self):
+        self.closing = True
         self.server.shutdown()
         self.server.server_close()
 

@@ -4,6 +4,7 @@ conftest.py), answered by the real daemon, kept when AWS goes away, restored fro
 import json
 import os
 import subprocess
+import time
 
 import boto3
 import dns.rcode
@@ -222,3 +223,52 @@ def test_an_account_reached_through_an_assumed_role(daemon, moto, tmp_path):
     ]
     signed = [a for m, a in msk.front.auth if a]
     assert signed and all("Credential=test/" not in a for a in signed), signed[:2]
+
+
+def test_msk_and_ec2_endpoints_that_stall_are_cut_off_and_answers_kept(daemon, moto, tmp_path):
+    """MSK and EC2 endpoints that take calls and never answer (a proxy on the way that hangs):
+    each call is cut off within the SDK timeouts set for it (10 s without a byte, 60 s in all),
+    counted as a timeout, named on /readyz, while the daemon answers from what it knew; discovery
+    goes on when the endpoints answer again; a SIGTERM while calls hang ends the daemon at once."""
+    msk = Msk(moto)
+    ec2 = moto.ec2
+    vpc = ec2.create_vpc(CidrBlock="10.41.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.41.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+    vpce = ec2.create_vpc_endpoint(VpcId=vpc, ServiceName="com.amazonaws.vpce.us-east-1.vpce-svc-0stall",
+                                   VpcEndpointType="Interface", SubnetIds=[subnet])["VpcEndpoint"]
+    eni = vpce["NetworkInterfaceIds"][0]
+    ip = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]["PrivateIpAddress"]
+    _, orders = msk.serverless("orders", "a1b2c3d4", {**TAGGED, "mskdns:target": "addresses=10.1.0.10"})
+    _, payments = msk.serverless("payments", "e5f6a7b8", {**TAGGED, "mskdns:target": vpce["VpcEndpointId"]})
+    env = {**msk.front.env, "AWS_ENDPOINT_URL": msk.front.url}  # EC2 through the front too
+    d = daemon(config(tmp_path, "\n[aws]\nrefresh_secs = 1\n"), env=env)
+    try:
+        assert wait_for(lambda: addresses(ask(d, payments)) == [ip], timeout=15)
+        assert addresses(ask(d, orders)) == ["10.1.0.10"]
+
+        msk.front.stall = {"kafka", "ec2"}
+        timeouts = lambda: d.metric("mskdns_discovery_api_errors_total", kind="timeout")
+        assert wait_for(lambda: timeouts() >= 1 and d.metric("mskdns_ec2_errors_total") >= 1, timeout=75), \
+            d.log_text()[-3000:]
+        status, body = d.http("/readyz")
+        assert status == 200 and "degraded" in body and "timeout" in body, body
+        assert addresses(ask(d, orders)) == ["10.1.0.10"] and addresses(ask(d, payments)) == [ip]
+        assert d.alive()
+
+        # The endpoints answer again: discovery and the EC2 refresh go on.
+        msk.front.stall = set()
+        ok = d.metric("mskdns_discovery_refreshes_total", result="ok")
+        assert wait_for(lambda: d.metric("mskdns_discovery_refreshes_total", result="ok") > ok, timeout=75)
+        assert wait_for(lambda: d.http("/readyz") == (200, "ready\n"), timeout=30), d.http("/readyz")
+
+        # A SIGTERM while both calls hang: the daemon ends at once.
+        msk.front.stall = {"kafka", "ec2"}
+        stalled = lambda s: sum(1 for c in list(msk.front.log) if c[1] == s and c[4] == "stalled")
+        seen = (stalled("kafka"), stalled("ec2"))
+        assert wait_for(lambda: stalled("kafka") > seen[0] and stalled("ec2") > seen[1], timeout=15)
+        started = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - started < 5
+        assert "still running at the end of the shutdown grace period" not in d.log_text()
+    finally:
+        msk.front.stop()

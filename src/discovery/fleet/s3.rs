@@ -2,13 +2,12 @@
 //! bounded in bytes, and a conditional PUT (If-Match / If-None-Match) so that two publishers
 //! never overwrite what the other wrote without reading it first.
 
-use std::time::Duration;
-
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 
 use crate::config::parse_s3_url;
 use crate::discovery::driver::{ApiError, api_error};
+use crate::discovery::{AWS_CALL_TIMEOUT, AWS_READ_TIMEOUT};
 
 /// An object's place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,23 +29,12 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// A connection that sends nothing for this long, or a call (retries included) that takes
-/// longer, fails: a stalled S3 never holds a reader's or publisher's loop.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The S3 client with the SDK's default chain (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials),
 /// path-style on request, bounded in time, and no request checksums beyond what S3 requires
 /// (the document is small and written whole; S3-compatible stores differ in what they accept).
 pub async fn client(path_style: bool) -> Client {
-    let base = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .read_timeout(READ_TIMEOUT)
-        .operation_timeout(CALL_TIMEOUT)
-        .build();
+    let base = crate::discovery::aws_config().await;
     let conf = aws_sdk_s3::config::Builder::from(&base)
-        .timeout_config(timeouts)
         .force_path_style(path_style)
         .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
@@ -93,11 +81,11 @@ pub async fn get(client: &Client, at: &Location, etag: Option<&str>, max: u64) -
     let mut body: ByteStream = out.body;
     let mut bytes = Vec::with_capacity(announced.min(max) as usize);
     // The SDK's timeouts end when the headers arrive: the body is bounded here, per read and whole.
-    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + AWS_CALL_TIMEOUT;
     let stalled =
         |what: &str| ApiError { operation: "GetObject", kind: "timeout", message: format!("the body {what}") };
     loop {
-        let next = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + READ_TIMEOUT), body.next());
+        let next = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + AWS_READ_TIMEOUT), body.next());
         let Some(chunk) = next.await.map_err(|_| stalled("stalled or took too long"))? else { break };
         let chunk = chunk.map_err(|e| ApiError { operation: "GetObject", kind: "response", message: e.to_string() })?;
         if (bytes.len() + chunk.len()) as u64 > max {

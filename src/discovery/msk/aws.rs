@@ -229,7 +229,7 @@ impl Clients {
 
     async fn base(&mut self) -> &aws_config::SdkConfig {
         if self.base.is_none() {
-            self.base = Some(aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await);
+            self.base = Some(crate::discovery::aws_config().await);
         }
         self.base.as_ref().expect("just set")
     }
