@@ -134,6 +134,14 @@ class Daemon:
     def alive(self):
         return self.proc.poll() is None
 
+    def assert_stops_at_once(self, within=5):
+        """SIGTERM ends it cleanly within `within` seconds, waiting for no task to its grace period's end
+        (a hung AWS call, say)."""
+        started = time.monotonic()
+        assert self.stop() == 0
+        assert time.monotonic() - started < within
+        assert "still running at the end of the shutdown grace period" not in self.log_text()
+
     def stop(self):
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
