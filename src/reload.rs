@@ -28,14 +28,21 @@ pub fn run(
 ) -> impl std::future::Future<Output = ()> {
     let hup = signal(SignalKind::hangup());
     async move {
-        let Ok(mut hup) = hup else {
-            tracing::error!("cannot install the SIGHUP handler: reload on file change only");
-            return;
-        };
+        let mut hup = hup
+            .inspect_err(
+                |e| tracing::error!(error = %e, "cannot install the SIGHUP handler: reload on file change only"),
+            )
+            .ok();
         let mut seen = stamps(&path, &running);
         loop {
+            let signalled = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let why = tokio::select! {
-                _ = hup.recv() => "SIGHUP",
+                _ = signalled => "SIGHUP",
                 _ = tokio::time::sleep(if poll.is_zero() { Duration::from_secs(3600) } else { poll }) => {
                     if poll.is_zero() || stamps(&path, &running) == seen {
                         continue;
