@@ -374,7 +374,6 @@ mod tests {
             (format!("{sni}connect_timeout_ms = 0\n"), "proxies[0].connect_timeout_ms"),
             ("[[proxies]]\nmode = \"sni\"\nlisten = []\n".to_string(), "proxies[0].listen"),
             (format!("{ports}advertise_host = \"p\"\n"), "advertise_host"),
-            (format!("{ports}port_assignment = \"node_id\"\nstate_file = \"/tmp/s\"\n"), "proxies[0].state_file"),
             (format!("{ports}allow_endpoints = [\"vpce-1\"]\n"), "proxies[0].allow_endpoints"),
             (format!("{sni}proxy_protocol_from = [\"10.0.0.0/16\"]\n"), "proxies[0].proxy_protocol_from"),
             (format!("{ports}proxy_protocol_from = [\"10.0.0.0/16\"]\n"), "proxies[0].proxy_protocol_from"),

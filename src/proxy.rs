@@ -10,7 +10,7 @@ pub mod proxy_protocol;
 pub mod sni;
 mod splice;
 
-pub use ports::{Proxy, hints, rewrite};
+pub use ports::{Proxy, hints, rewrite, topic_ids};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

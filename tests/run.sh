@@ -36,20 +36,4 @@ rm -rf "$scratch"
 
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 export MSKDNS_BIN="$target/debug/mskdns"
-python3 -m pytest -q -p no:cacheprovider tests/e2e --ignore=tests/e2e/test_switch.py "$@"
-# The cluster switch test runs its Kafka clients (librdkafka through confluent-kafka) inside the
-# pytest process, and librdkafka 2.16 crashes there on many switches: the topics keep their names
-# but have new topic ids on the other cluster, which its metadata cache mishandles (its issue
-# 4964; README, and issue 31 stays open for it). A crash ends pytest with SIGSEGV (139): that one
-# case is said and run again, up to five attempts; the test must once run through with every
-# assertion holding. Any other failure fails the run. 5: no test selected by "$@".
-for attempt in 1 2 3 4 5; do
-  rc=0
-  python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/e2e/test_switch.py "$@" || rc=$?
-  if [ "$rc" -eq 139 ] && [ "$attempt" -lt 5 ]; then
-    echo "tests/e2e/test_switch.py: the Kafka client library crashed (SIGSEGV, librdkafka issue 4964), attempt $attempt: running it again" >&2
-    continue
-  fi
-  [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"
-  break
-done
+python3 -m pytest -q -p no:cacheprovider tests/e2e "$@"

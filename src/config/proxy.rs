@@ -171,7 +171,8 @@ pub struct ProxyConfig {
     /// Where the broker listeners bind; default: `listen`'s address.
     #[serde(default)]
     pub broker_bind: Option<IpAddr>,
-    /// The node id → port map, kept across restarts so clients' cached metadata stays valid.
+    /// The node id → port map (`first_come`) and the topic ids clients were shown, kept across
+    /// restarts so clients' cached metadata stays valid.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
     /// A broker absent from metadata this long gives its port back.
@@ -390,12 +391,6 @@ pub(super) fn validate_proxies(blocks: &[ProxyBlock]) -> Result<(), ConfigError>
     for (n, &(i, p)) in proxies.iter().enumerate() {
         let key = |k: &str| format!("proxies[{i}].{k}");
         validate_proxy_protocol(&key, p.proxy_protocol, &p.allow_endpoints, &p.proxy_protocol_from)?;
-        if p.port_assignment == PortAssignment::NodeId && p.state_file.is_some() {
-            return Err(ConfigError::invalid(
-                key("state_file"),
-                "is for port_assignment = \"first_come\" (node_id needs none)",
-            ));
-        }
         match p.upstream.rsplit_once(':') {
             Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
             _ => return Err(ConfigError::invalid(key("upstream"), format!("`{}` is not host:port", p.upstream))),

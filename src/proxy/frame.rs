@@ -16,6 +16,18 @@ pub const DESCRIBE_CONFIGS: i16 = 32;
 pub const DESCRIBE_QUORUM: i16 = 55;
 pub const SHARE_FETCH: i16 = 78;
 pub const SHARE_ACKNOWLEDGE: i16 = 79;
+pub const OFFSET_COMMIT: i16 = 8;
+pub const OFFSET_FETCH: i16 = 9;
+pub const CREATE_TOPICS: i16 = 19;
+pub const DELETE_TOPICS: i16 = 20;
+pub const CONSUMER_GROUP_HEARTBEAT: i16 = 68;
+pub const CONSUMER_GROUP_DESCRIBE: i16 = 69;
+pub const DESCRIBE_TOPIC_PARTITIONS: i16 = 75;
+pub const SHARE_GROUP_HEARTBEAT: i16 = 76;
+pub const SHARE_GROUP_DESCRIBE: i16 = 77;
+pub const DESCRIBE_SHARE_GROUP_OFFSETS: i16 = 90;
+pub const ALTER_SHARE_GROUP_OFFSETS: i16 = 91;
+pub const DELETE_SHARE_GROUP_OFFSETS: i16 = 92;
 
 /// How many bytes of a request are read before it is forwarded: enough for the header and a
 /// Produce request's transactional id and acks (both strings are at most 32767 bytes).

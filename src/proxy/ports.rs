@@ -5,11 +5,13 @@
 //! request, and only responses that carry broker addresses are decoded and rewritten (see
 //! [`rewrite`], and [`hints`] for large ones).
 
+mod error;
 pub mod hints;
 mod registry;
 mod relay;
 pub mod rewrite;
 mod switch;
+pub mod topic_ids;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -25,13 +27,14 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::frame::{self, FrameError};
+use super::frame;
 use super::{ProxyError, bind_listener, proxy_protocol, stranger_at_accept};
 use crate::config::ProxyConfig;
 use crate::limits::ClientSlot;
 use crate::net::{Active, next_client};
 use crate::tls;
-use registry::{NodeEntry, load_state, sweep};
+use error::ConnError;
+use registry::{NodeEntry, keep_topic_ids, load_state, sweep};
 use relay::relay;
 use switch::Upstream;
 
@@ -51,6 +54,8 @@ struct Shared {
     port_map: arc_swap::ArcSwap<std::collections::HashMap<i32, u16>>,
     /// Held while ports are given out (on the blocking pool), one response's new nodes at a time.
     allocating: Mutex<()>,
+    /// Held while the state file is written.
+    saving: Mutex<()>,
     connections: Arc<Semaphore>,
     per_client: Arc<crate::limits::PerClient>,
     tasks: TaskTracker,
@@ -62,6 +67,8 @@ struct Shared {
     /// When the brokers were last asked for by the proxy itself (`port_assignment = "node_id"`):
     /// one Metadata request at a time, at most one a second.
     learned: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// The topic id clients were shown last for each name, whichever cluster it came from.
+    shown: Arc<topic_ids::Shown>,
     /// Lines about refused connections: clients inside `allow` could otherwise flood the log.
     log_budget: crate::limits::LogBudget,
 }
@@ -97,9 +104,15 @@ impl Proxy {
         let (terminator, connector) = tls_sides(cfg).map_err(|source| ProxyError::Tls { index, source })?;
         let bootstrap =
             bind_listener(cfg.listen).map_err(|source| ProxyError::Bind { index, addr: cfg.listen, source })?;
-        let nodes = cfg.state_file.as_ref().map(load_state).unwrap_or_default();
+        let state = cfg.state_file.as_ref().map(load_state).unwrap_or_default();
         let label = format!("proxies[{index}]");
-        let current = Upstream::new(&label, cfg.upstream.clone(), connector, &shutdown);
+        let shown = Arc::new(topic_ids::Shown::restored(state.topic_ids));
+        // Under node_id every port of broker_ports is bound below: the file keeps topic ids only.
+        let nodes = match cfg.port_assignment {
+            crate::config::PortAssignment::FirstCome => state.nodes,
+            crate::config::PortAssignment::NodeId => BTreeMap::new(),
+        };
+        let current = Upstream::new(&label, cfg.upstream.clone(), connector, &shutdown, shown.clone());
         let shared = Arc::new(Shared {
             label,
             advertise: StrBytes::from_string(cfg.advertise_host.clone()),
@@ -108,6 +121,7 @@ impl Proxy {
             nodes: Mutex::new(BTreeMap::new()),
             port_map: Default::default(),
             allocating: Mutex::new(()),
+            saving: Mutex::new(()),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             per_client: Arc::default(),
             tasks,
@@ -115,6 +129,7 @@ impl Proxy {
             terminator,
             current: arc_swap::ArcSwap::from_pointee(current),
             learned: tokio::sync::Mutex::new(None),
+            shown,
             log_budget: Default::default(),
         });
         if cfg.port_assignment == crate::config::PortAssignment::NodeId {
@@ -157,6 +172,9 @@ impl Proxy {
         shared.tasks.spawn(switch::follow(shared.clone(), self.index, config, health));
         if shared.terminator.is_some() {
             shared.tasks.spawn(watch_certificate(shared.clone()));
+        }
+        if shared.cfg.state_file.is_some() {
+            shared.tasks.spawn(keep_topic_ids(shared.clone()));
         }
         if shared.cfg.port_assignment == crate::config::PortAssignment::NodeId {
             // Every broker known before the first client asks, whichever instance it reached.
@@ -364,76 +382,6 @@ async fn behind_proxy_protocol(
         }
     }
     slot
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ConnError {
-    #[error("connecting to {0}: {1}")]
-    Connect(String, String),
-    #[error("client: {0}")]
-    ClientFrame(FrameError),
-    #[error("upstream: {0}")]
-    UpstreamFrame(FrameError),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("response with correlation id {got} where {want} was expected")]
-    Correlation { got: i32, want: i32 },
-    #[error("a response arrived with no request waiting for it")]
-    Unexpected,
-    #[error("{0}")]
-    Rewrite(#[from] rewrite::RewriteError),
-    #[error("idle for {0:?}")]
-    Idle(Duration),
-    #[error("{0} v{1} is not offered through the proxy (its answer would carry broker addresses it cannot rewrite)")]
-    Refused(String, i16),
-    #[error("no request within {0:?} of connecting (first_request_timeout_ms)")]
-    FirstRequest(Duration),
-    #[error("TLS handshake with the client: {0}")]
-    ClientTls(String),
-    #[error("a plaintext Kafka request on a TLS listener: the client needs security.protocol SSL or SASL_SSL")]
-    PlaintextOnTls,
-    #[error("TLS handshake with {0}: {1}")]
-    UpstreamTls(String, String),
-}
-
-impl ConnError {
-    /// Logged inside the connection's span (proxy, peer, upstream, listener).
-    fn log(&self, proxy: &str) {
-        match self {
-            ConnError::ClientFrame(FrameError::TlsOnPlaintext) => {
-                metrics::counter!("mskdns_proxy_tls_on_plaintext_total", "proxy" => proxy.to_owned()).increment(1);
-                tracing::warn!("{self}");
-            }
-            ConnError::Io(e)
-                if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) =>
-            {
-                tracing::debug!("connection closed: {e}")
-            }
-            ConnError::Idle(_) | ConnError::FirstRequest(_) => tracing::debug!("{self}"),
-            ConnError::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                tracing::debug!("connection closed: {e}")
-            }
-            // A TLS error after the handshake: in TLS 1.3 a server that wants a client
-            // certificate says so only then (an alert: CertificateRequired).
-            ConnError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()) => {
-                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "either", "kind" => "session")
-                    .increment(1);
-                tracing::warn!("connection closed: TLS: {e}");
-            }
-            ConnError::ClientTls(_) | ConnError::PlaintextOnTls => {
-                let kind = if matches!(self, ConnError::PlaintextOnTls) { "plaintext" } else { "handshake" };
-                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "client", "kind" => kind)
-                    .increment(1);
-                tracing::warn!("{self}");
-            }
-            ConnError::UpstreamTls(..) => {
-                metrics::counter!("mskdns_proxy_tls_errors_total", "proxy" => proxy.to_owned(), "side" => "upstream", "kind" => "handshake")
-                    .increment(1);
-                tracing::warn!("connection closed: {self}");
-            }
-            _ => tracing::warn!("connection closed: {self}"),
-        }
-    }
 }
 
 /// Connects to `upstream`, a broker of cluster `to`, with TLS when its `upstream_tls` is set

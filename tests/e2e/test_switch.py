@@ -6,6 +6,7 @@ the brokers see: every confirmed message is in A (before) or B (after), in one o
 delivery failed and no non-retriable error reached the application; the consumer goes on reading on
 B; A takes no more writes once its connections are gone; a client that connects right after the
 reload lands on B."""
+import json
 import signal
 import threading
 import time
@@ -211,6 +212,17 @@ def switch(d, text):
     d.proc.send_signal(signal.SIGHUP)
 
 
+def topic_id(boot, topic):
+    """The topic's id as a client of `boot` is told it (librdkafka asks with Metadata v10+)."""
+    from confluent_kafka import TopicCollection
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": boot})
+    got = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=10).topic_id
+    bits = ((got.get_most_significant_bits() % 2**64) << 64) | (got.get_least_significant_bits() % 2**64)
+    return str(uuid.UUID(int=bits))
+
+
 def upstream_connections(d, cluster):
     return d.metric("mskdns_proxy_upstream_connections", upstream=cluster.boot)
 
@@ -239,6 +251,9 @@ def test_clients_move_between_clusters_without_a_restart(daemon, tmp_path):
         assert wait_for(lambda: len(clients.confirmed) > 100 and len(clients.read) > 50, timeout=30), (
             len(clients.confirmed), len(clients.read), clients.errors, d.log_text()[-2000:])
         assert wait_for(lambda: upstream_connections(d, a) >= 3, timeout=10)
+        # The topic has another id on B (each cluster created its own), and clients see A's.
+        seen_id = topic_id(boot, topic)
+        assert seen_id == topic_id(a.boot, topic) != topic_id(b.boot, topic)
 
         # Switch to B.
         switched = time.time()
@@ -247,6 +262,10 @@ def test_clients_move_between_clusters_without_a_restart(daemon, tmp_path):
         # A client connecting right after the reload lands on B.
         late = AdminClient({"bootstrap.servers": boot})
         assert late.list_topics(timeout=10).cluster_id == "cluster-b"
+        # The topic keeps the id clients first saw (librdkafka can crash on a known topic whose
+        # id changed: its issue 4964), and it is B's copy they reach.
+        assert topic_id(boot, topic) == seen_id
+        assert "a topic has another id on this cluster" in d.log_text()
         # Within 60 s every client connection is on B; A's count (by upstream) reaches 0.
         assert wait_for(lambda: upstream_connections(d, a) == 0 and upstream_connections(d, b) >= 3, timeout=60), (
             upstream_connections(d, a), upstream_connections(d, b))
@@ -272,6 +291,7 @@ def test_clients_move_between_clusters_without_a_restart(daemon, tmp_path):
         assert wait_for(lambda: upstream_connections(d, b) == 0 and upstream_connections(d, a) >= 3, timeout=60), (
             upstream_connections(d, a), upstream_connections(d, b))
         assert wait_for(lambda: d.log_text().count("switch drained") == 2, timeout=15)
+        assert topic_id(boot, topic) == seen_id
         count_back = len(clients.confirmed)
         # Everything confirmed from now on was written to A; the consumer reads it there.
         assert wait_for(lambda: len(set(clients.confirmed[count_back:]) & set(clients.read)) > 100, timeout=60), (
@@ -304,5 +324,42 @@ def test_clients_move_between_clusters_without_a_restart(daemon, tmp_path):
     finally:
         for m in locals().get("mirrors", []):
             m.stop.set()
+        a.stop()
+        b.stop()
+
+
+def test_topic_ids_clients_saw_are_kept_in_the_state_file_across_a_restart(daemon, tmp_path):
+    """After a switch the proxy shows the first cluster's topic ids; a restart on the new cluster
+    must not show the new cluster's own (librdkafka clients reconnecting would meet a changed id)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    a, b = NamedTansu(tmp_path, "a"), NamedTansu(tmp_path, "b")
+    try:
+        topic = f"ids-{uuid.uuid4().hex[:6]}"
+        for cluster in (a, b):
+            admin = AdminClient({"bootstrap.servers": cluster.boot})
+            admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=30)
+        id_a, id_b = topic_id(a.boot, topic), topic_id(b.boot, topic)
+        assert id_a != id_b
+        state = tmp_path / "proxy-state.json"
+        first, last = port_range()
+        keep = f'state_file = "{state}"\n'
+        d = daemon(config(a, first, last) + keep)
+        boot = "%s:%d" % d.proxies[0]
+        assert topic_id(boot, topic) == id_a
+        switch(d, config(b, first, last) + keep)
+        assert wait_for(lambda: "switching clusters" in d.log_text(), timeout=10)
+        assert topic_id(boot, topic) == id_a
+        assert wait_for(lambda: topic in state.read_text() if state.exists() else False, timeout=10)
+        assert d.stop() == 0
+        kept = json.loads(state.read_text())["topic_ids"]
+        assert kept[topic] == id_a
+
+        again = daemon(config(b, first, last) + keep)
+        assert topic_id("%s:%d" % again.proxies[0], topic) == id_a
+        # Without the file the new cluster's own id shows: the file is what kept it.
+        fresh = daemon(config(b, first, last).replace(f"{first}-{last}", "%d-%d" % port_range()))
+        assert topic_id("%s:%d" % fresh.proxies[0], topic) == id_b
+    finally:
         a.stop()
         b.stop()

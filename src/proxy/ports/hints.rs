@@ -15,6 +15,10 @@
 //! longer (an `advertise_host` longer than the brokers' names), hints are left out from the end
 //! until it fits, and the client falls back to a metadata refresh for those leaders, as it does
 //! without KIP-951. No crate does this: kafka-protocol decodes whole messages only.
+//!
+//! The same walk translates a Fetch response's topic ids (v13+, in place: an id is 16 bytes
+//! either way) once the proxy has switched to a cluster whose ids differ (topic_ids.rs); every
+//! Fetch response of such a connection comes here then, whatever its size.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, fetch_response, produce_response};
@@ -23,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::ConnError;
 use super::rewrite::{self, Ports, RewriteError, Rewritten};
+use super::topic_ids::Ids;
 use crate::proxy::frame::{FETCH, PRODUCE, copy_exact};
 
 /// Responses up to this many bytes are decoded and rewritten whole.
@@ -30,21 +35,25 @@ pub const WHOLE_MAX: usize = 1 << 20;
 /// The most bytes of top-level tagged fields held for one streamed response.
 pub const TAIL_MAX: usize = 1 << 20;
 
-/// Whether a response to this request is streamed here rather than rewritten whole.
-pub fn streamed(api_key: i16, version: i16, size: usize) -> bool {
+/// Whether a response to this request is streamed here rather than rewritten whole: `ids` are
+/// those of the connection's cluster.
+pub fn streamed(api_key: i16, version: i16, size: usize, ids: &dyn Ids) -> bool {
+    if api_key == FETCH && version >= 13 && ids.mapped() {
+        return true;
+    }
     size > WHOLE_MAX && ((api_key == FETCH && version >= 16) || (api_key == PRODUCE && version >= 10))
 }
 
 /// Forwards one response of `size` bytes (after its size prefix, whose first four bytes, the
 /// correlation id, were read already into `corr`) from `r` to `w` up to its top-level tagged
-/// fields, and returns those: the caller rewrites them ([`rewrite_tail`]) and sends them.
+/// fields, and returns those: the caller rewrites them ([`rewrite_tail`]) and sends them. A
+/// Fetch response's topic ids are translated by `ids` on the way.
 pub(super) async fn forward_head<R, W>(
-    api_key: i16,
-    version: i16,
+    (api_key, version): (i16, i16),
     r: &mut BufReader<R>,
     w: &mut W,
-    size: usize,
-    corr: [u8; 4],
+    (size, corr): (usize, [u8; 4]),
+    ids: &dyn Ids,
 ) -> Result<Vec<u8>, ConnError>
 where
     R: AsyncRead + Unpin,
@@ -53,7 +62,7 @@ where
     let api = ApiKey::try_from(api_key).map_err(|_| RewriteError::UnknownApi(api_key))?;
     w.write_all(&(size as u32).to_be_bytes()).await?;
     w.write_all(&corr).await?;
-    let mut walk = Walk { r, w, left: size.saturating_sub(4), api, version };
+    let mut walk = Walk { r, w, left: size.saturating_sub(4), api, version, ids };
     walk.tags().await?; // the response header's
     if api_key == FETCH {
         walk.fetch().await?;
@@ -78,6 +87,7 @@ pub fn forward_in_memory(
     message: &[u8],
     advertise: &StrBytes,
     ports: &(dyn Ports + Sync),
+    ids: &dyn Ids,
 ) -> Result<Vec<u8>, String> {
     use std::task::{Context, Poll, Waker};
     let Some((corr, body)) = message.split_first_chunk::<4>() else {
@@ -86,7 +96,7 @@ pub fn forward_in_memory(
     let mut r = BufReader::new(body);
     let mut out = Vec::new();
     let polled = {
-        let fut = forward_head(api_key, version, &mut r, &mut out, message.len(), *corr);
+        let fut = forward_head((api_key, version), &mut r, &mut out, (message.len(), *corr), ids);
         std::pin::pin!(fut).as_mut().poll(&mut Context::from_waker(Waker::noop()))
     };
     match polled {
@@ -111,6 +121,7 @@ struct Walk<'a, R, W> {
     left: usize,
     api: ApiKey,
     version: i16,
+    ids: &'a dyn Ids,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Walk<'_, R, W> {
@@ -161,11 +172,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Walk<'_, R, W> {
         Ok(())
     }
 
-    /// Fetch v16+, up to the top-level tagged fields.
+    /// A topic id, translated for the client.
+    async fn topic_id(&mut self) -> Result<(), ConnError> {
+        self.claim(16)?;
+        let mut id = [0u8; 16];
+        self.r.read_exact(&mut id).await?;
+        let mut id = uuid::Uuid::from_bytes(id);
+        self.ids.to_client(None, &mut id);
+        self.w.write_all(id.as_bytes()).await?;
+        Ok(())
+    }
+
+    /// Fetch v13+, up to the top-level tagged fields.
     async fn fetch(&mut self) -> Result<(), ConnError> {
         self.pass(4 + 2 + 4).await?; // throttle_time_ms, error_code, session_id
         for _ in 0..self.compact().await? {
-            self.pass(16).await?; // topic_id
+            self.topic_id().await?;
             for _ in 0..self.compact().await? {
                 // partition_index, error_code, high_watermark, last_stable_offset, log_start_offset
                 self.pass(4 + 2 + 8 + 8 + 8).await?;
@@ -392,6 +414,7 @@ fn put_uvarint(out: &mut BytesMut, mut v: u32) {
 #[cfg(test)]
 mod tests {
     use super::super::rewrite::tests::{TestPorts, adv, decoded, message, ports};
+    use super::super::topic_ids::{Plain, Shown, TopicIds};
     use super::*;
     use kafka_protocol::messages::fetch_response::{
         AbortedTransaction, FetchableTopicResponse, LeaderIdAndEpoch, PartitionData,
@@ -460,7 +483,7 @@ mod tests {
         advertise: &StrBytes,
         ports: &dyn Ports,
     ) -> Result<Rewritten, ConnError> {
-        let tail = forward_head(api_key, version, r, w, size, corr).await?;
+        let tail = forward_head((api_key, version), r, w, (size, corr), &Plain).await?;
         let (out, done) = rewrite_tail(api_key, version, &tail, advertise, ports)?;
         w.write_all(out.as_deref().unwrap_or(&tail)).await?;
         Ok(done)
@@ -573,6 +596,39 @@ mod tests {
         }
     }
 
+    /// After a switch to a cluster whose ids differ, a Fetch response of any v13+ size is walked:
+    /// its topic ids become those clients saw, its records and hints are what they were.
+    #[test]
+    fn fetch_topic_ids_are_translated_in_place_records_untouched() {
+        let shown = std::sync::Arc::new(Shown::default());
+        let mut seen = uuid::Uuid::from_u128(1);
+        TopicIds::new("p", shown.clone()).to_client(Some("orders"), &mut seen);
+        let b = TopicIds::new("p", shown);
+        let theirs = uuid::Uuid::from_u128(2);
+        let mut first = theirs;
+        b.to_client(Some("orders"), &mut first);
+        assert_eq!(first, uuid::Uuid::from_u128(1));
+        let other = uuid::Uuid::from_u128(3);
+        for v in 13..=18 {
+            let mut m = fetch(if v >= 16 { &[MSK] } else { &[] }, 2000);
+            m.responses[0].topic_id = theirs;
+            let mut second = m.responses[0].clone();
+            second.topic_id = other;
+            m.responses.push(second);
+            let msg = message(ApiKey::Fetch, v, &m);
+            assert!(streamed(FETCH, v, msg.len(), &b) && !streamed(FETCH, v, msg.len(), &Plain));
+            let out = forward_in_memory(FETCH, v, &msg, &adv(), &ports(10), &b).unwrap();
+            assert_eq!(out.len(), msg.len() + 4);
+            let back: FetchResponse = decoded(ApiKey::Fetch, v, BytesMut::from(&out[..]));
+            assert_eq!(back.responses[0].topic_id, uuid::Uuid::from_u128(1), "v{v}");
+            assert_eq!(back.responses[1].topic_id, other, "an id B alone has passes as it is");
+            assert_eq!(back.responses[0].partitions, m.responses[0].partitions);
+            if v >= 16 {
+                assert_eq!(back.node_endpoints[0].host, adv());
+            }
+        }
+    }
+
     #[test]
     fn every_shorter_result_but_one_byte_is_padded_exactly() {
         let data = [1u8, 2, 3];
@@ -595,6 +651,7 @@ mod tests {
 #[cfg(test)]
 mod seeds {
     use super::super::rewrite::tests::{adv, decoded, ports};
+    use super::super::topic_ids::Plain;
     use super::*;
     use kafka_protocol::messages::{FetchResponse, ProduceResponse, ResponseHeader};
 
@@ -631,7 +688,7 @@ mod seeds {
             };
             assert!(b.is_empty() && again[..] == *message, "{path:?} is not canonical");
             assert_eq!(hosts.len(), 2);
-            let out = forward_in_memory(api as i16, version, message, &adv(), &ports(10)).unwrap();
+            let out = forward_in_memory(api as i16, version, message, &adv(), &ports(10), &Plain).unwrap();
             let out = BytesMut::from(&out[..]);
             let hosts: Vec<String> = if api == ApiKey::Fetch {
                 decoded::<FetchResponse>(api, version, out).node_endpoints.iter().map(|e| e.host.to_string()).collect()

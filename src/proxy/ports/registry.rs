@@ -1,6 +1,7 @@
 //! The node id → port registry of one proxy: a broker listener per node, from `broker_ports`
 //! first come (kept in the state file across restarts) or by node id (the same on every
-//! instance), freed after the grace period.
+//! instance), freed after the grace period. The state file also keeps the topic ids clients were
+//! shown (topic_ids.rs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -28,31 +29,35 @@ pub(super) struct NodeEntry {
     stop: Option<CancellationToken>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct StateFile {
+#[derive(Serialize, Deserialize, Default)]
+pub(super) struct StateFile {
     version: u32,
-    nodes: BTreeMap<i32, NodeEntry>,
+    pub(super) nodes: BTreeMap<i32, NodeEntry>,
+    /// Topic name → the id clients were shown last, in hex with hyphens (absent in files of
+    /// older versions; one that does not parse is left out).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) topic_ids: BTreeMap<String, String>,
 }
 
-pub(super) fn load_state(path: &PathBuf) -> BTreeMap<i32, NodeEntry> {
+pub(super) fn load_state(path: &PathBuf) -> StateFile {
     match std::fs::read(path) {
         Ok(text) => match serde_json::from_slice::<StateFile>(&text) {
-            Ok(s) if s.version == 1 => s.nodes,
+            Ok(s) if s.version == 1 => s,
             Ok(s) => {
                 tracing::error!(file = %path.display(), version = s.version, "proxy state file of another version: ignored");
-                BTreeMap::new()
+                StateFile::default()
             }
             Err(e) => {
                 metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
                 tracing::error!(file = %path.display(), error = %e, "proxy state file unreadable: ignored");
-                BTreeMap::new()
+                StateFile::default()
             }
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
         Err(e) => {
             metrics::counter!("mskdns_proxy_state_errors_total").increment(1);
             tracing::error!(file = %path.display(), error = %e, "proxy state file unreadable: ignored");
-            BTreeMap::new()
+            StateFile::default()
         }
     }
 }
@@ -85,10 +90,16 @@ impl Shared {
         metrics::gauge!("mskdns_proxy_broker_ports", "proxy" => self.label.clone()).set(n as f64);
     }
 
+    /// Writes the state file (one writer at a time: they share its temporary file).
     pub(super) fn save_state(&self) {
         let Some(path) = &self.cfg.state_file else { return };
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let text = match serde_json::to_vec_pretty(&StateFile { version: 1, nodes }) {
+        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let nodes = match self.cfg.port_assignment {
+            PortAssignment::FirstCome => self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            PortAssignment::NodeId => BTreeMap::new(),
+        };
+        let topic_ids = self.shown.snapshot().into_iter().map(|(name, id)| (name, id.to_string())).collect();
+        let text = match serde_json::to_vec_pretty(&StateFile { version: 1, nodes, topic_ids }) {
             Ok(t) => t,
             Err(e) => return tracing::error!(error = %e, "cannot encode the proxy state"),
         };
@@ -350,6 +361,30 @@ pub(super) async fn sweep(shared: Arc<Shared>) {
         if !gone.is_empty() {
             shared.ports_changed();
             shared.save_state();
+        }
+    }
+}
+
+/// Writes the topic ids clients were shown to the state file when they change: at most once a
+/// second (a fleet's first Metadata requests name many topics), and once more at shutdown.
+pub(super) async fn keep_topic_ids(shared: Arc<Shared>) {
+    loop {
+        let stop = tokio::select! {
+            _ = shared.shown.wake.notified() => false,
+            _ = shared.shutdown.cancelled() => true,
+        };
+        if !stop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shared.shutdown.cancelled() => {}
+            }
+        }
+        if shared.shown.take_changed() {
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.save_state()).await;
+        }
+        if shared.shutdown.is_cancelled() {
+            return;
         }
     }
 }

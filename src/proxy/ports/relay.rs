@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::sync::mpsc;
 
 use super::switch::{Left, Upstream};
+use super::topic_ids::{self, Ids};
 use super::{ConnError, Shared, hints, rewrite};
 use crate::proxy::frame::{self, FrameError, RequestHeader, copy_exact};
 
@@ -94,7 +95,7 @@ where
     let leave = to.leave(&shared.shutdown);
     let hard_stop = to.hard_stop(&shared.shutdown, Duration::from_secs(shared.cfg.shutdown_grace_secs));
     tokio::pin!(leave);
-    let requests = requests(shared, leave.as_mut(), client_in, server_out, tx, state.clone());
+    let requests = requests(shared, to, leave.as_mut(), client_in, server_out, tx, state.clone());
     let responses = responses(shared, to, server_in, client_out, rx, state.clone());
     let watchdog = idle_watch(&state, Duration::from_secs(shared.cfg.idle_timeout_secs));
     tokio::pin!(requests, responses, watchdog, hard_stop);
@@ -202,6 +203,7 @@ async fn flush_unless_more<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 /// forwarded; bodies past the first [`frame::REQUEST_PREFIX`] bytes are streamed, not held.
 async fn requests<R, W, L>(
     shared: &Shared,
+    to: &Upstream,
     mut leave: std::pin::Pin<&mut L>,
     client: &mut BufReader<R>,
     mut server: W,
@@ -268,12 +270,51 @@ where
             }
             q.push_back(h.correlation_id);
         }
-        server.write_all(&size).await?;
-        server.write_all(&prefix[..head]).await?;
-        copy_exact(client, &mut server, (n - head) as u64).await?;
+        forward(client, &mut server, (size, &prefix[..head], n), h, to).await?;
         flush_unless_more(client, &mut server).await?;
         bytes.increment(4 + n as u64);
     }
+}
+
+/// Forwards a request whose size prefix and first bytes (`prefix` of `n`) were read: as it is,
+/// or with its topic ids translated for the cluster.
+async fn forward<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    client: &mut BufReader<R>,
+    server: &mut W,
+    (size, prefix, n): ([u8; 4], &[u8], usize),
+    h: RequestHeader,
+    to: &Upstream,
+) -> Result<(), ConnError> {
+    if to.ids.mapped() && topic_ids::in_request(h.api_key, h.api_version) {
+        let request = translated(client, prefix, n, h, &to.ids).await?;
+        server.write_all(&request).await?;
+    } else {
+        server.write_all(&size).await?;
+        server.write_all(prefix).await?;
+        copy_exact(client, server, (n - prefix.len()) as u64).await?;
+    }
+    Ok(())
+}
+
+/// A request that names topic ids, read whole (its first `prefix` bytes already read), with the
+/// ids clients were shown translated to the cluster's (topic_ids.rs).
+async fn translated<R: AsyncRead + Unpin>(
+    client: &mut BufReader<R>,
+    prefix: &[u8],
+    n: usize,
+    h: RequestHeader,
+    ids: &topic_ids::TopicIds,
+) -> Result<BytesMut, ConnError> {
+    let name = || api_name(h.api_key);
+    if n > topic_ids::MAX_REQUEST {
+        return Err(ConnError::Translate(name(), h.api_version, format!("{n} bytes, over {}", topic_ids::MAX_REQUEST)));
+    }
+    let mut message = BytesMut::with_capacity(n);
+    message.extend_from_slice(prefix);
+    message.resize(n, 0);
+    client.read_exact(&mut message[prefix.len()..]).await?;
+    topic_ids::request(h.api_key, h.api_version, message.freeze(), ids)
+        .map_err(|e| ConnError::Translate(name(), h.api_version, e))
 }
 
 /// Upstream → client: each response is matched with the oldest request waiting; those that
@@ -315,15 +356,15 @@ where
         if got != want.correlation_id {
             return Err(ConnError::Correlation { got, want: want.correlation_id });
         }
-        if hints::streamed(want.api_key, want.api_version, n) {
+        if hints::streamed(want.api_key, want.api_version, n, &to.ids) {
             let (api, version) = (want.api_key, want.api_version);
-            let tail = hints::forward_head(api, version, &mut server, client, n, corr).await?;
+            let tail = hints::forward_head((api, version), &mut server, client, (n, corr), &to.ids).await?;
             let (out, done) =
                 over_registry(shared, to, |ports| hints::rewrite_tail(api, version, &tail, &shared.advertise, ports))
                     .await?;
             client.write_all(out.as_deref().unwrap_or(&tail)).await?;
             count_rewrite(shared, api, &done);
-        } else if rewrite::needs_rewrite(want.api_key, want.api_version) {
+        } else if decoded_whole(want, to) {
             let mut message = BytesMut::with_capacity(n);
             message.extend_from_slice(&corr);
             message.resize(n, 0);
@@ -331,7 +372,7 @@ where
             let message: Bytes = message.freeze();
             let (api, version) = (want.api_key, want.api_version);
             let (out, done) = over_registry(shared, to, |ports| {
-                rewrite::rewrite(api, version, message.clone(), &shared.advertise, ports)
+                rewrite::rewrite(api, version, message.clone(), &shared.advertise, ports, &to.ids)
             })
             .await?;
             count_rewrite(shared, want.api_key, &done);
@@ -356,6 +397,13 @@ where
         }
         state.pending.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Whether the response to `want` is read whole and decoded: it carries broker addresses, or
+/// topic ids to translate.
+fn decoded_whole(want: RequestHeader, to: &Upstream) -> bool {
+    rewrite::needs_rewrite(want.api_key, want.api_version)
+        || (to.ids.mapped() && topic_ids::in_response(want.api_key, want.api_version))
 }
 
 /// Rewrites a response over the registry's port map. The registry learns from the brokers it

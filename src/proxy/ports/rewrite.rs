@@ -1,17 +1,23 @@
 //! The responses that carry broker addresses, decoded and re-encoded with kafka-protocol so that
-//! every address a client sees is `advertise_host` and a port of ours; ApiVersions narrowed to
-//! the versions we can decode. Everything else is never decoded.
+//! every address a client sees is `advertise_host` and a port of ours, and their topic ids as
+//! clients first saw them (topic_ids.rs); ApiVersions narrowed to the versions we can decode, and
+//! to versions without topic ids for the APIs whose ids the proxy does not translate. Everything
+//! else is never decoded.
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, DescribeConfigsResponse, FetchResponse,
+    ApiKey, ApiVersionsResponse, BrokerId, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatResponse,
+    DescribeClusterResponse, DescribeConfigsResponse, DescribeTopicPartitionsResponse, FetchResponse,
     FindCoordinatorResponse, MetadataResponse, ProduceResponse, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
 
+use super::topic_ids::Ids;
 use crate::proxy::frame::{
-    API_VERSIONS, DESCRIBE_CLUSTER, DESCRIBE_CONFIGS, DESCRIBE_QUORUM, FETCH, FIND_COORDINATOR, METADATA, PRODUCE,
-    SHARE_ACKNOWLEDGE, SHARE_FETCH,
+    ALTER_SHARE_GROUP_OFFSETS, API_VERSIONS, CONSUMER_GROUP_DESCRIBE, CONSUMER_GROUP_HEARTBEAT, CREATE_TOPICS,
+    DELETE_SHARE_GROUP_OFFSETS, DELETE_TOPICS, DESCRIBE_CLUSTER, DESCRIBE_CONFIGS, DESCRIBE_QUORUM,
+    DESCRIBE_SHARE_GROUP_OFFSETS, DESCRIBE_TOPIC_PARTITIONS, FETCH, FIND_COORDINATOR, METADATA, OFFSET_COMMIT,
+    OFFSET_FETCH, PRODUCE, SHARE_ACKNOWLEDGE, SHARE_FETCH, SHARE_GROUP_DESCRIBE, SHARE_GROUP_HEARTBEAT,
 };
 
 /// The port map a response is rewritten over: a snapshot of the registry's, read and never
@@ -38,6 +44,8 @@ pub fn upstream_addr(host: &str, port: i32) -> String {
 pub fn needs_rewrite(api_key: i16, version: i16) -> bool {
     match api_key {
         METADATA | FIND_COORDINATOR | DESCRIBE_CLUSTER | API_VERSIONS | DESCRIBE_CONFIGS => true,
+        // Names and topic ids: what topic_ids.rs learns from.
+        DESCRIBE_TOPIC_PARTITIONS => true,
         // KIP-951: NodeEndpoints (leader hints) from Produce v10 and Fetch v16.
         PRODUCE => version >= 10,
         FETCH => version >= 16,
@@ -54,13 +62,35 @@ pub fn supported(api_key: i16) -> Option<(i16, i16)> {
         PRODUCE => ProduceResponse::VERSIONS,
         FETCH => FetchResponse::VERSIONS,
         DESCRIBE_CONFIGS => DescribeConfigsResponse::VERSIONS,
+        DESCRIBE_TOPIC_PARTITIONS => DescribeTopicPartitionsResponse::VERSIONS,
         // Listener endpoints from v2 on, which the proxy does not rewrite.
         DESCRIBE_QUORUM => return Some((0, 1)),
-        // Share groups (KIP-932) name node endpoints in their responses: not offered.
-        SHARE_FETCH | SHARE_ACKNOWLEDGE => return Some((1, 0)),
+        // Share groups (KIP-932) name node endpoints in their responses, and their assignments
+        // and offsets name topic ids the proxy does not translate: not offered.
+        SHARE_FETCH
+        | SHARE_ACKNOWLEDGE
+        | SHARE_GROUP_HEARTBEAT
+        | SHARE_GROUP_DESCRIBE
+        | DESCRIBE_SHARE_GROUP_OFFSETS
+        | ALTER_SHARE_GROUP_OFFSETS
+        | DELETE_SHARE_GROUP_OFFSETS => return Some((1, 0)),
         _ => return None,
     };
     Some((r.min, r.max))
+}
+
+/// The newest version without topic ids of the APIs whose ids the proxy does not translate
+/// (topic_ids.rs): a client of a cluster it switched to would name ids that cluster never had.
+/// Nothing else changes in those versions: Produce v13, CreateTopics v7 (the new topic's id in
+/// the answer), DeleteTopics v6 (topics by id), OffsetCommit and OffsetFetch v10.
+fn without_ids(api_key: i16) -> Option<i16> {
+    match api_key {
+        PRODUCE => Some(12),
+        CREATE_TOPICS => Some(6),
+        DELETE_TOPICS => Some(5),
+        OFFSET_COMMIT | OFFSET_FETCH => Some(9),
+        _ => None,
+    }
 }
 
 /// Requests the proxy refuses (the connection is closed): versions ApiVersions did not offer
@@ -135,13 +165,15 @@ pub(super) fn swap(
     }
 }
 
-/// Rewrites one response `message` (after the size prefix). `Ok(None)`: forward it unchanged.
+/// Rewrites one response `message` (after the size prefix), its topic ids translated by `ids`.
+/// `Ok(None)`: forward it unchanged.
 pub fn rewrite(
     api_key: i16,
     version: i16,
     message: Bytes,
     advertise: &StrBytes,
     ports: &dyn Ports,
+    ids: &dyn Ids,
 ) -> Result<(Option<BytesMut>, Rewritten), RewriteError> {
     let api = ApiKey::try_from(api_key).map_err(|_| RewriteError::UnknownApi(api_key))?;
     let header_version = api.response_header_version(version);
@@ -164,7 +196,11 @@ pub fn rewrite(
         METADATA => {
             let mut m = decode!(MetadataResponse);
             m.brokers.retain_mut(|b| swap(b.node_id.0, &mut b.host, &mut b.port, &mut done));
+            m.topics.iter_mut().for_each(|t| ids.to_client(t.name.as_deref().map(|n| n.as_str()), &mut t.topic_id));
             Box::new(move |out| encode_checked(&m, out, version))
+        }
+        DESCRIBE_TOPIC_PARTITIONS | CONSUMER_GROUP_HEARTBEAT | CONSUMER_GROUP_DESCRIBE => {
+            translate_ids(api, version, &mut buf, ids)?
         }
         DESCRIBE_CLUSTER => {
             let mut m = decode!(DescribeClusterResponse);
@@ -209,6 +245,37 @@ pub fn rewrite(
     };
     let out = framed(&header, header_version, body).map_err(|error| RewriteError::Encode { api, version, error })?;
     Ok((Some(out), done))
+}
+
+/// The responses whose topic ids alone are rewritten (topic_ids.rs).
+fn translate_ids(api: ApiKey, version: i16, buf: &mut Bytes, ids: &dyn Ids) -> Result<EncodeBody, RewriteError> {
+    fn decode<T: Decodable + Message>(api: ApiKey, version: i16, buf: &mut Bytes) -> Result<T, RewriteError> {
+        if !(T::VERSIONS.min..=T::VERSIONS.max).contains(&version) {
+            return Err(RewriteError::Version { api, version });
+        }
+        T::decode(buf, version).map_err(|e| RewriteError::Decode { api, version, error: e.to_string() })
+    }
+    Ok(match api {
+        ApiKey::DescribeTopicPartitions => {
+            let mut m: DescribeTopicPartitionsResponse = decode(api, version, buf)?;
+            m.topics.iter_mut().for_each(|t| ids.to_client(t.name.as_deref().map(|n| n.as_str()), &mut t.topic_id));
+            Box::new(move |out| encode_checked(&m, out, version))
+        }
+        ApiKey::ConsumerGroupHeartbeat => {
+            let mut m: ConsumerGroupHeartbeatResponse = decode(api, version, buf)?;
+            let assigned = m.assignment.iter_mut().flat_map(|a| a.topic_partitions.iter_mut());
+            assigned.for_each(|t| ids.to_client(None, &mut t.topic_id));
+            Box::new(move |out| encode_checked(&m, out, version))
+        }
+        ApiKey::ConsumerGroupDescribe => {
+            let mut m: ConsumerGroupDescribeResponse = decode(api, version, buf)?;
+            let members = m.groups.iter_mut().flat_map(|g| g.members.iter_mut());
+            let assigned = members.flat_map(|m| [&mut m.assignment, &mut m.target_assignment]);
+            assigned.flat_map(|a| a.topic_partitions.iter_mut()).for_each(|t| ids.to_client(None, &mut t.topic_id));
+            Box::new(move |out| encode_checked(&m, out, version))
+        }
+        _ => return Err(RewriteError::UnknownApi(api as i16)),
+    })
 }
 
 /// The size prefix, `header` and the body `body` encodes.
@@ -270,7 +337,8 @@ fn api_versions(buf: &mut Bytes, version: i16) -> Option<EncodeBody> {
     Some(Box::new(move |out| encode_checked(&m, out, version)))
 }
 
-/// Narrows ApiVersions to the versions we decode, for the APIs we decode.
+/// Narrows ApiVersions to the versions we decode, for the APIs we decode, and below topic ids
+/// where the proxy does not translate them (a broker whose oldest version has ids keeps it).
 fn narrow(m: &mut ApiVersionsResponse) {
     m.api_keys.retain_mut(|k| match supported(k.api_key) {
         None => true,
@@ -280,6 +348,11 @@ fn narrow(m: &mut ApiVersionsResponse) {
             k.min_version <= k.max_version
         }
     });
+    for k in m.api_keys.iter_mut() {
+        if let Some(max) = without_ids(k.api_key) {
+            k.max_version = k.max_version.min(max).max(k.min_version);
+        }
+    }
 }
 
 /// Encodes the rewritten body after the header.
@@ -312,6 +385,7 @@ fn coordinator_unavailable(error: &mut i16, node: &mut BrokerId, host: &mut StrB
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::proxy::ports::topic_ids::Plain;
     use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
     use kafka_protocol::messages::find_coordinator_response::Coordinator;
     use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
@@ -382,7 +456,7 @@ pub(super) mod tests {
         for v in 0..=13 {
             let p = ports(100);
             let m = MetadataResponse::default().with_brokers(vec![broker(1), broker(37), broker(523)]);
-            let (out, done) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p).unwrap();
+            let (out, done) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p, &Plain).unwrap();
             let back: MetadataResponse = decoded(ApiKey::Metadata, v, out.unwrap());
             let seen: Vec<(i32, &str, i32)> =
                 back.brokers.iter().map(|b| (b.node_id.0, b.host.as_str(), b.port)).collect();
@@ -398,7 +472,7 @@ pub(super) mod tests {
             assert_eq!((done.addresses, done.dropped, done.unfit), (3, 0, 0));
             // A broker that appears in a later response gets the next port; the others keep theirs.
             let m = MetadataResponse::default().with_brokers(vec![broker(523), broker(1), broker(1000)]);
-            let (out, _) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p).unwrap();
+            let (out, _) = rewrite(METADATA, v, message(ApiKey::Metadata, v, &m), &adv(), &p, &Plain).unwrap();
             let back: MetadataResponse = decoded(ApiKey::Metadata, v, out.unwrap());
             let ports: Vec<(i32, i32)> = back.brokers.iter().map(|b| (b.node_id.0, b.port)).collect();
             assert_eq!(ports, [(523, 9102), (1, 9100), (1000, 9103)]);
@@ -409,7 +483,7 @@ pub(super) mod tests {
     fn a_full_port_range_leaves_brokers_out_rather_than_leaking_them() {
         let p = ports(2);
         let m = MetadataResponse::default().with_brokers(vec![broker(1), broker(37), broker(523)]);
-        let (out, done) = rewrite(METADATA, 12, message(ApiKey::Metadata, 12, &m), &adv(), &p).unwrap();
+        let (out, done) = rewrite(METADATA, 12, message(ApiKey::Metadata, 12, &m), &adv(), &p, &Plain).unwrap();
         let back: MetadataResponse = decoded(ApiKey::Metadata, 12, out.unwrap());
         assert_eq!(back.brokers.len(), 2);
         assert!(back.brokers.iter().all(|b| b.host.as_str() == "kafka-proxy.internal"));
@@ -436,7 +510,8 @@ pub(super) mod tests {
                 };
                 FindCoordinatorResponse::default().with_coordinators(vec![c("g1", 37), c("g2", 523)])
             };
-            let (out, _) = rewrite(FIND_COORDINATOR, v, message(ApiKey::FindCoordinator, v, &m), &adv(), &p).unwrap();
+            let (out, _) =
+                rewrite(FIND_COORDINATOR, v, message(ApiKey::FindCoordinator, v, &m), &adv(), &p, &Plain).unwrap();
             let back: FindCoordinatorResponse = decoded(ApiKey::FindCoordinator, v, out.unwrap());
             if v < 4 {
                 assert_eq!((back.host.as_str(), back.port, back.error_code), ("kafka-proxy.internal", 9100, 0));
@@ -460,7 +535,8 @@ pub(super) mod tests {
                     .with_port(9094)
             };
             let m = DescribeClusterResponse::default().with_brokers(vec![b(1), b(37)]);
-            let (out, _) = rewrite(DESCRIBE_CLUSTER, v, message(ApiKey::DescribeCluster, v, &m), &adv(), &p).unwrap();
+            let (out, _) =
+                rewrite(DESCRIBE_CLUSTER, v, message(ApiKey::DescribeCluster, v, &m), &adv(), &p, &Plain).unwrap();
             let back: DescribeClusterResponse = decoded(ApiKey::DescribeCluster, v, out.unwrap());
             let seen: Vec<(&str, i32)> = back.brokers.iter().map(|b| (b.host.as_str(), b.port)).collect();
             assert_eq!(seen, [("kafka-proxy.internal", 9100), ("kafka-proxy.internal", 9101)]);
@@ -475,28 +551,44 @@ pub(super) mod tests {
             .with_host(StrBytes::from_static_str("b0523-abcd1234.c2.kafka-serverless.us-east-1.amazonaws.com"))
             .with_port(9098);
         let m = ProduceResponse::default().with_node_endpoints(vec![e]);
-        let (out, done) = rewrite(PRODUCE, 11, message(ApiKey::Produce, 11, &m), &adv(), &p).unwrap();
+        let (out, done) = rewrite(PRODUCE, 11, message(ApiKey::Produce, 11, &m), &adv(), &p, &Plain).unwrap();
         let back: ProduceResponse = decoded(ApiKey::Produce, 11, out.unwrap());
         assert_eq!(back.node_endpoints[0].host.as_str(), "kafka-proxy.internal");
         assert_eq!(back.node_endpoints[0].port, 9100);
         assert_eq!(done.addresses, 1);
         let plain = ProduceResponse::default();
-        let (out, _) = rewrite(PRODUCE, 11, message(ApiKey::Produce, 11, &plain), &adv(), &p).unwrap();
+        let (out, _) = rewrite(PRODUCE, 11, message(ApiKey::Produce, 11, &plain), &adv(), &p, &Plain).unwrap();
         assert!(out.is_none());
     }
 
     #[test]
-    fn api_versions_are_narrowed_to_what_the_proxy_decodes() {
+    fn api_versions_are_narrowed_to_what_the_proxy_decodes_and_below_untranslated_topic_ids() {
         use kafka_protocol::messages::api_versions_response::ApiVersion;
         let k = |key: i16, min: i16, max: i16| {
             ApiVersion::default().with_api_key(key).with_min_version(min).with_max_version(max)
         };
-        let m = ApiVersionsResponse::default().with_api_keys(vec![k(0, 0, 99), k(3, 0, 99), k(10, 0, 6), k(19, 0, 7)]);
-        let (out, _) = rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1)).unwrap();
+        let m = ApiVersionsResponse::default().with_api_keys(vec![
+            k(0, 0, 99),
+            k(3, 0, 99),
+            k(10, 0, 6),
+            k(19, 0, 7),
+            k(20, 0, 6),
+            k(8, 0, 10),
+            k(9, 10, 10),
+            k(68, 0, 1),
+            k(75, 0, 0),
+            k(76, 1, 1),
+            k(90, 0, 0),
+        ]);
+        let (out, _) =
+            rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1), &Plain).unwrap();
         let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, out.unwrap());
         let seen: Vec<(i16, i16, i16)> =
             back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
-        assert_eq!(seen, [(0, 3, 13), (3, 0, 13), (10, 0, 6), (19, 0, 7)]);
+        // Produce v13, CreateTopics v7, DeleteTopics v6, OffsetCommit v10 carry ids the proxy does
+        // not translate; a broker that offers only such versions keeps them; share groups go.
+        let want = [(0, 3, 12), (3, 0, 13), (10, 0, 6), (19, 0, 6), (20, 0, 5), (8, 0, 9), (9, 10, 10), (68, 0, 1)];
+        assert_eq!(seen, [&want[..], &[(75, 0, 0)]].concat());
     }
 
     #[test]
@@ -515,7 +607,8 @@ pub(super) mod tests {
             k(79, 0, 1),
             k(12, 0, 4),
         ]);
-        let (out, _) = rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1)).unwrap();
+        let (out, _) =
+            rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1), &Plain).unwrap();
         let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, out.unwrap());
         let seen: Vec<(i16, i16, i16)> =
             back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
@@ -537,7 +630,8 @@ pub(super) mod tests {
             ])]);
         for v in 1..=4 {
             let (out, done) =
-                rewrite(DESCRIBE_CONFIGS, v, message(ApiKey::DescribeConfigs, v, &m), &adv(), &ports(1)).unwrap();
+                rewrite(DESCRIBE_CONFIGS, v, message(ApiKey::DescribeConfigs, v, &m), &adv(), &ports(1), &Plain)
+                    .unwrap();
             assert_eq!(done.addresses, 2);
             let back: DescribeConfigsResponse = decoded(ApiKey::DescribeConfigs, v, out.unwrap());
             let c = &back.results[0].configs;
@@ -554,12 +648,12 @@ pub(super) mod tests {
         let mut msg = vec![0, 0, 0, 0, 0]; // correlation id 0, no header tags
         msg.extend_from_slice(&[0, 0, 0, 0, 1, 1]); // throttle 0, no coordinators, one tag:
         msg.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 0]); // number 2^32-1, 1 byte
-        let r = rewrite(FIND_COORDINATOR, 5, Bytes::from(msg), &adv(), &ports(10));
+        let r = rewrite(FIND_COORDINATOR, 5, Bytes::from(msg), &adv(), &ports(10), &Plain);
         assert!(matches!(r, Err(RewriteError::Encode { .. })), "{r:?}");
         // The same in the response header's tagged fields.
         let mut msg = vec![0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 0];
         msg.extend_from_slice(&[0, 0, 0, 0, 1, 0]);
-        let r = rewrite(FIND_COORDINATOR, 5, Bytes::from(msg), &adv(), &ports(10));
+        let r = rewrite(FIND_COORDINATOR, 5, Bytes::from(msg), &adv(), &ports(10), &Plain);
         assert!(matches!(r, Err(RewriteError::Encode { .. })), "{r:?}");
     }
 
@@ -568,7 +662,7 @@ pub(super) mod tests {
         let p = ports(10);
         for api in [METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER, PRODUCE, FETCH] {
             for v in [0, 4, 12] {
-                let _ = rewrite(api, v, Bytes::from_static(&[0, 0, 0, 41, 0xff, 0xff, 0xff]), &adv(), &p);
+                let _ = rewrite(api, v, Bytes::from_static(&[0, 0, 0, 41, 0xff, 0xff, 0xff]), &adv(), &p, &Plain);
             }
         }
     }

@@ -15,6 +15,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::topic_ids::{Shown, TopicIds};
 use crate::admin::Health;
 use crate::config::{Config, ProxyBlock, ProxyConfig};
 
@@ -40,6 +41,8 @@ pub(super) struct Upstream {
     pub(super) bootstrap: String,
     /// TLS towards its brokers (`upstream_tls`).
     pub(super) connector: Option<TlsConnector>,
+    /// Its topic ids next to those clients were shown (topic_ids.rs).
+    pub(super) ids: TopicIds,
     /// Cancelled when the proxy switches away from it or shuts down (a child of shutdown).
     leaving: CancellationToken,
     /// Set when the switch away happens: the drain time, and the pause between turns.
@@ -57,8 +60,10 @@ impl Upstream {
         bootstrap: String,
         connector: Option<TlsConnector>,
         shutdown: &CancellationToken,
+        shown: Arc<Shown>,
     ) -> Self {
         Upstream {
+            ids: TopicIds::new(label, shown),
             bootstrap,
             connector,
             leaving: shutdown.child_token(),
@@ -126,6 +131,7 @@ impl Upstream {
         let rate = (n / (drain.as_secs_f64() / 2.0).max(0.001)).max(MIN_LEAVES_PER_SEC);
         self.pace_nanos.store((1e9 / rate) as u64, Ordering::Relaxed);
         self.drain.store(drain.as_secs(), Ordering::Relaxed);
+        self.ids.retire();
         self.leaving.cancel();
     }
 
@@ -149,7 +155,8 @@ impl Shared {
     /// the old cluster's connections drain within `new.switch_drain_secs`.
     pub(super) fn switch(self: &Arc<Self>, new: &ProxyConfig, health: &Arc<Health>) -> Result<(), String> {
         let (_, connector) = super::tls_sides(new).map_err(|e| format!("{}.{e}", self.label))?;
-        let next = Arc::new(Upstream::new(&self.label, new.upstream.clone(), connector, &self.shutdown));
+        let next =
+            Arc::new(Upstream::new(&self.label, new.upstream.clone(), connector, &self.shutdown, self.shown.clone()));
         let old = self.current.swap(next);
         let moved = self.lead_every_port_to(&new.upstream);
         let drain = Duration::from_secs(new.switch_drain_secs);
