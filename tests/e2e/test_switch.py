@@ -8,6 +8,8 @@ B; A takes no more writes once its connections are gone; a client that connects 
 reload lands on B."""
 import json
 import signal
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -351,6 +353,18 @@ def test_topic_ids_clients_saw_are_kept_in_the_state_file_across_a_restart(daemo
         assert wait_for(lambda: "switching clusters" in d.log_text(), timeout=10)
         assert topic_id(boot, topic) == id_a
         assert wait_for(lambda: topic in state.read_text() if state.exists() else False, timeout=10)
+        # Hostile clients now that Fetch requests are translated: damaged ids, a request larger
+        # than the proxy holds to translate (its first 80 KiB sent, the rest never): each connection
+        # is closed at once, and another client is served meanwhile.
+        host, port = d.proxies[0]
+        header = struct.pack(">hhih", 1, 13, 7, -1) + b"\x00"
+        damaged = header + b"\xff" * 40
+        for frame in (struct.pack(">i", len(damaged)) + damaged, struct.pack(">i", 2 << 20) + header + b"\x00" * (80 << 10)):
+            with socket.create_connection((host, port), timeout=10) as s:
+                s.sendall(frame)
+                assert s.recv(100) == b"", "the proxy closes the connection"
+            assert topic_id(boot, topic) == id_a
+        assert "cannot translate the topic ids of a Fetch v13 request" in d.log_text()
         assert d.stop() == 0
         kept = json.loads(state.read_text())["topic_ids"]
         assert kept[topic] == id_a
