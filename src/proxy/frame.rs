@@ -3,7 +3,9 @@
 //! request's `acks` (acks=0 gets no response, so it takes no place in the FIFO). Decoding a
 //! whole request with kafka-protocol to learn those would cost a copy of every Produce batch.
 
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
+use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 
 pub const PRODUCE: i16 = 0;
@@ -166,6 +168,23 @@ where
 {
     if n > 0 && tokio::io::copy_buf(&mut r.take(n), w).await? < n {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Encodes `m` after `out` and decodes the result again: kafka-protocol's encoders are not the
+/// exact inverse of its decoders on every input (a tagged field numbered 2^31 or more decodes as a
+/// negative tag that is then counted but not written), and a message that would not decode must
+/// never reach a client or a broker. Only rewritten messages come here, and they are rare
+/// (metadata, coordinators, the leader hints of a Produce or Fetch after a leader change, topic
+/// ids after a switch).
+pub fn encode_checked<T: Encodable + Decodable>(m: &T, out: &mut BytesMut, version: i16) -> Result<(), String> {
+    let start = out.len();
+    m.encode(out, version).map_err(|e| e.to_string())?;
+    let mut again = Bytes::copy_from_slice(&out[start..]);
+    T::decode(&mut again, version).map_err(|e| format!("re-encoded message does not decode: {e}"))?;
+    if !again.is_empty() {
+        return Err(format!("re-encoded message has {} bytes past its end", again.len()));
     }
     Ok(())
 }

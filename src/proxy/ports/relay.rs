@@ -558,11 +558,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_end_of_stream_comes_a_moment_after_the_last_answer() {
         let (shared, _tasks, stop) = shared(60);
-        let (mut client, proxy_client) = duplex(1 << 16);
-        let (proxy_server, mut broker) = duplex(1 << 16);
-        let (cr, cw) = tokio::io::split(proxy_client);
-        let (sr, sw) = tokio::io::split(proxy_server);
-        let relay = tokio::spawn(async move { relay(&shared, &shared.current.load_full(), cr, cw, sr, sw).await });
+        let (mut client, mut broker, relay) = connect_one(&shared);
         client.write_all(&heartbeat(1)).await.unwrap();
         let mut got = vec![0u8; heartbeat(1).len()];
         broker.read_exact(&mut got).await.unwrap();

@@ -10,14 +10,14 @@ use kafka_protocol::messages::{
     DescribeClusterResponse, DescribeConfigsResponse, DescribeTopicPartitionsResponse, FetchResponse,
     FindCoordinatorResponse, MetadataResponse, ProduceResponse, ResponseHeader,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
+use kafka_protocol::protocol::{Decodable, Message, StrBytes};
 
 use super::topic_ids::Ids;
 use crate::proxy::frame::{
     ALTER_SHARE_GROUP_OFFSETS, API_VERSIONS, CONSUMER_GROUP_DESCRIBE, CONSUMER_GROUP_HEARTBEAT, CREATE_TOPICS,
     DELETE_SHARE_GROUP_OFFSETS, DELETE_TOPICS, DESCRIBE_CLUSTER, DESCRIBE_CONFIGS, DESCRIBE_QUORUM,
     DESCRIBE_SHARE_GROUP_OFFSETS, DESCRIBE_TOPIC_PARTITIONS, FETCH, FIND_COORDINATOR, METADATA, OFFSET_COMMIT,
-    OFFSET_FETCH, PRODUCE, SHARE_ACKNOWLEDGE, SHARE_FETCH, SHARE_GROUP_DESCRIBE, SHARE_GROUP_HEARTBEAT,
+    OFFSET_FETCH, PRODUCE, SHARE_ACKNOWLEDGE, SHARE_FETCH, SHARE_GROUP_DESCRIBE, SHARE_GROUP_HEARTBEAT, encode_checked,
 };
 
 /// The port map a response is rewritten over: a snapshot of the registry's, read and never
@@ -358,22 +358,6 @@ fn narrow(m: &mut ApiVersionsResponse) {
 /// Encodes the rewritten body after the header.
 type EncodeBody = Box<dyn FnOnce(&mut BytesMut) -> Result<(), String>>;
 
-/// Encodes `m` and decodes the result again: kafka-protocol's encoders are not the exact inverse
-/// of its decoders on every input (a tagged field numbered 2^31 or more decodes as a negative tag
-/// that is then counted but not written), and a response that would not decode must never reach
-/// a client. Only rewritten responses come here, and they are rare (metadata, coordinators, the
-/// leader hints of a Produce or Fetch after a leader change).
-fn encode_checked<T: Encodable + Decodable>(m: &T, out: &mut BytesMut, version: i16) -> Result<(), String> {
-    let start = out.len();
-    m.encode(out, version).map_err(|e| e.to_string())?;
-    let mut again = Bytes::copy_from_slice(&out[start..]);
-    T::decode(&mut again, version).map_err(|e| format!("re-encoded message does not decode: {e}"))?;
-    if !again.is_empty() {
-        return Err(format!("re-encoded message has {} bytes past its end", again.len()));
-    }
-    Ok(())
-}
-
 /// COORDINATOR_NOT_AVAILABLE (15): the client asks again later, and sees no upstream address.
 fn coordinator_unavailable(error: &mut i16, node: &mut BrokerId, host: &mut StrBytes, port: &mut i32) {
     *error = 15;
@@ -390,6 +374,7 @@ pub(super) mod tests {
     use kafka_protocol::messages::find_coordinator_response::Coordinator;
     use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
     use kafka_protocol::messages::produce_response::NodeEndpoint;
+    use kafka_protocol::protocol::Encodable;
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
@@ -563,55 +548,44 @@ pub(super) mod tests {
 
     #[test]
     fn api_versions_are_narrowed_to_what_the_proxy_decodes_and_below_untranslated_topic_ids() {
-        use kafka_protocol::messages::api_versions_response::ApiVersion;
-        let k = |key: i16, min: i16, max: i16| {
-            ApiVersion::default().with_api_key(key).with_min_version(min).with_max_version(max)
-        };
-        let m = ApiVersionsResponse::default().with_api_keys(vec![
-            k(0, 0, 99),
-            k(3, 0, 99),
-            k(10, 0, 6),
-            k(19, 0, 7),
-            k(20, 0, 6),
-            k(8, 0, 10),
-            k(9, 10, 10),
-            k(68, 0, 1),
-            k(75, 0, 0),
-            k(76, 1, 1),
-            k(90, 0, 0),
-        ]);
-        let (out, _) =
-            rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1), &Plain).unwrap();
-        let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, out.unwrap());
-        let seen: Vec<(i16, i16, i16)> =
-            back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        let offered = [
+            (0, 0, 99),
+            (3, 0, 99),
+            (10, 0, 6),
+            (19, 0, 7),
+            (20, 0, 6),
+            (8, 0, 10),
+            (9, 10, 10),
+            (68, 0, 1),
+            (75, 0, 0),
+            (76, 1, 1),
+            (90, 0, 0),
+        ];
         // Produce v13, CreateTopics v7, DeleteTopics v6, OffsetCommit v10 carry ids the proxy does
         // not translate; a broker that offers only such versions keeps them; share groups go.
         let want = [(0, 3, 12), (3, 0, 13), (10, 0, 6), (19, 0, 6), (20, 0, 5), (8, 0, 9), (9, 10, 10), (68, 0, 1)];
-        assert_eq!(seen, [&want[..], &[(75, 0, 0)]].concat());
+        assert_eq!(narrowed(&offered), [&want[..], &[(75, 0, 0)]].concat());
+    }
+
+    /// What clients are offered of `offered` (api key, min, max).
+    fn narrowed(offered: &[(i16, i16, i16)]) -> Vec<(i16, i16, i16)> {
+        use kafka_protocol::messages::api_versions_response::ApiVersion;
+        let k = |&(key, min, max): &(i16, i16, i16)| {
+            ApiVersion::default().with_api_key(key).with_min_version(min).with_max_version(max)
+        };
+        let m = ApiVersionsResponse::default().with_api_keys(offered.iter().map(k).collect());
+        let (out, _) =
+            rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1), &Plain).unwrap();
+        let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, out.unwrap());
+        back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect()
     }
 
     #[test]
     fn endpoints_the_proxy_cannot_rewrite_are_never_offered_and_listener_configs_are_masked() {
-        use kafka_protocol::messages::api_versions_response::ApiVersion;
         use kafka_protocol::messages::describe_configs_response::{
             DescribeConfigsResourceResult, DescribeConfigsResult,
         };
-        let k = |key: i16, min: i16, max: i16| {
-            ApiVersion::default().with_api_key(key).with_min_version(min).with_max_version(max)
-        };
-        let m = ApiVersionsResponse::default().with_api_keys(vec![
-            k(32, 0, 4),
-            k(55, 0, 2),
-            k(78, 0, 1),
-            k(79, 0, 1),
-            k(12, 0, 4),
-        ]);
-        let (out, _) =
-            rewrite(API_VERSIONS, 3, message(ApiKey::ApiVersions, 3, &m), &adv(), &ports(1), &Plain).unwrap();
-        let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, out.unwrap());
-        let seen: Vec<(i16, i16, i16)> =
-            back.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        let seen = narrowed(&[(32, 0, 4), (55, 0, 2), (78, 0, 1), (79, 0, 1), (12, 0, 4)]);
         assert_eq!(seen, [(32, 1, 4), (55, 0, 1), (12, 0, 4)]);
         assert!(refused(DESCRIBE_QUORUM, 2) && !refused(DESCRIBE_QUORUM, 1));
         assert!(refused(SHARE_FETCH, 0) && refused(SHARE_ACKNOWLEDGE, 1) && refused(DESCRIBE_CONFIGS, 0));

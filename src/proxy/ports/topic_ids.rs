@@ -24,10 +24,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ConsumerGroupHeartbeatRequest, FetchRequest, MetadataRequest, RequestHeader};
-use kafka_protocol::protocol::{Decodable, Encodable, Message};
+use kafka_protocol::protocol::{Decodable, Message};
 use uuid::Uuid;
 
-use crate::proxy::frame::{CONSUMER_GROUP_DESCRIBE, CONSUMER_GROUP_HEARTBEAT, FETCH, METADATA};
+use crate::proxy::frame::{CONSUMER_GROUP_DESCRIBE, CONSUMER_GROUP_HEARTBEAT, FETCH, METADATA, encode_checked};
 
 /// Topic names remembered per block, and per cluster: past it, a new name's id is passed as the
 /// cluster has it (counted in `mskdns_proxy_topic_ids_untracked_total`). About 200 bytes each.
@@ -261,7 +261,7 @@ pub fn request(api_key: i16, version: i16, message: Bytes, ids: &dyn Ids) -> Res
     let header = RequestHeader::decode(&mut buf, header_version).map_err(|e| e.to_string())?;
     let mut out = BytesMut::with_capacity(buf.len() + 64);
     out.extend_from_slice(&[0; 4]);
-    encode(&header, &mut out, header_version)?;
+    encode_checked(&header, &mut out, header_version)?;
     macro_rules! body {
         ($t:ty, $m:ident => $translate:expr) => {{
             if !(<$t>::VERSIONS.min..=<$t>::VERSIONS.max).contains(&version) {
@@ -269,7 +269,7 @@ pub fn request(api_key: i16, version: i16, message: Bytes, ids: &dyn Ids) -> Res
             }
             let mut $m = <$t>::decode(&mut buf, version).map_err(|e| e.to_string())?;
             $translate;
-            encode(&$m, &mut out, version)?;
+            encode_checked(&$m, &mut out, version)?;
         }};
     }
     match api_key {
@@ -290,18 +290,10 @@ pub fn request(api_key: i16, version: i16, message: Bytes, ids: &dyn Ids) -> Res
     Ok(out)
 }
 
-/// Encodes `m` and checks that it decodes again (as rewrite.rs does for responses).
-fn encode<T: Encodable + Decodable>(m: &T, out: &mut BytesMut, version: i16) -> Result<(), String> {
-    let start = out.len();
-    m.encode(out, version).map_err(|e| e.to_string())?;
-    let mut again = Bytes::copy_from_slice(&out[start..]);
-    T::decode(&mut again, version).map_err(|e| format!("re-encoded message does not decode: {e}"))?;
-    if again.is_empty() { Ok(()) } else { Err(format!("re-encoded message has {} bytes past its end", again.len())) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kafka_protocol::protocol::Encodable;
     use std::sync::Arc;
 
     fn id(n: u8) -> Uuid {
