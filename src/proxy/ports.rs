@@ -175,6 +175,11 @@ impl Proxy {
         }
         if shared.cfg.state_file.is_some() {
             shared.tasks.spawn(keep_topic_ids(shared.clone()));
+            if shared.shown.kept() {
+                // Ids kept from before a restart: translated before clients ask.
+                let s = shared.clone();
+                shared.tasks.spawn(async move { s.learn_topic_ids().await });
+            }
         }
         if shared.cfg.port_assignment == crate::config::PortAssignment::NodeId {
             // Every broker known before the first client asks, whichever instance it reached.

@@ -350,7 +350,9 @@ def test_topic_ids_clients_saw_are_kept_in_the_state_file_across_a_restart(daemo
         boot = "%s:%d" % d.proxies[0]
         assert topic_id(boot, topic) == id_a
         switch(d, config(b, first, last) + keep)
-        assert wait_for(lambda: "switching clusters" in d.log_text(), timeout=10)
+        # The proxy asks B for its topics at the switch: the id is translated before any client asks.
+        assert wait_for(lambda: "topic ids learned from the cluster" in d.log_text(), timeout=10), d.log_text()[-2000:]
+        assert "a topic has another id on this cluster" in d.log_text()
         assert topic_id(boot, topic) == id_a
         assert wait_for(lambda: topic in state.read_text() if state.exists() else False, timeout=10)
         # Hostile clients now that Fetch requests are translated: damaged ids, a request larger
@@ -370,6 +372,7 @@ def test_topic_ids_clients_saw_are_kept_in_the_state_file_across_a_restart(daemo
         assert kept[topic] == id_a
 
         again = daemon(config(b, first, last) + keep)
+        assert wait_for(lambda: "a topic has another id on this cluster" in again.log_text(), timeout=10)
         assert topic_id("%s:%d" % again.proxies[0], topic) == id_a
         # Without the file the new cluster's own id shows: the file is what kept it.
         fresh = daemon(config(b, first, last).replace(f"{first}-{last}", "%d-%d" % port_range()))

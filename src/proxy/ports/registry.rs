@@ -288,28 +288,64 @@ impl Shared {
 
 /// One Metadata round trip with the bootstrap broker: (node id, host, port) of every broker.
 async fn ask_brokers(shared: &Arc<Shared>) -> Result<Vec<(i32, String, i32)>, String> {
+    use kafka_protocol::messages::MetadataRequest;
+    // The oldest Metadata version Kafka 4 still serves (not flexible); an empty topic list (null
+    // would be every topic): the brokers alone.
+    let request = MetadataRequest::default().with_topics(Some(Vec::new())).with_allow_auto_topic_creation(false);
+    let (_, m) = ask_metadata(shared, 4, request).await?;
+    Ok(m.brokers.into_iter().map(|b| (b.node_id.0, b.host.to_string(), b.port)).collect())
+}
+
+impl Shared {
+    /// Asks the cluster the proxy leads to for every topic's id (Metadata v12), so that ids are
+    /// translated (topic_ids.rs) before clients reconnect and ask: after a switch, and at start
+    /// when the state file kept ids. Best effort, as [`Shared::learn_brokers`]: a SASL listener
+    /// answers nothing before authentication; clients' own Metadata requests teach the same.
+    pub(super) async fn learn_topic_ids(self: &Arc<Self>) {
+        use kafka_protocol::messages::MetadataRequest;
+        let limit = Duration::from_millis(self.cfg.connect_timeout_ms + self.cfg.handshake_timeout_ms);
+        let request = MetadataRequest::default().with_topics(None).with_allow_auto_topic_creation(false);
+        let asked = tokio::time::timeout(limit, ask_metadata(self, 12, request));
+        match asked.await.unwrap_or(Err(format!("no answer within {limit:?}"))) {
+            Ok((to, m)) => {
+                use super::topic_ids::Ids;
+                let mut topics = m.topics;
+                topics
+                    .iter_mut()
+                    .for_each(|t| to.ids.to_client(t.name.as_deref().map(|n| n.as_str()), &mut t.topic_id));
+                let translated = to.ids.translated();
+                tracing::info!(proxy = %self.label, upstream = %to.bootstrap, topics = topics.len(), translated, "topic ids learned from the cluster");
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %self.label, upstream = %self.current.load().bootstrap, error = %e, "cannot ask the cluster for its topic ids: clients' requests teach them")
+            }
+        }
+    }
+}
+
+/// One Metadata request of `version` to the bootstrap broker of the cluster the proxy leads to
+/// now, and that cluster with the response.
+async fn ask_metadata(
+    shared: &Arc<Shared>,
+    version: i16,
+    request: kafka_protocol::messages::MetadataRequest,
+) -> Result<(Arc<super::switch::Upstream>, kafka_protocol::messages::MetadataResponse), String> {
     use bytes::{Buf, BytesMut};
-    use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, RequestHeader, ResponseHeader};
+    use kafka_protocol::messages::{ApiKey, MetadataResponse, RequestHeader, ResponseHeader};
     use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    const VERSION: i16 = 4; // the oldest Metadata version Kafka 4 still serves; not flexible
     let to = shared.current.load_full();
     let mut s = super::connect(shared, &to, &to.bootstrap).await.map_err(|e| e.to_string())?;
     let mut body = BytesMut::new();
     RequestHeader::default()
         .with_request_api_key(ApiKey::Metadata as i16)
-        .with_request_api_version(VERSION)
+        .with_request_api_version(version)
         .with_correlation_id(1)
         .with_client_id(Some(StrBytes::from_static_str("mskdns-proxy")))
-        .encode(&mut body, ApiKey::Metadata.request_header_version(VERSION))
+        .encode(&mut body, ApiKey::Metadata.request_header_version(version))
         .map_err(|e| e.to_string())?;
-    // An empty topic list (null would be every topic): the brokers alone.
-    MetadataRequest::default()
-        .with_topics(Some(Vec::new()))
-        .with_allow_auto_topic_creation(false)
-        .encode(&mut body, VERSION)
-        .map_err(|e| e.to_string())?;
+    request.encode(&mut body, version).map_err(|e| e.to_string())?;
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
     s.write_all(&frame).await.map_err(|e| e.to_string())?;
@@ -326,16 +362,16 @@ async fn ask_brokers(shared: &Arc<Shared>) -> Result<Vec<(i32, String, i32)>, St
         }
     }
     let mut buf = buf.freeze();
-    let header = ResponseHeader::decode(&mut buf, ApiKey::Metadata.response_header_version(VERSION))
+    let header = ResponseHeader::decode(&mut buf, ApiKey::Metadata.response_header_version(version))
         .map_err(|e| format!("Metadata response header: {e}"))?;
     if header.correlation_id != 1 {
         return Err(format!("response with correlation id {}", header.correlation_id));
     }
-    let m = MetadataResponse::decode(&mut buf, VERSION).map_err(|e| format!("Metadata response: {e}"))?;
+    let m = MetadataResponse::decode(&mut buf, version).map_err(|e| format!("Metadata response: {e}"))?;
     if buf.has_remaining() {
         tracing::debug!(left = buf.remaining(), "bytes after the Metadata response ignored");
     }
-    Ok(m.brokers.into_iter().map(|b| (b.node_id.0, b.host.to_string(), b.port)).collect())
+    Ok((to, m))
 }
 
 /// Frees the ports of brokers not seen in any response for `broker_grace_secs`.

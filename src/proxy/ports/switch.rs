@@ -171,7 +171,7 @@ impl Shared {
         let shared = self.clone();
         self.tasks.spawn(async move {
             *shared.learned.lock().await = None;
-            shared.learn_brokers().await;
+            tokio::join!(shared.learn_brokers(), shared.learn_topic_ids());
         });
         self.tasks.spawn(watch_drain(self.clone(), old, drain, health.clone()));
         Ok(())

@@ -77,6 +77,11 @@ impl Shown {
         Shown { names: Mutex::new(parsed.take(MAX_TOPICS).collect()), ..Default::default() }
     }
 
+    /// Whether any name is known.
+    pub(super) fn kept(&self) -> bool {
+        !self.names.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
     pub(super) fn snapshot(&self) -> std::collections::BTreeMap<String, Uuid> {
         self.names.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(n, id)| (n.clone(), *id)).collect()
     }
