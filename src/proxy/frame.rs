@@ -172,19 +172,27 @@ where
     Ok(())
 }
 
-/// Encodes `m` after `out` and decodes the result again: kafka-protocol's encoders are not the
-/// exact inverse of its decoders on every input (a tagged field numbered 2^31 or more decodes as a
-/// negative tag that is then counted but not written), and a message that would not decode must
-/// never reach a client or a broker. Only rewritten messages come here, and they are rare
+/// Encodes `m` after `out` and decodes the result again, which must give `m` back: kafka-protocol's
+/// encoders are not the exact inverse of its decoders on every input (a tagged field numbered 2^31
+/// or more decodes as a negative tag that is then counted but not written, and the bytes after it
+/// are read as something else), and a message that would not decode, or would decode to another,
+/// must never reach a client or a broker. Only rewritten messages come here, and they are rare
 /// (metadata, coordinators, the leader hints of a Produce or Fetch after a leader change, topic
 /// ids after a switch).
-pub fn encode_checked<T: Encodable + Decodable>(m: &T, out: &mut BytesMut, version: i16) -> Result<(), String> {
+pub fn encode_checked<T: Encodable + Decodable + PartialEq>(
+    m: &T,
+    out: &mut BytesMut,
+    version: i16,
+) -> Result<(), String> {
     let start = out.len();
     m.encode(out, version).map_err(|e| e.to_string())?;
     let mut again = Bytes::copy_from_slice(&out[start..]);
-    T::decode(&mut again, version).map_err(|e| format!("re-encoded message does not decode: {e}"))?;
+    let back = T::decode(&mut again, version).map_err(|e| format!("re-encoded message does not decode: {e}"))?;
     if !again.is_empty() {
         return Err(format!("re-encoded message has {} bytes past its end", again.len()));
+    }
+    if back != *m {
+        return Err("re-encoded message decodes to another (a field kafka-protocol cannot write back)".into());
     }
     Ok(())
 }
